@@ -1,0 +1,306 @@
+//! A backup job: scan on the control thread, pinned workers read and store, the control thread
+//! commits sealed packs to the index as they arrive and the snapshot last.
+//!
+//! Commit order (what makes kill -9 safe at any instant):
+//! 1. a worker seals a pack: footer written, fdatasync, directory fsync;
+//! 2. the control thread commits the pack's chunk locations to the index (redb, fsync);
+//! 3. after all workers finish: the manifest object is written durably (tmp, fsync, rename);
+//! 4. the catalog row is committed: only now does the snapshot exist.
+//!
+//! A crash before 4 leaves unreferenced packs and index rows (reused by the next backup's
+//! dedup, which is how a re-run resumes) and never a visible partial snapshot.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crossbeam_channel::bounded;
+
+use crate::buffers::{memlock_limit_bytes, PoolPlan};
+use crate::constants::{RESULT_QUEUE_DEPTH, WORK_QUEUE_DEPTH};
+use crate::error::{Error, Result};
+use crate::format::hex;
+use crate::format::manifest::{EntryKind, Manifest, MANIFEST_VERSION};
+use crate::job::{Job, JobKind, JobState, Warning};
+use crate::scan::{self, ReuseMap};
+use crate::site::Site;
+use crate::store::SnapshotInfo;
+use crate::worker::{self, JobShared, Report, WorkerStats};
+
+pub struct BackupOptions<'a> {
+    pub source: &'a Path,
+    pub tier: Option<&'a str>,
+}
+
+/// Runs a backup to completion. Errors that stop the job come back as `Err`; per-file
+/// problems are warnings in the returned job.
+pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
+    let started = Instant::now();
+    let source = options
+        .source
+        .canonicalize()
+        .map_err(|e| Error::io("resolve backup source", options.source, e))?;
+    let mut job = Job::new(JobKind::Backup, site.name(), source.display().to_string());
+    let tier = options
+        .tier
+        .unwrap_or_else(|| site.config.default_tier())
+        .to_string();
+    let backend = site.tier(&tier)?.clone();
+    job.tier = Some(tier.clone());
+
+    let workers = worker_count(site);
+    let plan = PoolPlan::new(
+        workers,
+        site.config.read_buffer_bytes(),
+        site.config.engine.io_memory_bytes,
+        memlock_limit_bytes(),
+    )?;
+    job.workers = workers;
+
+    // The parent is the newest snapshot of the same source: its unchanged files are reused.
+    let source_bytes = source.as_os_str().as_bytes().to_vec();
+    let parent_info = site
+        .index
+        .snapshots()?
+        .into_iter()
+        .rev()
+        .find(|s| s.source.as_bytes() == source_bytes.as_slice());
+    let parent = match &parent_info {
+        Some(info) => {
+            let id = crate::format::parse_hex32(&info.id).ok_or_else(|| {
+                Error::corrupt(
+                    format!("catalog row {}", info.id),
+                    "id is not 64 hex digits",
+                )
+            })?;
+            match site.load_manifest(&id) {
+                Ok(manifest) => Some((id, manifest)),
+                Err(e) => {
+                    tracing::warn!(snapshot = %info.id, error = %e, "parent snapshot unreadable; reading every file");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    let reuse: ReuseMap = parent
+        .as_ref()
+        .map(|(_, m)| m.entries.iter().map(|e| (e.path.as_slice(), e)).collect())
+        .unwrap_or_default();
+
+    let mut scanned = scan::scan(&source, &reuse).map_err(|e| Error::io("scan", &source, e))?;
+    drop(reuse);
+    job.bytes_total = scanned.bytes_total;
+    job.bytes_reused = scanned.bytes_reused;
+    job.files = scanned.files;
+    job.files_reused = scanned.files_reused;
+    job.directories = scanned.directories;
+    job.warnings.append(&mut scanned.warnings);
+
+    let shared = JobShared {
+        index: &site.index,
+        tier: tier.clone(),
+        backend,
+        plan,
+        pack_target_bytes: site.config.pack_target_bytes(),
+        cancelled: AtomicBool::new(false),
+        pending: Mutex::new(HashSet::new()),
+        buffered_noted: AtomicBool::new(false),
+    };
+    let cores = if site.config.pin_workers() {
+        core_affinity::get_core_ids().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let work = std::mem::take(&mut scanned.work);
+    let mut totals = WorkerStats::default();
+    let mut skipped: HashMap<usize, String> = HashMap::new();
+    let mut changed: HashMap<usize, String> = HashMap::new();
+    let mut fatal: Option<Error> = None;
+
+    std::thread::scope(|scope| {
+        let (work_tx, work_rx) = bounded(WORK_QUEUE_DEPTH);
+        let (report_tx, report_rx) = bounded(RESULT_QUEUE_DEPTH);
+        let shared = &shared;
+        scope.spawn(move || {
+            for item in work {
+                if shared.cancelled.load(Ordering::Relaxed) || work_tx.send(item).is_err() {
+                    break;
+                }
+            }
+        });
+        for i in 0..workers {
+            let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
+            let (work_rx, report_tx) = (work_rx.clone(), report_tx.clone());
+            std::thread::Builder::new()
+                .name(format!("mover-worker-{i}"))
+                .spawn_scoped(scope, move || worker::run(shared, core, work_rx, report_tx))
+                .expect("spawn worker thread");
+        }
+        drop((work_rx, report_tx));
+        for report in report_rx {
+            match report {
+                Report::Extent(done) => {
+                    job.bytes_done += done.bytes_read;
+                    if let Some(reason) = done.changed {
+                        changed.entry(done.entry).or_insert(reason);
+                    }
+                    if let EntryKind::File { extents, .. } = &mut scanned.entries[done.entry].kind {
+                        extents[done.extent].chunks = done.chunks;
+                    }
+                }
+                Report::Skipped { entry, reason } => {
+                    skipped.entry(entry).or_insert(reason);
+                }
+                Report::PackSealed(pack) => {
+                    job.bytes_sent += pack.bytes;
+                    if let Err(e) = site.index.commit_pack(&pack) {
+                        shared.cancelled.store(true, Ordering::Relaxed);
+                        fatal.get_or_insert(e);
+                    }
+                }
+                Report::Finished(stats) => add_stats(&mut totals, &stats),
+                Report::Fatal(e) => {
+                    shared.cancelled.store(true, Ordering::Relaxed);
+                    fatal.get_or_insert(e);
+                }
+            }
+        }
+    });
+
+    job.bytes_read = totals.bytes_read;
+    job.bytes_new = totals.bytes_new;
+    job.chunks_total = totals.chunks_total;
+    job.chunks_new = totals.chunks_new;
+    job.direct_io = totals.buffered_files == 0;
+    job.memcpy_per_byte = if totals.bytes_read > 0 {
+        totals.memcpy_bytes as f64 / totals.bytes_read as f64
+    } else {
+        0.0
+    };
+    if let Some(e) = fatal {
+        job.state = JobState::Failed;
+        job.error = Some(e.to_string());
+        job.elapsed_s = started.elapsed().as_secs_f64();
+        record_job(site, &job);
+        return Err(e);
+    }
+
+    for (entry, reason) in &changed {
+        if !skipped.contains_key(entry) {
+            job.warnings.push(Warning {
+                path: path_text(&scanned.entries[*entry].path),
+                reason: reason.clone(),
+            });
+        }
+    }
+    let mut entries = scanned.entries;
+    if !skipped.is_empty() {
+        let mut dropped_paths = HashSet::new();
+        for (entry, reason) in &skipped {
+            job.warnings.push(Warning {
+                path: path_text(&entries[*entry].path),
+                reason: format!("left out of the snapshot: {reason}"),
+            });
+            dropped_paths.insert(entries[*entry].path.clone());
+        }
+        let mut index = 0;
+        entries.retain(|e| {
+            let keep = !skipped.contains_key(&index)
+                && !matches!(&e.kind, EntryKind::Hardlink { target } if dropped_paths.contains(target));
+            index += 1;
+            keep
+        });
+        job.files -= skipped.len() as u64;
+    }
+    job.bytes_done = job.bytes_total;
+
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as i64;
+    let manifest = Manifest {
+        version: MANIFEST_VERSION,
+        source: source_bytes,
+        hostname: hostname(),
+        site: site.name().to_string(),
+        tier: tier.clone(),
+        created_unix_ns: now_ns,
+        parent: parent.as_ref().map(|(id, _)| *id),
+        entries,
+    };
+    let id = site.store_manifest(&manifest)?;
+    let id_hex = hex(&id);
+    site.index.put_snapshot(&SnapshotInfo {
+        id: id_hex.clone(),
+        time: crate::job::rfc3339(now_ns / 1_000_000_000),
+        created_unix_ns: now_ns,
+        site: site.name().to_string(),
+        tier,
+        source: job.path.clone(),
+        hostname: manifest.hostname.clone(),
+        parent: parent.as_ref().map(|(id, _)| hex(id)),
+        job: job.id.clone(),
+        files: job.files,
+        directories: job.directories,
+        bytes: manifest
+            .entries
+            .iter()
+            .map(|e| match &e.kind {
+                EntryKind::File { size, .. } => *size,
+                _ => 0,
+            })
+            .sum(),
+        warnings: job.warnings.len() as u64,
+    })?;
+    job.snapshot = Some(id_hex);
+    job.state = JobState::Done;
+    job.elapsed_s = started.elapsed().as_secs_f64();
+    record_job(site, &job);
+    Ok(job)
+}
+
+fn worker_count(site: &Site) -> usize {
+    match site.config.engine.workers {
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        n => n,
+    }
+}
+
+fn add_stats(total: &mut WorkerStats, s: &WorkerStats) {
+    total.bytes_read += s.bytes_read;
+    total.bytes_new += s.bytes_new;
+    total.bytes_stored += s.bytes_stored;
+    total.chunks_total += s.chunks_total;
+    total.chunks_new += s.chunks_new;
+    total.memcpy_bytes += s.memcpy_bytes;
+    total.buffered_files += s.buffered_files;
+}
+
+/// Keeps the job's final document in the site's history; a failure to do so is logged, not
+/// fatal, since the job's real outcome is already durable (or not) in the catalog.
+pub fn record_job(site: &Site, job: &Job) {
+    let json = serde_json::to_string(job).expect("job serialises");
+    if let Err(e) = site.index.put_job(&job.id, &json) {
+        tracing::warn!(job = %job.id, error = %e, "could not record the job in the history");
+    }
+}
+
+pub fn path_text(path: &[u8]) -> String {
+    if path.is_empty() {
+        ".".into()
+    } else {
+        String::from_utf8_lossy(path).into_owned()
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}

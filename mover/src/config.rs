@@ -1,0 +1,251 @@
+//! The site configuration file, `DIR/mover.toml`.
+//!
+//! Written once by `mover init` (with comments a newcomer can follow) and read by every command.
+//! Unknown keys are refused so a typo never silently falls back to a default.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::constants;
+use crate::error::Error;
+
+pub const CONFIG_FILE_NAME: &str = "mover.toml";
+pub const DEFAULT_TIER: &str = "hot";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub site: SiteSection,
+    #[serde(default)]
+    pub engine: EngineSection,
+    pub tiers: BTreeMap<String, TierSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteSection {
+    pub name: String,
+    pub listen: Option<String>,
+    pub socket: Option<PathBuf>,
+    /// Private key and certificate, relative to the site directory.
+    #[serde(default = "default_identity_dir")]
+    pub identity: PathBuf,
+}
+
+fn default_identity_dir() -> PathBuf {
+    PathBuf::from("identity")
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSection {
+    /// Worker threads, one pinned per core; 0 or absent means one per available core.
+    #[serde(default)]
+    pub workers: usize,
+    /// Registered read-buffer memory for all workers together; 0 or absent means half of
+    /// RLIMIT_MEMLOCK (capped at 64 MiB).
+    #[serde(default)]
+    pub io_memory_bytes: u64,
+    #[serde(default)]
+    pub read_buffer_bytes: Option<usize>,
+    #[serde(default)]
+    pub pack_target_bytes: Option<u64>,
+    /// Pin workers to cores (default true). Off is useful when several movers share a node.
+    #[serde(default)]
+    pub pin_workers: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierSection {
+    /// Directory of the tier, relative to the site directory unless absolute.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub default: bool,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("read config", path, e))?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map(|span| line_column(text, span.start))
+                .unwrap_or((0, 0));
+            Error::Config {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.message().to_string(),
+            }
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), Error> {
+        let invalid = |message: String| Error::Config {
+            path: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            message,
+        };
+        transport::identity::validate_site_name(&self.site.name)
+            .map_err(|e| invalid(e.to_string()))?;
+        if self.tiers.is_empty() {
+            return Err(invalid("expected at least one [tiers.NAME] section".into()));
+        }
+        for name in self.tiers.keys() {
+            transport::identity::validate_site_name(name).map_err(|_| {
+                invalid(format!(
+                    "tier name {name:?} is not valid: expected a-z, 0-9, '-' or '_'"
+                ))
+            })?;
+        }
+        if self.tiers.values().filter(|t| t.default).count() > 1 {
+            return Err(invalid("more than one tier has default = true".into()));
+        }
+        if let Some(size) = self.engine.read_buffer_bytes {
+            if size == 0 || size % constants::IO_ALIGNMENT != 0 || size > 64 * 1024 * 1024 {
+                return Err(invalid(format!(
+                    "engine.read_buffer_bytes = {size}: expected a multiple of {} up to 64 MiB",
+                    constants::IO_ALIGNMENT
+                )));
+            }
+        }
+        if let Some(size) = self.engine.pack_target_bytes {
+            if size < 2 * constants::CHUNK_BYTES_MAX as u64 {
+                return Err(invalid(format!(
+                    "engine.pack_target_bytes = {size}: expected at least {}",
+                    2 * constants::CHUNK_BYTES_MAX
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The tier backups land in when none is named.
+    pub fn default_tier(&self) -> &str {
+        self.tiers
+            .iter()
+            .find(|(_, t)| t.default)
+            .map(|(name, _)| name.as_str())
+            .or_else(|| {
+                self.tiers
+                    .contains_key(DEFAULT_TIER)
+                    .then_some(DEFAULT_TIER)
+            })
+            .unwrap_or_else(|| {
+                self.tiers
+                    .keys()
+                    .next()
+                    .expect("validated: tiers not empty")
+            })
+    }
+
+    pub fn read_buffer_bytes(&self) -> usize {
+        self.engine
+            .read_buffer_bytes
+            .unwrap_or(constants::READ_BUFFER_BYTES_DEFAULT)
+    }
+
+    pub fn pack_target_bytes(&self) -> u64 {
+        self.engine
+            .pack_target_bytes
+            .unwrap_or(constants::PACK_BYTES_TARGET_DEFAULT)
+    }
+
+    pub fn pin_workers(&self) -> bool {
+        self.engine.pin_workers.unwrap_or(true)
+    }
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
+    (line, column)
+}
+
+/// The commented file `mover init` writes.
+pub fn template(site: &str, listen: Option<&str>, socket: Option<&Path>) -> String {
+    let listen_line = match listen {
+        Some(addr) => format!("listen = {addr:?}"),
+        None => "# listen = \"0.0.0.0:7400\"      # QUIC endpoint for peer movers".to_string(),
+    };
+    let socket_line = match socket {
+        Some(path) => format!("socket = {:?}", path.display().to_string()),
+        None => format!(
+            "# socket = \"/run/mover/{site}.sock\"   # API socket for the CLI and schedulers"
+        ),
+    };
+    format!(
+        r#"# mover site configuration, written by `mover init`.
+# Paths are relative to the directory holding this file unless absolute.
+
+[site]
+name = "{site}"
+{listen_line}
+{socket_line}
+identity = "identity"   # key.pem (private, mode 0600) and cert.pem; `mover identity` prints the fingerprint
+
+[engine]
+# One pinned worker per core reads with io_uring and O_DIRECT, chunks, hashes and compresses.
+# workers = 0                  # 0 = one per available core
+# pin_workers = true
+# Registered (locked) read buffers for all workers together. 0 = half of RLIMIT_MEMLOCK,
+# at most 64 MiB. Raise LimitMEMLOCK in the systemd unit before raising this.
+# io_memory_bytes = 0
+# read_buffer_bytes = 524288   # one direct read; a multiple of 4096
+# pack_target_bytes = 134217728
+
+# Storage tiers of this site. Backups land in the default tier.
+[tiers.hot]
+path = "tiers/hot"
+default = true
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_parses() {
+        let text = template("onprem", Some("127.0.0.1:7400"), None);
+        let config = Config::parse(&text, Path::new("mover.toml")).unwrap();
+        assert_eq!(config.site.name, "onprem");
+        assert_eq!(config.default_tier(), "hot");
+        assert_eq!(config.site.listen.as_deref(), Some("127.0.0.1:7400"));
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_position() {
+        let text = "[site]\nname = \"a\"\nsurprise = 1\n[tiers.hot]\npath = \"x\"\n";
+        let err = Config::parse(text, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("m.toml:3:"), "{err}");
+        assert!(err.contains("surprise"), "{err}");
+    }
+
+    #[test]
+    fn bad_buffer_size_is_refused() {
+        let text =
+            "[site]\nname = \"a\"\n[engine]\nread_buffer_bytes = 1000\n[tiers.hot]\npath = \"x\"\n";
+        let err = Config::parse(text, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("read_buffer_bytes"), "{err}");
+    }
+}

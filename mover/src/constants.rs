@@ -1,0 +1,65 @@
+//! Every limit of the engine in one place, with the reason for its value.
+//!
+//! Decoders of bytes from disk check against these before allocating, so a corrupt or hostile
+//! pack or manifest cannot make mover allocate more than these bounds.
+
+/// FastCDC bounds. 1 MiB average keeps the index small (1 entry per MiB stored) while a 2% edit
+/// of a multi-GiB checkpoint still costs only the chunks it touches.
+pub const CHUNK_BYTES_MIN: usize = 256 * 1024;
+pub const CHUNK_BYTES_AVG: usize = 1024 * 1024;
+pub const CHUNK_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// Files are cut into extents on a fixed grid of this size; chunking restarts at each extent.
+/// That makes chunk boundaries independent of which worker reads which extent, and lets
+/// several workers share one large file.
+pub const EXTENT_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Direct I/O alignment of offsets, lengths and buffer addresses (the logical block size of
+/// every device we expect; 512-byte devices accept it too).
+pub const IO_ALIGNMENT: usize = 4096;
+
+/// Size of one registered read buffer. Large enough for sequential throughput at queue
+/// depth 4, small enough that four per worker fit in an 8 MiB RLIMIT_MEMLOCK on two cores.
+pub const READ_BUFFER_BYTES_DEFAULT: usize = 512 * 1024;
+
+/// Bounds on the registered buffer pool: at least double buffering, at most what one ring can
+/// register (io_uring caps registered buffers at 16384 and each at 1 GiB).
+pub const READ_BUFFERS_PER_WORKER_MIN: usize = 2;
+pub const READ_BUFFERS_PER_WORKER_MAX: usize = 64;
+
+/// Default share of RLIMIT_MEMLOCK the read pools may take, leaving room for the rings
+/// themselves on kernels that still charge them to the limit.
+pub const IO_MEMORY_SHARE_OF_MEMLOCK_DIVISOR: u64 = 2;
+/// Cap on the default pool when the limit is large or unlimited.
+pub const IO_MEMORY_BYTES_DEFAULT_MAX: u64 = 64 * 1024 * 1024;
+
+/// A pack is sealed once it reaches this size: big enough that a tier holds few files and
+/// migrations move large objects, small enough to re-upload on failure.
+pub const PACK_BYTES_TARGET_DEFAULT: u64 = 128 * 1024 * 1024;
+
+/// Work items queued ahead of the workers; bounds the scanner's lead (and its memory).
+pub const WORK_QUEUE_DEPTH: usize = 256;
+/// Results waiting for the control thread.
+pub const RESULT_QUEUE_DEPTH: usize = 256;
+
+/// Compression must save at least 1/32 (3%) of a chunk to be kept; below that the CPU spent
+/// on every later decompression is not repaid.
+pub const COMPRESSION_SAVING_DIVISOR: usize = 32;
+
+/// Upper bound of a decoded manifest. A file entry with its chunk list costs about
+/// 100 B + 36 B per MiB of data; 1 GiB covers roughly ten million files.
+pub const MANIFEST_BYTES_MAX: usize = 1024 * 1024 * 1024;
+
+/// Restore keeps at most this many pack files open.
+pub const RESTORE_OPEN_PACKS_MAX: usize = 64;
+
+/// Longest path and link target accepted from a manifest (Linux PATH_MAX).
+pub const PATH_BYTES_MAX: usize = 4096;
+
+const _: () = assert!(CHUNK_BYTES_MIN < CHUNK_BYTES_AVG && CHUNK_BYTES_AVG < CHUNK_BYTES_MAX);
+const _: () = assert!(EXTENT_BYTES as usize >= 4 * CHUNK_BYTES_MAX);
+const _: () = assert!(EXTENT_BYTES as usize % IO_ALIGNMENT == 0);
+const _: () = assert!(READ_BUFFER_BYTES_DEFAULT % IO_ALIGNMENT == 0);
+const _: () = assert!(PACK_BYTES_TARGET_DEFAULT as usize > 2 * CHUNK_BYTES_MAX);
+// Record lengths are stored as u32.
+const _: () = assert!(CHUNK_BYTES_MAX <= u32::MAX as usize);

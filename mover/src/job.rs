@@ -1,0 +1,147 @@
+//! The job document: what `--json` prints and what the catalog keeps for each job.
+
+use serde::Serialize;
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Warning {
+    pub path: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    Backup,
+    Restore,
+    Verify,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Job {
+    pub id: String,
+    pub kind: JobKind,
+    pub state: JobState,
+    pub site: String,
+    /// Backup: the source path; restore: the target directory.
+    pub path: String,
+    pub tier: Option<String>,
+    pub snapshot: Option<String>,
+    /// Logical bytes the job covers (file sizes, holes included).
+    pub bytes_total: u64,
+    /// Logical bytes finished so far (read and chunked, or reused unchanged).
+    pub bytes_done: u64,
+    /// Bytes handed to the destination: records written, headers included.
+    pub bytes_sent: u64,
+    pub bytes_read: u64,
+    /// Plaintext bytes of chunks the destination did not have.
+    pub bytes_new: u64,
+    pub bytes_reused: u64,
+    pub files: u64,
+    pub files_reused: u64,
+    pub directories: u64,
+    pub chunks_total: u64,
+    pub chunks_new: u64,
+    pub workers: usize,
+    pub direct_io: bool,
+    /// User-space bytes copied per byte read (the one copy from read buffer to chunk window).
+    pub memcpy_per_byte: f64,
+    pub started: String,
+    pub elapsed_s: f64,
+    pub warnings: Vec<Warning>,
+    pub error: Option<String>,
+}
+
+impl Job {
+    pub fn new(kind: JobKind, site: &str, path: String) -> Job {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let id = format!(
+            "{}-{:x}-{:04x}",
+            match kind {
+                JobKind::Backup => "b",
+                JobKind::Restore => "r",
+                JobKind::Verify => "v",
+            },
+            now.as_secs(),
+            rand::random::<u16>()
+        );
+        Job {
+            id,
+            kind,
+            state: JobState::Running,
+            site: site.to_string(),
+            path,
+            tier: None,
+            snapshot: None,
+            bytes_total: 0,
+            bytes_done: 0,
+            bytes_sent: 0,
+            bytes_read: 0,
+            bytes_new: 0,
+            bytes_reused: 0,
+            files: 0,
+            files_reused: 0,
+            directories: 0,
+            chunks_total: 0,
+            chunks_new: 0,
+            workers: 0,
+            direct_io: true,
+            memcpy_per_byte: 0.0,
+            started: rfc3339(now.as_secs() as i64),
+            elapsed_s: 0.0,
+            warnings: Vec::new(),
+            error: None,
+        }
+    }
+
+    /// Logical bytes per second over the job's run time, in GB/s (1e9).
+    pub fn gb_per_s(&self) -> f64 {
+        if self.elapsed_s > 0.0 {
+            self.bytes_total as f64 / self.elapsed_s / 1e9
+        } else {
+            0.0
+        }
+    }
+}
+
+/// UTC time as RFC 3339 (civil-from-days, Howard Hinnant's algorithm).
+pub fn rfc3339(unix_s: i64) -> String {
+    let days = unix_s.div_euclid(86_400);
+    let secs = unix_s.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + if month <= 2 { 1 } else { 0 };
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339_known_dates() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(1_795_219_200), "2026-11-21T00:00:00Z");
+        assert_eq!(super::rfc3339(951_825_600), "2000-02-29T12:00:00Z");
+    }
+}

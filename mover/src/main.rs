@@ -1,0 +1,328 @@
+//! The `mover` command line: parses arguments, opens the site, calls the engine, prints.
+//!
+//! Exit codes: 0 success; 1 the command failed (one line on stderr says why); 2 bad usage;
+//! 3 `verify` found damage.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+use mover::site::{self, Site};
+
+#[derive(Parser)]
+#[command(
+    name = "mover",
+    version,
+    about = "Moves and protects AI/HPC data across sites and tiers"
+)]
+struct Cli {
+    /// Print one JSON document on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Run in-process on the site in DIR, without a daemon (default: $MOVER_SITE_DIR).
+    #[arg(long, global = true, value_name = "DIR")]
+    site_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a site: identity, configuration and tier directories.
+    Init {
+        #[arg(long)]
+        site: String,
+        #[arg(long)]
+        dir: PathBuf,
+        /// QUIC address peers connect to.
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Option<String>,
+        /// API socket path.
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+    /// Print this site's name and certificate fingerprint.
+    Identity {
+        /// The site's mover.toml (alternative to --site-dir).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Back up PATH into a new snapshot.
+    Backup {
+        path: PathBuf,
+        /// Tier to store into (default: the site's default tier).
+        #[arg(long)]
+        tier: Option<String>,
+        /// Wait for the job to finish (in --site-dir mode jobs always run to completion).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Restore SNAPSHOT[:SUBPATH] into a new or empty directory.
+    Restore {
+        /// Snapshot id (or unique prefix, or `latest`), optionally `:SUBPATH`.
+        spec: String,
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List snapshots.
+    Snapshots,
+    /// Read every chunk of SNAPSHOT (default: all snapshots) back and check it.
+    Verify { snapshot: Option<String> },
+    /// First run: a site, a sample data set, backup, restore, verify, report.
+    Quickstart {
+        /// Data to back up (default: a generated sample AI data set).
+        path: Option<PathBuf>,
+        /// Where to put the site, sample and restore (default: a new directory under $TMPDIR).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MOVER_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            // One line: the chain of contexts joined, outermost first.
+            eprintln!("mover: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn site_dir(cli_dir: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = cli_dir {
+        return Ok(dir.clone());
+    }
+    match std::env::var_os("MOVER_SITE_DIR") {
+        Some(dir) if !dir.is_empty() => Ok(PathBuf::from(dir)),
+        _ => bail!(
+            "no site given: pass --site-dir DIR or set MOVER_SITE_DIR (created by `mover init`)"
+        ),
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("serialisable")
+    );
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Init {
+            site,
+            dir,
+            listen,
+            socket,
+        } => {
+            let done = site::init(&site::InitOptions {
+                name: site,
+                dir,
+                listen: listen.as_deref(),
+                socket: socket.as_deref(),
+            })?;
+            if cli.json {
+                print_json(&serde_json::json!({
+                    "site": site,
+                    "dir": done.dir,
+                    "config": done.config_path,
+                    "fingerprint": done.fingerprint,
+                }));
+            } else {
+                println!("created site {site} in {}", done.dir.display());
+                println!("config:      {}", done.config_path.display());
+                println!("fingerprint: {}", done.fingerprint);
+            }
+        }
+        Command::Identity { config } => {
+            let site = match config {
+                Some(file) => Site::open_config(file)?,
+                None => Site::open(&site_dir(&cli.site_dir)?)?,
+            };
+            let fingerprint = site.fingerprint()?;
+            if cli.json {
+                print_json(&serde_json::json!({"site": site.name(), "fingerprint": fingerprint}));
+            } else {
+                println!("{} {fingerprint}", site.name());
+            }
+        }
+        Command::Backup {
+            path,
+            tier,
+            wait: _,
+        } => {
+            let site = Site::open(&site_dir(&cli.site_dir)?)?;
+            let job = mover::backup::run(
+                &site,
+                &mover::backup::BackupOptions {
+                    source: path,
+                    tier: tier.as_deref(),
+                },
+            )?;
+            print_warnings(&job.warnings);
+            if cli.json {
+                print_json(&job);
+            } else {
+                println!(
+                    "snapshot {}  {} files, {:.3} GB in {:.2} s ({:.2} GB/s); read {:.3} GB, new {:.3} GB, stored {:.3} GB",
+                    job.snapshot.as_deref().unwrap_or("-"),
+                    job.files,
+                    job.bytes_total as f64 / 1e9,
+                    job.elapsed_s,
+                    job.gb_per_s(),
+                    job.bytes_read as f64 / 1e9,
+                    job.bytes_new as f64 / 1e9,
+                    job.bytes_sent as f64 / 1e9,
+                );
+            }
+        }
+        Command::Restore { spec, to, wait: _ } => {
+            let site = Site::open(&site_dir(&cli.site_dir)?)?;
+            let job =
+                mover::restore::run(&site, &mover::restore::RestoreOptions { spec, target: to })?;
+            if cli.json {
+                print_json(&job);
+            } else {
+                println!(
+                    "restored {} to {}: {} files, {:.3} GB in {:.2} s",
+                    job.snapshot.as_deref().unwrap_or("-"),
+                    to.display(),
+                    job.files,
+                    job.bytes_total as f64 / 1e9,
+                    job.elapsed_s
+                );
+            }
+        }
+        Command::Snapshots => {
+            let site = Site::open(&site_dir(&cli.site_dir)?)?;
+            let snapshots = site.index.snapshots()?;
+            if cli.json {
+                print_json(&snapshots);
+            } else if snapshots.is_empty() {
+                println!("no snapshots");
+            } else {
+                println!(
+                    "{:<12}  {:<20}  {:<5}  {:>8}  {:>12}  source",
+                    "id", "time", "tier", "files", "bytes"
+                );
+                for s in &snapshots {
+                    println!(
+                        "{:<12}  {:<20}  {:<5}  {:>8}  {:>12}  {}",
+                        &s.id[..12],
+                        s.time,
+                        s.tier,
+                        s.files,
+                        s.bytes,
+                        s.source
+                    );
+                }
+            }
+        }
+        Command::Verify { snapshot } => {
+            let site = Site::open(&site_dir(&cli.site_dir)?)?;
+            let report = mover::verify::run(&site, snapshot.as_deref())?;
+            if cli.json {
+                print_json(&report);
+            } else {
+                for d in &report.damage {
+                    eprintln!(
+                        "damaged: snapshot {} file {:?} chunk {}: {}",
+                        &d.snapshot[..12],
+                        d.path,
+                        d.chunk.as_deref().unwrap_or("-"),
+                        d.reason
+                    );
+                }
+                println!(
+                    "verified {} snapshot(s): {} chunks, {:.3} GB in {:.2} s; {} damaged",
+                    report.snapshots.len(),
+                    report.chunks_checked,
+                    report.bytes_checked as f64 / 1e9,
+                    report.elapsed_s,
+                    report.damage.len()
+                );
+            }
+            if let Some(d) = report.damage.first() {
+                if cli.json {
+                    eprintln!(
+                        "mover: snapshot {} is damaged: file {:?}, chunk {}: {}",
+                        &d.snapshot[..12],
+                        d.path,
+                        d.chunk.as_deref().unwrap_or("-"),
+                        d.reason
+                    );
+                }
+                return Ok(ExitCode::from(3));
+            }
+        }
+        Command::Quickstart { path, dir } => {
+            let json = cli.json;
+            let mut progress = |line: &str| {
+                if !json {
+                    println!("{line}");
+                }
+            };
+            let report = mover::quickstart::run(path.as_deref(), dir.as_deref(), &mut progress)
+                .context("quickstart")?;
+            if json {
+                print_json(&report);
+            } else {
+                print_quickstart(&report);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_warnings(warnings: &[mover::job::Warning]) {
+    for w in warnings {
+        eprintln!("warning: {}: {}", w.path, w.reason);
+    }
+}
+
+fn print_quickstart(r: &mover::quickstart::QuickstartReport) {
+    println!();
+    println!("quickstart report");
+    println!(
+        "  data        {} ({} files, {:.0} MB)",
+        r.data,
+        r.files,
+        r.bytes_total as f64 / 1e6
+    );
+    println!(
+        "  backup      {:.2} GB/s ({:.2} s)",
+        r.backup_gb_per_s, r.backup_s
+    );
+    println!(
+        "  dedup       {:.2}x   compression {:.2}x   stored {:.0} MB",
+        r.dedup_ratio,
+        r.compression_ratio,
+        r.bytes_stored as f64 / 1e6
+    );
+    println!(
+        "  unchanged   re-backup in {:.3} s, {} bytes read",
+        r.second_backup_s, r.second_backup_bytes_read
+    );
+    println!(
+        "  restore     {:.2} GB/s ({:.2} s), verified {} chunks, identical: {}",
+        r.restore_gb_per_s, r.restore_s, r.verify_chunks, r.identical
+    );
+    println!("  snapshot    {}", r.snapshot);
+    println!("  site        {}", r.site);
+    println!();
+    println!("next: mover snapshots --site-dir {}", r.site);
+    let _ = Path::new(&r.dir);
+}

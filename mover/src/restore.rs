@@ -1,0 +1,415 @@
+//! Restores a snapshot (or a subtree of it) into a new or empty directory.
+//!
+//! The manifest is untrusted input: every path is checked before anything is written, and an
+//! entry that would land outside the target (absolute, `..`) or be written through a symlink
+//! the restore itself created refuses the whole restore, naming the entry, so that nothing is
+//! half restored. Every chunk is checked (xxh3, length, BLAKE3) before its bytes are written.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::{CString, OsStr};
+use std::fs::OpenOptions;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::backup::path_text;
+use crate::error::{Error, Result};
+use crate::format::manifest::{check_relative_path, Entry, EntryKind, Manifest};
+use crate::job::{Job, JobKind, JobState};
+use crate::site::Site;
+use crate::store::pack_reader::ChunkReader;
+
+pub struct RestoreOptions<'a> {
+    /// `SNAPSHOT[:SUBPATH]`
+    pub spec: &'a str,
+    pub target: &'a Path,
+}
+
+pub fn parse_spec(spec: &str) -> (&str, Option<&str>) {
+    match spec.split_once(':') {
+        Some((snapshot, sub)) => (
+            snapshot,
+            Some(sub.trim_matches('/')).filter(|s| !s.is_empty()),
+        ),
+        None => (spec, None),
+    }
+}
+
+pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
+    let started = Instant::now();
+    let (snapshot, subpath) = parse_spec(options.spec);
+    let info = site.index.find_snapshot(snapshot)?;
+    let id = crate::format::parse_hex32(&info.id).ok_or_else(|| {
+        Error::corrupt(
+            format!("catalog row {}", info.id),
+            "id is not 64 hex digits",
+        )
+    })?;
+    let manifest = site.load_manifest(&id)?;
+    let mut job = Job::new(
+        JobKind::Restore,
+        site.name(),
+        options.target.display().to_string(),
+    );
+    job.snapshot = Some(info.id.clone());
+    job.workers = 1;
+    job.direct_io = false;
+
+    let selected = select(&manifest, subpath)?;
+    check_entries(&manifest, &selected)?;
+    prepare_target(options.target)?;
+    let target = options
+        .target
+        .canonicalize()
+        .map_err(|e| Error::io("resolve", options.target, e))?;
+    for &i in &selected {
+        if let EntryKind::File { size, .. } = &manifest.entries[i].kind {
+            job.bytes_total += size;
+        }
+    }
+
+    let mut restorer = Restorer {
+        site,
+        target,
+        manifest: &manifest,
+        symlinks: HashSet::new(),
+        directories: HashSet::new(),
+        restored_files: HashMap::new(),
+        chunk: Vec::new(),
+        is_root: unsafe { libc::geteuid() } == 0,
+        job: &mut job,
+    };
+    let outcome = restorer.restore(&selected);
+    job.elapsed_s = started.elapsed().as_secs_f64();
+    match outcome {
+        Ok(()) => {
+            job.state = JobState::Done;
+            job.bytes_done = job.bytes_total;
+            crate::backup::record_job(site, &job);
+            Ok(job)
+        }
+        Err(e) => {
+            job.state = JobState::Failed;
+            job.error = Some(e.to_string());
+            crate::backup::record_job(site, &job);
+            Err(e)
+        }
+    }
+}
+
+/// Indices of the entries to restore: all, or the subtree at `subpath`.
+fn select(manifest: &Manifest, subpath: Option<&str>) -> Result<Vec<usize>> {
+    let Some(sub) = subpath else {
+        return Ok((0..manifest.entries.len()).collect());
+    };
+    let sub = sub.as_bytes();
+    let selected: Vec<usize> = manifest
+        .entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| {
+            e.path == sub || (e.path.starts_with(sub) && e.path.get(sub.len()) == Some(&b'/'))
+        })
+        .map(|(i, _)| i)
+        .collect();
+    if selected.is_empty() {
+        return Err(Error::NotFound(format!(
+            "path {:?} is not in the snapshot",
+            String::from_utf8_lossy(sub)
+        )));
+    }
+    Ok(selected)
+}
+
+/// Refuses the restore if any selected entry is unsafe or inconsistent.
+fn check_entries(manifest: &Manifest, selected: &[usize]) -> Result<()> {
+    let refuse = |entry: &Entry, why: String| {
+        Error::Refused(format!(
+            "snapshot entry {:?}: {why}; nothing was restored",
+            path_text(&entry.path)
+        ))
+    };
+    let mut seen: HashSet<&[u8]> = HashSet::new();
+    for &i in selected {
+        let entry = &manifest.entries[i];
+        check_relative_path(&entry.path)
+            .map_err(|why| refuse(entry, format!("{why} would escape the target")))?;
+        if !seen.insert(&entry.path) {
+            return Err(refuse(entry, "appears twice".into()));
+        }
+        match &entry.kind {
+            EntryKind::File { size, extents } => {
+                for extent in extents {
+                    let end = extent.offset.checked_add(extent.len());
+                    if end.is_none_or(|end| end > *size) {
+                        return Err(refuse(
+                            entry,
+                            format!("extent at {} runs past the file size {size}", extent.offset),
+                        ));
+                    }
+                }
+            }
+            EntryKind::Hardlink { target } => {
+                check_relative_path(target).map_err(|why| {
+                    refuse(
+                        entry,
+                        format!("hardlink target: {why} would escape the target"),
+                    )
+                })?;
+            }
+            EntryKind::Symlink { target } if target.contains(&0) => {
+                return Err(refuse(entry, "symlink target contains a NUL byte".into()));
+            }
+            _ => {}
+        }
+        if entry.path.is_empty() && !matches!(entry.kind, EntryKind::Directory) {
+            return Err(refuse(entry, "root entry is not a directory".into()));
+        }
+    }
+    Ok(())
+}
+
+fn prepare_target(target: &Path) -> Result<()> {
+    match std::fs::read_dir(target) {
+        Ok(mut listing) => {
+            if listing.next().is_some() {
+                return Err(Error::Refused(format!(
+                    "restore target {} is not empty: expected a new or empty directory (restore never overwrites)",
+                    target.display()
+                )));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(target).map_err(|e| Error::io("create directory", target, e))
+        }
+        Err(e) => Err(Error::io("read directory", target, e)),
+    }
+}
+
+struct Restorer<'a> {
+    site: &'a Site,
+    target: PathBuf,
+    manifest: &'a Manifest,
+    /// Paths restored as symlinks: nothing may be written beneath them.
+    symlinks: HashSet<Vec<u8>>,
+    directories: HashSet<Vec<u8>>,
+    /// Restored regular files, for hardlinks to them.
+    restored_files: HashMap<Vec<u8>, PathBuf>,
+    chunk: Vec<u8>,
+    is_root: bool,
+    job: &'a mut Job,
+}
+
+impl Restorer<'_> {
+    fn restore(&mut self, selected: &[usize]) -> Result<()> {
+        let site = self.site;
+        let mut reader = site.chunk_reader();
+        let mut directories = Vec::new();
+        for &i in selected {
+            let entry = &self.manifest.entries[i];
+            let path = self.prepare_parent(entry)?;
+            match &entry.kind {
+                EntryKind::Directory => {
+                    if !entry.path.is_empty() {
+                        std::fs::create_dir(&path)
+                            .map_err(|e| Error::io("create directory", &path, e))?;
+                    }
+                    self.directories.insert(entry.path.clone());
+                    directories.push(i);
+                    self.job.directories += 1;
+                }
+                EntryKind::File { .. } => {
+                    self.write_file(&mut reader, entry, &path)?;
+                    self.restored_files.insert(entry.path.clone(), path);
+                }
+                EntryKind::Symlink { target } => {
+                    std::os::unix::fs::symlink(OsStr::from_bytes(target), &path)
+                        .map_err(|e| Error::io("create symlink", &path, e))?;
+                    self.set_metadata(entry, &path, true)?;
+                    self.symlinks.insert(entry.path.clone());
+                }
+                EntryKind::Hardlink { target } => {
+                    if let Some(existing) = self.restored_files.get(target) {
+                        std::fs::hard_link(existing, &path)
+                            .map_err(|e| Error::io("create hardlink", &path, e))?;
+                    } else {
+                        // The inode's first path is outside the restored subtree: this path
+                        // gets the content itself and becomes the one later links point to.
+                        let manifest = self.manifest;
+                        let source = manifest
+                            .entries
+                            .iter()
+                            .find(|e| &e.path == target && matches!(e.kind, EntryKind::File { .. }))
+                            .ok_or_else(|| {
+                                Error::corrupt(
+                                    "manifest",
+                                    format!(
+                                        "hardlink {:?} points to no file",
+                                        path_text(&entry.path)
+                                    ),
+                                )
+                            })?;
+                        self.write_file(&mut reader, source, &path)?;
+                        self.restored_files.insert(target.clone(), path);
+                    }
+                }
+            }
+        }
+        // Directories last, deepest first: writing into a directory changes its mtime, and a
+        // read-only mode would stop us writing into it.
+        for &i in directories.iter().rev() {
+            let entry = &self.manifest.entries[i];
+            let path = self.path_of(&entry.path);
+            self.set_metadata(entry, &path, false)?;
+        }
+        // One syncfs instead of an fsync per file: the job reports done only once every
+        // restored byte is on disk.
+        let dir =
+            std::fs::File::open(&self.target).map_err(|e| Error::io("open", &self.target, e))?;
+        // SAFETY: syncfs on a descriptor we own.
+        if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) } != 0 {
+            return Err(Error::io(
+                "syncfs",
+                &self.target,
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes a regular file's data at `path` (holes stay holes), then its metadata.
+    fn write_file(&mut self, reader: &mut ChunkReader, entry: &Entry, path: &Path) -> Result<()> {
+        let EntryKind::File { size, extents } = &entry.kind else {
+            unreachable!("write_file is called for file entries");
+        };
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| Error::io("create", path, e))?;
+        // Setting the length first leaves every byte no extent covers as a hole.
+        file.set_len(*size)
+            .map_err(|e| Error::io("truncate", path, e))?;
+        for extent in extents {
+            let mut at = extent.offset;
+            for chunk in &extent.chunks {
+                let damaged = |detail: String| {
+                    Error::corrupt(format!("file {:?}", path_text(&entry.path)), detail)
+                };
+                reader
+                    .read(&chunk.id, &mut self.chunk)
+                    .map_err(|e| damaged(e.to_string()))?;
+                if self.chunk.len() != chunk.len as usize {
+                    return Err(damaged(format!(
+                        "chunk {} is {} bytes, manifest says {}",
+                        chunk.id,
+                        self.chunk.len(),
+                        chunk.len
+                    )));
+                }
+                file.write_all_at(&self.chunk, at)
+                    .map_err(|e| Error::io("write", path, e))?;
+                at += chunk.len as u64;
+                self.job.bytes_done += chunk.len as u64;
+                self.job.bytes_read += chunk.len as u64;
+            }
+        }
+        drop(file);
+        self.set_metadata(entry, path, false)?;
+        self.job.files += 1;
+        Ok(())
+    }
+
+    fn path_of(&self, rel: &[u8]) -> PathBuf {
+        if rel.is_empty() {
+            self.target.clone()
+        } else {
+            self.target.join(OsStr::from_bytes(rel))
+        }
+    }
+
+    /// Makes sure every ancestor of the entry is a directory this restore created, creating
+    /// missing ones (a subtree restore), and refusing to go through a restored symlink.
+    fn prepare_parent(&mut self, entry: &Entry) -> Result<PathBuf> {
+        let rel = &entry.path;
+        let mut at = 0;
+        while let Some(slash) = rel[at..].iter().position(|&b| b == b'/') {
+            let ancestor = &rel[..at + slash];
+            if self.symlinks.contains(ancestor) {
+                return Err(Error::Refused(format!(
+                    "snapshot entry {:?}: would be written through the symlink {:?}",
+                    path_text(rel),
+                    path_text(ancestor)
+                )));
+            }
+            if !self.directories.contains(ancestor) {
+                let path = self.path_of(ancestor);
+                match std::fs::symlink_metadata(&path) {
+                    Ok(meta) if meta.is_dir() => {}
+                    Ok(_) => {
+                        return Err(Error::Refused(format!(
+                            "snapshot entry {:?}: its parent {:?} is not a directory",
+                            path_text(rel),
+                            path_text(ancestor)
+                        )))
+                    }
+                    Err(_) => std::fs::create_dir(&path)
+                        .map_err(|e| Error::io("create directory", &path, e))?,
+                }
+                self.directories.insert(ancestor.to_vec());
+            }
+            at += slash + 1;
+        }
+        Ok(self.path_of(rel))
+    }
+
+    fn set_metadata(&self, entry: &Entry, path: &Path, is_symlink: bool) -> Result<()> {
+        let c_path = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| Error::corrupt("manifest", "path contains a NUL byte"))?;
+        if self.is_root {
+            // SAFETY: valid C string; lchown does not follow symlinks.
+            if unsafe { libc::lchown(c_path.as_ptr(), entry.uid, entry.gid) } != 0 {
+                return Err(Error::io("chown", path, std::io::Error::last_os_error()));
+            }
+        }
+        if !is_symlink {
+            // After chown, which clears set-id bits.
+            let mode = entry.mode & 0o7777;
+            // SAFETY: valid C string.
+            if unsafe { libc::chmod(c_path.as_ptr(), mode) } != 0 {
+                return Err(Error::io("chmod", path, std::io::Error::last_os_error()));
+            }
+        }
+        let mtime = libc::timespec {
+            tv_sec: entry.mtime_ns.div_euclid(1_000_000_000),
+            tv_nsec: entry.mtime_ns.rem_euclid(1_000_000_000),
+        };
+        let times = [
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+            mtime,
+        ];
+        // SAFETY: valid C string and a two-element timespec array.
+        let rc = unsafe {
+            libc::utimensat(
+                libc::AT_FDCWD,
+                c_path.as_ptr(),
+                times.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if rc != 0 {
+            return Err(Error::io(
+                "set mtime",
+                path,
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,228 @@
+//! The site's transactional index and catalog, in one redb database (`DIR/index.redb`).
+//!
+//! Tables:
+//! - `chunks`:    chunk id → (pack id, offset, stored_len, raw_len, codec): where a chunk lives.
+//! - `packs`:     pack id → tier name: which backend holds a pack.
+//! - `snapshots`: snapshot id (hex) → snapshot summary (JSON): the catalog; a snapshot exists
+//!   for readers exactly when its row does.
+//! - `jobs`:      job id → job document (JSON), for the job history.
+//!
+//! Writers commit with redb's default durability (fsync on commit), so a row that is readable
+//! after a crash was durable before the commit returned.
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::format::pack::FooterEntry;
+use crate::format::{ChunkId, Codec};
+
+const CHUNKS: TableDefinition<[u8; 32], (u64, u64, u32, u32, u8)> = TableDefinition::new("chunks");
+const PACKS: TableDefinition<u64, &str> = TableDefinition::new("packs");
+const SNAPSHOTS: TableDefinition<&str, &str> = TableDefinition::new("snapshots");
+const JOBS: TableDefinition<&str, &str> = TableDefinition::new("jobs");
+
+/// Where one chunk is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Location {
+    pub pack_id: u64,
+    pub offset: u64,
+    pub stored_len: u32,
+    pub raw_len: u32,
+    pub codec: Codec,
+}
+
+/// A pack that is durable on its backend, with the records it holds.
+pub struct SealedPack {
+    pub pack_id: u64,
+    pub tier: String,
+    pub entries: Vec<FooterEntry>,
+    pub bytes: u64,
+}
+
+/// One row of the catalog.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub time: String,
+    pub created_unix_ns: i64,
+    pub site: String,
+    pub tier: String,
+    pub source: String,
+    pub hostname: String,
+    pub parent: Option<String>,
+    pub job: String,
+    pub files: u64,
+    pub directories: u64,
+    pub bytes: u64,
+    pub warnings: u64,
+}
+
+pub struct Index {
+    db: redb::Database,
+}
+
+impl Index {
+    pub fn open(path: &std::path::Path) -> Result<Index> {
+        let db = redb::Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => Error::Refused(format!(
+                "{} is in use by another mover process (a running daemon or backup)",
+                path.display()
+            )),
+            other => Error::Index(format!("{}: {other}", path.display())),
+        })?;
+        let txn = db.begin_write()?;
+        txn.open_table(CHUNKS)?;
+        txn.open_table(PACKS)?;
+        txn.open_table(SNAPSHOTS)?;
+        txn.open_table(JOBS)?;
+        txn.commit()?;
+        Ok(Index { db })
+    }
+
+    pub fn lookup(&self, id: &ChunkId) -> Result<Option<Location>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(CHUNKS)?;
+        let row = table.get(id.0)?;
+        Ok(match row {
+            Some(guard) => Some(location(guard.value())?),
+            None => None,
+        })
+    }
+
+    /// A read view for many lookups (one per chunk on the backup path).
+    pub fn reader(&self) -> Result<IndexReader> {
+        let txn = self.db.begin_read()?;
+        let chunks = txn.open_table(CHUNKS)?;
+        Ok(IndexReader { chunks })
+    }
+
+    pub fn pack_tier(&self, pack_id: u64) -> Result<Option<String>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(PACKS)?;
+        let row = table.get(pack_id)?;
+        Ok(row.map(|g| g.value().to_string()))
+    }
+
+    /// Makes a sealed pack's records findable. Called only after the pack is durable.
+    pub fn commit_pack(&self, pack: &SealedPack) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut packs = txn.open_table(PACKS)?;
+            packs.insert(pack.pack_id, pack.tier.as_str())?;
+            let mut chunks = txn.open_table(CHUNKS)?;
+            for e in &pack.entries {
+                // A chunk already indexed (stored twice by racing workers) keeps its first home.
+                if chunks.get(e.id.0)?.is_none() {
+                    chunks.insert(
+                        e.id.0,
+                        (
+                            pack.pack_id,
+                            e.offset,
+                            e.stored_len,
+                            e.raw_len,
+                            e.codec as u8,
+                        ),
+                    )?;
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn put_snapshot(&self, info: &SnapshotInfo) -> Result<()> {
+        let json = serde_json::to_string(info).expect("snapshot info serialises");
+        let txn = self.db.begin_write()?;
+        txn.open_table(SNAPSHOTS)?
+            .insert(info.id.as_str(), json.as_str())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// All snapshots, oldest first.
+    pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SNAPSHOTS)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (key, value) = row?;
+            let info: SnapshotInfo = serde_json::from_str(value.value()).map_err(|e| {
+                Error::corrupt(format!("catalog row {}", key.value()), e.to_string())
+            })?;
+            out.push(info);
+        }
+        out.sort_by(|a, b| {
+            a.created_unix_ns
+                .cmp(&b.created_unix_ns)
+                .then(a.id.cmp(&b.id))
+        });
+        Ok(out)
+    }
+
+    /// Finds a snapshot by id or unique id prefix (at least 4 hex digits), or `latest`.
+    pub fn find_snapshot(&self, wanted: &str) -> Result<SnapshotInfo> {
+        let all = self.snapshots()?;
+        if wanted == "latest" {
+            return all.into_iter().last().ok_or_else(|| {
+                Error::NotFound("no snapshots yet: run `mover backup PATH` first".into())
+            });
+        }
+        if wanted.len() < 4 || !wanted.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::NotFound(format!(
+                "snapshot {wanted:?}: expected 'latest' or at least 4 hex digits of a snapshot id"
+            )));
+        }
+        let wanted = wanted.to_ascii_lowercase();
+        let mut matches: Vec<SnapshotInfo> = all
+            .into_iter()
+            .filter(|s| s.id.starts_with(&wanted))
+            .collect();
+        match matches.len() {
+            0 => Err(Error::NotFound(format!(
+                "snapshot {wanted}: no such snapshot (see `mover snapshots`)"
+            ))),
+            1 => Ok(matches.remove(0)),
+            n => Err(Error::NotFound(format!(
+                "snapshot {wanted}: prefix matches {n} snapshots, give more digits"
+            ))),
+        }
+    }
+
+    pub fn put_job(&self, id: &str, json: &str) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(JOBS)?.insert(id, json)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn chunk_count(&self) -> Result<u64> {
+        use redb::ReadableTableMetadata;
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(CHUNKS)?.len()?)
+    }
+}
+
+pub struct IndexReader {
+    chunks: redb::ReadOnlyTable<[u8; 32], (u64, u64, u32, u32, u8)>,
+}
+
+impl IndexReader {
+    pub fn contains(&self, id: &ChunkId) -> Result<bool> {
+        Ok(self.chunks.get(id.0)?.is_some())
+    }
+}
+
+fn location(
+    (pack_id, offset, stored_len, raw_len, codec): (u64, u64, u32, u32, u8),
+) -> Result<Location> {
+    let codec = Codec::from_u8(codec)
+        .ok_or_else(|| Error::corrupt("index row", format!("unknown codec {codec}")))?;
+    Ok(Location {
+        pack_id,
+        offset,
+        stored_len,
+        raw_len,
+        codec,
+    })
+}

@@ -1,0 +1,83 @@
+//! Reads chunks back by id: index lookup, ranged read of the record, checks, decompression.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::backend::Backend;
+use super::index::{Index, Location};
+use super::pack_key;
+use crate::error::{Error, Result};
+use crate::format::pack::{open_record, RecordHeader, RECORD_HEADER_BYTES};
+use crate::format::ChunkId;
+
+pub struct ChunkReader<'a> {
+    index: &'a Index,
+    tiers: &'a HashMap<String, Arc<dyn Backend>>,
+    pack_tiers: HashMap<u64, Arc<dyn Backend>>,
+    record: Vec<u8>,
+}
+
+impl<'a> ChunkReader<'a> {
+    pub fn new(index: &'a Index, tiers: &'a HashMap<String, Arc<dyn Backend>>) -> Self {
+        ChunkReader {
+            index,
+            tiers,
+            pack_tiers: HashMap::new(),
+            record: Vec::new(),
+        }
+    }
+
+    pub fn locate(&self, id: &ChunkId) -> Result<Location> {
+        self.index.lookup(id)?.ok_or_else(|| {
+            Error::corrupt(
+                format!("chunk {id}"),
+                "not in the index (missing from the store)",
+            )
+        })
+    }
+
+    /// Reads chunk `id` into `out`, verifying the record's header, xxh3 and BLAKE3.
+    pub fn read(&mut self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
+        let location = self.locate(id)?;
+        let backend = self.backend_of(location.pack_id)?;
+        let len = RECORD_HEADER_BYTES + location.stored_len as usize;
+        let key = pack_key(location.pack_id);
+        backend.read_range(&key, location.offset, len, &mut self.record)?;
+        let header = RecordHeader::decode(&self.record[..RECORD_HEADER_BYTES])
+            .map_err(|e| Error::corrupt(format!("chunk {id} in {key}"), e.to_string()))?;
+        if header.id != *id || header.stored_len != location.stored_len {
+            return Err(Error::corrupt(
+                format!("chunk {id} in {key}"),
+                format!(
+                    "record at offset {} holds chunk {}",
+                    location.offset, header.id
+                ),
+            ));
+        }
+        open_record(&header, &self.record[RECORD_HEADER_BYTES..], out)
+            .map_err(|e| Error::corrupt(format!("chunk {id} in {key}"), e.to_string()))
+    }
+
+    fn backend_of(&mut self, pack_id: u64) -> Result<Arc<dyn Backend>> {
+        if let Some(backend) = self.pack_tiers.get(&pack_id) {
+            return Ok(backend.clone());
+        }
+        let tier = self.index.pack_tier(pack_id)?.ok_or_else(|| {
+            Error::corrupt(
+                format!("pack {pack_id:016x}"),
+                "referenced by the index but not registered",
+            )
+        })?;
+        let backend = self
+            .tiers
+            .get(&tier)
+            .ok_or_else(|| {
+                Error::Site(format!(
+                    "tier {tier:?} holds pack {pack_id:016x} but is not in the config"
+                ))
+            })?
+            .clone();
+        self.pack_tiers.insert(pack_id, backend.clone());
+        Ok(backend)
+    }
+}

@@ -1,0 +1,395 @@
+//! A pinned worker: owns an io_uring, a registered buffer pool, a chunk window and an open
+//! pack. It takes extents from the shared work queue and reports chunk lists and sealed packs.
+//!
+//! Per extent: up to `buffers_per_worker` direct reads are in flight while the thread chunks,
+//! hashes and compresses what already arrived. Each read lands in a registered buffer and is
+//! copied once into the chunk window (the only user-space copy on the read side), because a
+//! chunk may span reads and FastCDC needs it contiguous.
+
+use std::collections::{HashSet, VecDeque};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::{Receiver, Sender};
+use tokio_uring::buf::fixed::FixedBufPool;
+use tokio_uring::buf::BoundedBuf;
+
+use crate::buffers::{align_up, is_aligned, AlignedBuf, PoolPlan};
+use crate::chunker::{cut_is_final, next_chunk_len};
+use crate::constants::{CHUNK_BYTES_MAX, COMPRESSION_SAVING_DIVISOR};
+use crate::error::{Error, Result};
+use crate::format::manifest::ChunkRef;
+use crate::format::pack::RecordHeader;
+use crate::format::{ChunkId, Codec};
+use crate::scan::WorkItem;
+use crate::store::index::{Index, SealedPack};
+use crate::store::pack_writer::PackWriter;
+use crate::store::Backend;
+
+/// What a worker tells the control thread.
+pub enum Report {
+    Extent(ExtentDone),
+    /// The item could not be read; the file is left out of the snapshot with this reason.
+    Skipped {
+        entry: usize,
+        reason: String,
+    },
+    PackSealed(SealedPack),
+    Finished(WorkerStats),
+    Fatal(Error),
+}
+
+pub struct ExtentDone {
+    pub entry: usize,
+    pub extent: usize,
+    pub chunks: Vec<ChunkRef>,
+    pub bytes_read: u64,
+    /// Set when the file changed while it was read.
+    pub changed: Option<String>,
+}
+
+#[derive(Default, Debug, Clone)]
+pub struct WorkerStats {
+    pub bytes_read: u64,
+    pub bytes_new: u64,
+    pub bytes_stored: u64,
+    pub chunks_total: u64,
+    pub chunks_new: u64,
+    pub memcpy_bytes: u64,
+    pub buffered_files: u64,
+}
+
+/// Everything workers of one job share. Only the `pending` set is written concurrently.
+pub struct JobShared<'a> {
+    pub index: &'a Index,
+    pub tier: String,
+    pub backend: Arc<dyn Backend>,
+    pub plan: PoolPlan,
+    pub pack_target_bytes: u64,
+    pub cancelled: AtomicBool,
+    /// Chunks written by this job and not yet committed to the index, so two workers do not
+    /// both store a chunk they meet at the same time.
+    pub pending: Mutex<HashSet<ChunkId>>,
+    /// "O_DIRECT refused, reading buffered" is logged once per job, not per file.
+    pub buffered_noted: AtomicBool,
+}
+
+pub fn run(
+    shared: &JobShared,
+    core: Option<core_affinity::CoreId>,
+    work: Receiver<WorkItem>,
+    reports: Sender<Report>,
+) {
+    if let Some(core) = core {
+        if !core_affinity::set_for_current(core) {
+            tracing::warn!(
+                core = core.id,
+                "could not pin worker to its core; running unpinned"
+            );
+        }
+    }
+    tokio_uring::builder().entries(64).start(async {
+        let mut worker = match Worker::new(shared) {
+            Ok(worker) => worker,
+            Err(e) => {
+                let _ = reports.send(Report::Fatal(e));
+                return;
+            }
+        };
+        let outcome = worker.drain(&work, &reports).await;
+        let outcome = outcome.and_then(|_| worker.seal_pack(&reports));
+        match outcome {
+            Ok(()) => {
+                let _ = reports.send(Report::Finished(worker.stats.clone()));
+            }
+            Err(e) => {
+                shared.cancelled.store(true, Ordering::Relaxed);
+                let _ = reports.send(Report::Fatal(e));
+            }
+        }
+    });
+}
+
+struct Worker<'a> {
+    shared: &'a JobShared<'a>,
+    pool: FixedBufPool<AlignedBuf>,
+    window: Vec<u8>,
+    compressed: Vec<u8>,
+    pack: Option<PackWriter>,
+    stats: WorkerStats,
+}
+
+impl<'a> Worker<'a> {
+    fn new(shared: &'a JobShared<'a>) -> Result<Worker<'a>> {
+        let plan = shared.plan;
+        let pool = FixedBufPool::new(
+            (0..plan.buffers_per_worker).map(|_| AlignedBuf::new(plan.buffer_bytes)),
+        );
+        pool.register().map_err(|e| {
+            Error::Resource(format!(
+                "registering {} read buffers of {} bytes with io_uring failed: {e} (check RLIMIT_MEMLOCK, engine.io_memory_bytes)",
+                plan.buffers_per_worker, plan.buffer_bytes
+            ))
+        })?;
+        Ok(Worker {
+            shared,
+            pool,
+            // Room for a chunk that is not final yet plus the reads in flight behind it.
+            window: Vec::with_capacity(2 * CHUNK_BYTES_MAX + plan.buffer_bytes),
+            compressed: vec![0u8; lz4_flex::block::get_maximum_output_size(CHUNK_BYTES_MAX)],
+            pack: None,
+            stats: WorkerStats::default(),
+        })
+    }
+
+    async fn drain(&mut self, work: &Receiver<WorkItem>, reports: &Sender<Report>) -> Result<()> {
+        // Blocking receive is fine: this thread has nothing else to run between extents.
+        while let Ok(item) = work.recv() {
+            if self.shared.cancelled.load(Ordering::Relaxed) {
+                continue;
+            }
+            let report = match self.extent(&item).await {
+                Ok(done) => Report::Extent(done),
+                Err(ExtentError::Skip(reason)) => Report::Skipped {
+                    entry: item.entry,
+                    reason,
+                },
+                Err(ExtentError::Fatal(e)) => return Err(e),
+            };
+            if reports.send(report).is_err() {
+                break;
+            }
+            if let Some(pack) = &self.pack {
+                if pack.bytes() >= self.shared.pack_target_bytes {
+                    self.seal_pack(reports)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn seal_pack(&mut self, reports: &Sender<Report>) -> Result<()> {
+        if let Some(pack) = self.pack.take() {
+            if !pack.is_empty() {
+                let sealed = pack.seal()?;
+                let _ = reports.send(Report::PackSealed(sealed));
+            }
+        }
+        Ok(())
+    }
+
+    async fn extent(&mut self, item: &WorkItem) -> Result<ExtentDone, ExtentError> {
+        let path = item.path.as_path();
+        let direct = is_aligned(item.offset);
+        let opened = open(path, direct).or_else(|e| {
+            if direct && e.raw_os_error() == Some(libc::EINVAL) {
+                self.note_buffered(path);
+                open(path, false)
+            } else {
+                Err(e)
+            }
+        });
+        let std_file = opened.map_err(|e| ExtentError::Skip(format!("not readable: {e}")))?;
+        let buffered = std_file_is_buffered(&std_file);
+        let file = Rc::new(tokio_uring::fs::File::from_std(std_file));
+        let result = self.read_and_chunk(&file, item, buffered).await;
+        let result = match result {
+            // Some file systems accept O_DIRECT at open and refuse it on read.
+            Err(ExtentError::Skip(reason)) if !buffered && reason.contains("os error 22") => {
+                self.note_buffered(path);
+                let std_file = open(path, false)
+                    .map_err(|e| ExtentError::Skip(format!("not readable: {e}")))?;
+                let file = Rc::new(tokio_uring::fs::File::from_std(std_file));
+                self.read_and_chunk(&file, item, true).await
+            }
+            other => other,
+        };
+        let mut done = result?;
+        done.changed = changed_since_scan(item);
+        Ok(done)
+    }
+
+    fn note_buffered(&mut self, path: &std::path::Path) {
+        self.stats.buffered_files += 1;
+        if !self.shared.buffered_noted.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                path = %path.display(),
+                "O_DIRECT refused by this file system; reading with buffered I/O (noted once per job)"
+            );
+        }
+    }
+
+    async fn read_and_chunk(
+        &mut self,
+        file: &Rc<tokio_uring::fs::File>,
+        item: &WorkItem,
+        buffered: bool,
+    ) -> Result<ExtentDone, ExtentError> {
+        let buffer_bytes = self.shared.plan.buffer_bytes as u64;
+        let end = item.offset + item.len;
+        let index = self.shared.index.reader().map_err(ExtentError::Fatal)?;
+        let mut in_flight = VecDeque::new();
+        let mut next_read = item.offset;
+        let mut received = item.offset;
+        let mut at_eof = false;
+        let mut chunks = Vec::new();
+        self.window.clear();
+        let mut start = 0usize; // first unconsumed byte of the window
+
+        loop {
+            while !at_eof
+                && next_read < end
+                && in_flight.len() < self.shared.plan.buffers_per_worker
+            {
+                let buf = self
+                    .pool
+                    .try_next(buffer_bytes as usize)
+                    .expect("a buffer is free while fewer reads than buffers are in flight");
+                let want = (end - next_read).min(buffer_bytes);
+                // Direct reads must cover whole blocks; the tail past `end` is ignored.
+                let len = if buffered {
+                    want
+                } else {
+                    align_up(want).min(buffer_bytes)
+                } as usize;
+                let file = file.clone();
+                let at = next_read;
+                in_flight.push_back((
+                    at,
+                    want,
+                    tokio_uring::spawn(
+                        async move { file.read_fixed_at(buf.slice(..len), at).await },
+                    ),
+                ));
+                next_read += want;
+            }
+            let Some((at, want, read)) = in_flight.pop_front() else {
+                break;
+            };
+            let (result, slice) = read.await.expect("read task does not panic");
+            debug_assert_eq!(at, received);
+            let n =
+                result.map_err(|e| ExtentError::Skip(format!("read at offset {at}: {e}")))? as u64;
+            let useful = n.min(want) as usize;
+            if self.window.len() + useful > self.window.capacity() {
+                self.window.copy_within(start.., 0);
+                self.stats.memcpy_bytes += (self.window.len() - start) as u64;
+                self.window.truncate(self.window.len() - start);
+                start = 0;
+            }
+            self.window.extend_from_slice(&slice.get_ref()[..useful]);
+            drop(slice);
+            self.stats.memcpy_bytes += useful as u64;
+            self.stats.bytes_read += useful as u64;
+            received += useful as u64;
+            if (useful as u64) < want {
+                // The file shrank under us: take what is there, the change is reported.
+                at_eof = true;
+            }
+            let at_end = received >= end || (at_eof && in_flight.is_empty());
+            while start < self.window.len() && cut_is_final(self.window.len() - start, at_end) {
+                let len = next_chunk_len(&self.window[start..]);
+                let chunk_ref = self
+                    .store_chunk(start, len, &index)
+                    .map_err(ExtentError::Fatal)?;
+                chunks.push(chunk_ref);
+                start += len;
+            }
+        }
+        debug_assert_eq!(start, self.window.len());
+        Ok(ExtentDone {
+            entry: item.entry,
+            extent: item.extent,
+            chunks,
+            bytes_read: received - item.offset,
+            changed: None,
+        })
+    }
+
+    /// Hashes the chunk at `window[start..start+len]` and stores it unless it is known.
+    fn store_chunk(
+        &mut self,
+        start: usize,
+        len: usize,
+        index: &crate::store::index::IndexReader,
+    ) -> Result<ChunkRef> {
+        let data = &self.window[start..start + len];
+        let id = ChunkId::of(data);
+        self.stats.chunks_total += 1;
+        let chunk_ref = ChunkRef {
+            id,
+            len: len as u32,
+        };
+        if index.contains(&id)? {
+            return Ok(chunk_ref);
+        }
+        if !self
+            .shared
+            .pending
+            .lock()
+            .expect("pending set lock")
+            .insert(id)
+        {
+            return Ok(chunk_ref);
+        }
+        let compressed_len = lz4_flex::block::compress_into(data, &mut self.compressed)
+            .expect("output buffer sized for the worst case");
+        let (codec, payload) = if compressed_len < len - len / COMPRESSION_SAVING_DIVISOR {
+            (Codec::Lz4, &self.compressed[..compressed_len])
+        } else {
+            (Codec::Raw, data)
+        };
+        let header = RecordHeader::new(id, codec, len, payload);
+        if self.pack.is_none() {
+            self.pack = Some(PackWriter::create(&self.shared.backend, &self.shared.tier)?);
+        }
+        self.pack
+            .as_mut()
+            .expect("created above")
+            .append(&header, payload)?;
+        self.stats.chunks_new += 1;
+        self.stats.bytes_new += len as u64;
+        self.stats.bytes_stored += header.record_len();
+        Ok(chunk_ref)
+    }
+}
+
+enum ExtentError {
+    /// This file cannot be read; the job goes on without it.
+    Skip(String),
+    /// The destination failed; the job stops.
+    Fatal(Error),
+}
+
+fn open(path: &std::path::Path, direct: bool) -> std::io::Result<std::fs::File> {
+    let flags = if direct { libc::O_DIRECT } else { 0 };
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags | libc::O_NOFOLLOW)
+        .open(path)
+}
+
+fn std_file_is_buffered(file: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_GETFL on a descriptor we own.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    flags < 0 || flags & libc::O_DIRECT == 0
+}
+
+fn changed_since_scan(item: &WorkItem) -> Option<String> {
+    match std::fs::symlink_metadata(item.path.as_path()) {
+        Ok(meta) => {
+            let now = (
+                meta.len(),
+                meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+                meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+            );
+            (now != item.stamp).then(|| "changed during backup: the snapshot holds the bytes read then, which may mix old and new content".to_string())
+        }
+        Err(e) => Some(format!(
+            "vanished during backup ({e}): the snapshot holds the bytes read before"
+        )),
+    }
+}
