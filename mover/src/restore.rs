@@ -131,10 +131,32 @@ fn check_entries(manifest: &Manifest, selected: &[usize]) -> Result<()> {
         ))
     };
     let mut seen: HashSet<&[u8]> = HashSet::new();
+    // Paths that will not be directories: nothing may be restored beneath them, or a crafted
+    // manifest could plant a symlink to /etc and then write "through" it.
+    let not_directories: HashMap<&[u8], &'static str> = selected
+        .iter()
+        .map(|&i| &manifest.entries[i])
+        .filter_map(|e| match e.kind {
+            EntryKind::Directory => None,
+            EntryKind::Symlink { .. } => Some((e.path.as_slice(), "symlink")),
+            EntryKind::File { .. } | EntryKind::Hardlink { .. } => Some((e.path.as_slice(), "file")),
+        })
+        .collect();
     for &i in selected {
         let entry = &manifest.entries[i];
         check_relative_path(&entry.path)
             .map_err(|why| refuse(entry, format!("{why} would escape the target")))?;
+        let mut at = 0;
+        while let Some(slash) = entry.path[at..].iter().position(|&b| b == b'/') {
+            let ancestor = &entry.path[..at + slash];
+            if let Some(kind) = not_directories.get(ancestor) {
+                return Err(refuse(
+                    entry,
+                    format!("would be written through the {kind} {:?}", path_text(ancestor)),
+                ));
+            }
+            at += slash + 1;
+        }
         if !seen.insert(&entry.path) {
             return Err(refuse(entry, "appears twice".into()));
         }

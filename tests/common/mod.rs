@@ -1,0 +1,91 @@
+//! Shared helpers for the integration tests: they drive the real `mover` binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use rand::{RngCore, SeedableRng};
+use serde_json::Value;
+
+pub fn mover() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mover"));
+    command.env_remove("MOVER_SITE_DIR").env("MOVER_LOG", "warn");
+    command
+}
+
+pub fn run(command: &mut Command) -> Output {
+    command.output().expect("run mover")
+}
+
+/// Runs a command that must succeed and returns its stdout parsed as JSON.
+pub fn run_json(command: &mut Command) -> Value {
+    let output = run(command.arg("--json"));
+    assert!(
+        output.status.success(),
+        "{:?} failed: {}",
+        command,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!("{command:?} printed no JSON ({e}): {}", String::from_utf8_lossy(&output.stdout))
+    })
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+pub fn init_site(dir: &Path, name: &str) -> PathBuf {
+    let site = dir.join(format!("site-{name}"));
+    let value = run_json(mover().args(["init", "--site", name, "--dir"]).arg(&site));
+    assert_eq!(value["site"], name);
+    site
+}
+
+pub fn backup(site: &Path, path: &Path) -> Value {
+    let job = run_json(mover().arg("backup").arg(path).arg("--site-dir").arg(site));
+    assert_eq!(job["state"], "done", "{job}");
+    job
+}
+
+pub fn restore(site: &Path, spec: &str, to: &Path) -> Value {
+    let job = run_json(mover().args(["restore", spec, "--to"]).arg(to).arg("--site-dir").arg(site));
+    assert_eq!(job["state"], "done", "{job}");
+    job
+}
+
+pub fn snapshot_id(job: &Value) -> String {
+    job["snapshot"].as_str().expect("job has a snapshot").to_string()
+}
+
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let mut data = vec![0u8; len];
+    rng.fill_bytes(&mut data);
+    data
+}
+
+pub fn write_random(path: &Path, len: usize, seed: u64) {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
+    std::fs::write(path, random_bytes(len, seed)).unwrap();
+}
+
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    if let Err(difference) = mover::quickstart::compare_trees(a, b) {
+        panic!("{} and {} differ: {difference}", a.display(), b.display());
+    }
+}
+
+pub fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A work directory on the same file system as the checkout (not tmpfs), so O_DIRECT and
+/// holes behave as on a storage node.
+pub fn workdir() -> tempfile::TempDir {
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(&base).unwrap();
+    tempfile::tempdir_in(base).unwrap()
+}
