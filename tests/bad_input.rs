@@ -20,9 +20,14 @@ fn special_files_become_warnings_not_failures() {
     let site = init_site(work.path(), "a");
     let job = backup(&site, &data);
     let warnings = job["warnings"].as_array().unwrap();
-    let paths: Vec<&str> = warnings.iter().map(|w| w["path"].as_str().unwrap()).collect();
+    let paths: Vec<&str> = warnings
+        .iter()
+        .map(|w| w["path"].as_str().unwrap())
+        .collect();
     assert!(paths.contains(&"pipe") && paths.contains(&"sock"), "{job}");
-    assert!(warnings.iter().any(|w| w["reason"].as_str().unwrap().contains("fifo")));
+    assert!(warnings
+        .iter()
+        .any(|w| w["reason"].as_str().unwrap().contains("fifo")));
     let restored = work.path().join("restored");
     restore(&site, "latest", &restored);
     assert!(restored.join("ok.bin").is_file());
@@ -35,7 +40,11 @@ fn unreadable_files_are_named_and_left_out() {
     let data = work.path().join("data");
     write_random(&data.join("readable.bin"), 50_000, 1);
     write_random(&data.join("secret.bin"), 50_000, 2);
-    std::fs::set_permissions(data.join("secret.bin"), std::fs::Permissions::from_mode(0o000)).unwrap();
+    std::fs::set_permissions(
+        data.join("secret.bin"),
+        std::fs::Permissions::from_mode(0o000),
+    )
+    .unwrap();
     let mut backup_cmd = mover();
     let site;
     if is_root() {
@@ -43,25 +52,55 @@ fn unreadable_files_are_named_and_left_out() {
         for dir in [work.path(), data.as_path()] {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         }
-        std::fs::set_permissions(data.join("readable.bin"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(
+            data.join("readable.bin"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
         site = work.path().join("site-nobody");
         let status = std::process::Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_mover"), "init", "--site", "n", "--dir"])
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                env!("CARGO_BIN_EXE_mover"),
+                "init",
+                "--site",
+                "n",
+                "--dir",
+            ])
             .arg(&site)
             .status()
             .unwrap();
         assert!(status.success());
         backup_cmd = std::process::Command::new("setpriv");
-        backup_cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_mover")]);
+        backup_cmd.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_mover"),
+        ]);
     } else {
         site = init_site(work.path(), "a");
     }
-    let job = run_json(backup_cmd.arg("backup").arg(&data).arg("--site-dir").arg(&site));
+    let job = run_json(
+        backup_cmd
+            .arg("backup")
+            .arg(&data)
+            .arg("--site-dir")
+            .arg(&site),
+    );
     assert_eq!(job["state"], "done");
     let warnings = job["warnings"].as_array().unwrap();
     assert_eq!(warnings.len(), 1, "{job}");
     assert_eq!(warnings[0]["path"], "secret.bin");
-    assert!(warnings[0]["reason"].as_str().unwrap().contains("ermission denied"), "{job}");
+    assert!(
+        warnings[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("ermission denied"),
+        "{job}"
+    );
     assert_eq!(job["files"], 1);
 }
 
@@ -102,7 +141,17 @@ fn plant_manifest(site_dir: &Path, entries: Vec<Entry>) -> String {
 }
 
 fn entry(path: &[u8], kind: EntryKind) -> Entry {
-    Entry { path: path.to_vec(), kind, mode: 0o100644, uid: 0, gid: 0, mtime_ns: 0, ctime_ns: 0, inode: 0, device: 0 }
+    Entry {
+        path: path.to_vec(),
+        kind,
+        mode: 0o100644,
+        uid: 0,
+        gid: 0,
+        mtime_ns: 0,
+        ctime_ns: 0,
+        inode: 0,
+        device: 0,
+    }
 }
 
 #[test]
@@ -111,28 +160,52 @@ fn restore_refuses_entries_that_escape_the_target() {
     let site = init_site(work.path(), "a");
     let outside = work.path().join("outside");
     std::fs::create_dir(&outside).unwrap();
-    let empty_file = EntryKind::File { size: 0, extents: vec![] };
+    let empty_file = EntryKind::File {
+        size: 0,
+        extents: vec![],
+    };
     let cases: Vec<(Vec<Entry>, &str)> = vec![
         (vec![entry(b"../escape", empty_file.clone())], "../escape"),
         (vec![entry(b"/etc/owned", empty_file.clone())], "/etc/owned"),
         (
             vec![
-                entry(b"link", EntryKind::Symlink { target: outside.to_str().unwrap().as_bytes().to_vec() }),
+                entry(
+                    b"link",
+                    EntryKind::Symlink {
+                        target: outside.to_str().unwrap().as_bytes().to_vec(),
+                    },
+                ),
                 entry(b"link/planted", empty_file.clone()),
             ],
             "link/planted",
         ),
-        (vec![entry(b"a", EntryKind::Hardlink { target: b"../../etc/passwd".to_vec() })], "\"a\""),
+        (
+            vec![entry(
+                b"a",
+                EntryKind::Hardlink {
+                    target: b"../../etc/passwd".to_vec(),
+                },
+            )],
+            "\"a\"",
+        ),
     ];
     for (i, (entries, named)) in cases.into_iter().enumerate() {
         let snapshot = plant_manifest(&site, entries);
         let target = work.path().join(format!("target-{i}"));
-        let output = run(mover().args(["restore", &snapshot, "--to"]).arg(&target).arg("--site-dir").arg(&site));
+        let output = run(mover()
+            .args(["restore", &snapshot, "--to"])
+            .arg(&target)
+            .arg("--site-dir")
+            .arg(&site));
         let message = stderr(&output);
         assert!(!output.status.success(), "case {i} restored");
         assert!(message.contains(named), "case {i}: {message}");
         assert_eq!(message.trim().lines().count(), 1, "one line: {message}");
-        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "case {i} wrote outside");
+        assert_eq!(
+            std::fs::read_dir(&outside).unwrap().count(),
+            0,
+            "case {i} wrote outside"
+        );
         let written = std::fs::read_dir(&target).map(|d| d.count()).unwrap_or(0);
         assert_eq!(written, 0, "case {i} left a partial restore");
     }
@@ -145,19 +218,35 @@ fn damage_in_a_pack_is_found_and_named() {
     write_random(&data.join("victim.bin"), 3_000_000, 1);
     let site = init_site(work.path(), "a");
     let snapshot = snapshot_id(&backup(&site, &data));
-    let pack = walk_files(&site.join("tiers/hot/packs")).pop().expect("a pack file");
+    let pack = walk_files(&site.join("tiers/hot/packs"))
+        .pop()
+        .expect("a pack file");
     let mut bytes = std::fs::read(&pack).unwrap();
     bytes[100_000] ^= 0x40;
     std::fs::write(&pack, bytes).unwrap();
 
-    let output = run(mover().args(["verify", &snapshot]).arg("--site-dir").arg(&site));
+    let output = run(mover()
+        .args(["verify", &snapshot])
+        .arg("--site-dir")
+        .arg(&site));
     assert_eq!(output.status.code(), Some(3));
     let message = stderr(&output);
-    assert!(message.contains("victim.bin") && message.contains("chunk"), "{message}");
+    assert!(
+        message.contains("victim.bin") && message.contains("chunk"),
+        "{message}"
+    );
 
-    let output = run(mover().args(["restore", &snapshot, "--to"]).arg(work.path().join("r")).arg("--site-dir").arg(&site));
+    let output = run(mover()
+        .args(["restore", &snapshot, "--to"])
+        .arg(work.path().join("r"))
+        .arg("--site-dir")
+        .arg(&site));
     assert!(!output.status.success());
-    assert!(stderr(&output).contains("victim.bin"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("victim.bin"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -178,13 +267,62 @@ fn misuse_gets_one_line_reasons() {
     let work = workdir();
     let site = init_site(work.path(), "a");
     let cases: Vec<(Vec<std::ffi::OsString>, &str)> = vec![
-        (vec!["init".into(), "--site".into(), "b".into(), "--dir".into(), site.clone().into()], "already holds a mover site"),
-        (vec!["init".into(), "--site".into(), "Bad Name".into(), "--dir".into(), work.path().join("x").into()], "not valid"),
-        (vec!["backup".into(), "/nonexistent/path".into(), "--site-dir".into(), site.clone().into()], "/nonexistent/path"),
+        (
+            vec![
+                "init".into(),
+                "--site".into(),
+                "b".into(),
+                "--dir".into(),
+                site.clone().into(),
+            ],
+            "already holds a mover site",
+        ),
+        (
+            vec![
+                "init".into(),
+                "--site".into(),
+                "Bad Name".into(),
+                "--dir".into(),
+                work.path().join("x").into(),
+            ],
+            "not valid",
+        ),
+        (
+            vec![
+                "backup".into(),
+                "/nonexistent/path".into(),
+                "--site-dir".into(),
+                site.clone().into(),
+            ],
+            "/nonexistent/path",
+        ),
         (vec!["backup".into(), "/tmp".into()], "--site-dir"),
-        (vec!["snapshots".into(), "--site-dir".into(), work.path().into()], "not a mover site"),
-        (vec!["restore".into(), "abcd".into(), "--to".into(), work.path().join("r").into(), "--site-dir".into(), site.clone().into()], "no such snapshot"),
-        (vec!["restore".into(), "zz".into(), "--to".into(), work.path().join("r").into(), "--site-dir".into(), site.clone().into()], "hex"),
+        (
+            vec!["snapshots".into(), "--site-dir".into(), work.path().into()],
+            "not a mover site",
+        ),
+        (
+            vec![
+                "restore".into(),
+                "abcd".into(),
+                "--to".into(),
+                work.path().join("r").into(),
+                "--site-dir".into(),
+                site.clone().into(),
+            ],
+            "no such snapshot",
+        ),
+        (
+            vec![
+                "restore".into(),
+                "zz".into(),
+                "--to".into(),
+                work.path().join("r").into(),
+                "--site-dir".into(),
+                site.clone().into(),
+            ],
+            "hex",
+        ),
     ];
     for (args, expected) in cases {
         let output = run(mover().args(&args));
@@ -198,16 +336,25 @@ fn misuse_gets_one_line_reasons() {
     let data = work.path().join("data");
     write_random(&data.join("f"), 10, 1);
     backup(&site, &data);
-    let output = run(mover().args(["restore", "latest", "--to"]).arg(&data).arg("--site-dir").arg(&site));
+    let output = run(mover()
+        .args(["restore", "latest", "--to"])
+        .arg(&data)
+        .arg("--site-dir")
+        .arg(&site));
     assert!(stderr(&output).contains("not empty"), "{}", stderr(&output));
 
     // A config typo is named with file, line and column.
     let config = site.join("mover.toml");
-    let text = std::fs::read_to_string(&config).unwrap().replace("[engine]", "[engine]\nworkerz = 2");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[engine]", "[engine]\nworkerz = 2");
     std::fs::write(&config, text).unwrap();
     let output = run(mover().arg("snapshots").arg("--site-dir").arg(&site));
     let message = stderr(&output);
-    assert!(message.contains("mover.toml:") && message.contains("workerz"), "{message}");
+    assert!(
+        message.contains("mover.toml:") && message.contains("workerz"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -218,12 +365,21 @@ fn io_memory_beyond_memlock_is_a_named_error() {
     let work = workdir();
     let site = init_site(work.path(), "a");
     let config = site.join("mover.toml");
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("[engine]", &format!("[engine]\nio_memory_bytes = {}", limit * 4));
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "[engine]",
+        &format!("[engine]\nio_memory_bytes = {}", limit * 4),
+    );
     std::fs::write(&config, text).unwrap();
     let data = work.path().join("data");
     write_random(&data.join("f"), 10, 1);
-    let output = run(mover().arg("backup").arg(&data).arg("--site-dir").arg(&site));
-    assert!(stderr(&output).contains("RLIMIT_MEMLOCK"), "{}", stderr(&output));
+    let output = run(mover()
+        .arg("backup")
+        .arg(&data)
+        .arg("--site-dir")
+        .arg(&site));
+    assert!(
+        stderr(&output).contains("RLIMIT_MEMLOCK"),
+        "{}",
+        stderr(&output)
+    );
 }

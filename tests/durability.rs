@@ -16,7 +16,11 @@ fn kill_9_at_random_points_leaves_a_consistent_store() {
     let work = workdir();
     let data = work.path().join("data");
     for i in 0..24 {
-        write_random(&data.join(format!("f{i:02}.bin")), 4 * MIB + i * 4099, i as u64);
+        write_random(
+            &data.join(format!("f{i:02}.bin")),
+            4 * MIB + i * 4099,
+            i as u64,
+        );
     }
     let site = init_site(work.path(), "a");
     // Small packs so that kills land between pack commits as well as inside them.
@@ -36,7 +40,11 @@ fn kill_9_at_random_points_leaves_a_consistent_store() {
     for round in 0..=ROUNDS {
         for k in 0..6 {
             let i = (round * 6 + k) % 24;
-            write_random(&data.join(format!("f{i:02}.bin")), 4 * MIB + k, 1000 + (round * 6 + k) as u64);
+            write_random(
+                &data.join(format!("f{i:02}.bin")),
+                4 * MIB + k,
+                1000 + (round * 6 + k) as u64,
+            );
         }
         if round == 0 {
             let started = Instant::now();
@@ -67,10 +75,16 @@ fn kill_9_at_random_points_leaves_a_consistent_store() {
             0,
             "round {round}: damage after kill: {report}"
         );
-        assert_eq!(report["snapshots"].as_array().unwrap().len(), snapshots.as_array().unwrap().len());
+        assert_eq!(
+            report["snapshots"].as_array().unwrap().len(),
+            snapshots.as_array().unwrap().len()
+        );
     }
     eprintln!("killed {killed} of {ROUNDS} backups mid-run");
-    assert!(killed >= ROUNDS / 3, "only {killed} of {ROUNDS} backups were killed mid-run");
+    assert!(
+        killed >= ROUNDS / 3,
+        "only {killed} of {ROUNDS} backups were killed mid-run"
+    );
 
     let last = backup(&site, &data);
     let restored = work.path().join("restored");

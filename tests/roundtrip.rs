@@ -12,10 +12,23 @@ use common::*;
 fn set_mtime(path: &Path, seconds: i64, nanos: i64) {
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
     let times = [
-        libc::timespec { tv_sec: seconds, tv_nsec: nanos },
-        libc::timespec { tv_sec: seconds, tv_nsec: nanos },
+        libc::timespec {
+            tv_sec: seconds,
+            tv_nsec: nanos,
+        },
+        libc::timespec {
+            tv_sec: seconds,
+            tv_nsec: nanos,
+        },
     ];
-    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c_path.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
     assert_eq!(rc, 0, "utimensat {}", path.display());
 }
 
@@ -34,7 +47,9 @@ fn build_tree(root: &Path) {
     let sparse = std::fs::File::create(root.join("sparse.img")).unwrap();
     sparse.set_len(200 * 1024 * 1024).unwrap();
     use std::os::unix::fs::FileExt;
-    sparse.write_all_at(&random_bytes(8192, 3), 70 * 1024 * 1024).unwrap();
+    sparse
+        .write_all_at(&random_bytes(8192, 3), 70 * 1024 * 1024)
+        .unwrap();
     sparse.write_all_at(b"tail", 200 * 1024 * 1024 - 4).unwrap();
     drop(sparse);
 
@@ -49,9 +64,17 @@ fn build_tree(root: &Path) {
     std::fs::create_dir_all(&deep).unwrap();
     std::fs::write(deep.join("bottom.txt"), b"deep file").unwrap();
 
-    std::fs::set_permissions(root.join("data/small.bin"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::fs::set_permissions(
+        root.join("data/small.bin"),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
     std::fs::write(root.join("script.sh"), b"#!/bin/sh\necho hi\n").unwrap();
-    std::fs::set_permissions(root.join("script.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        root.join("script.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     std::fs::create_dir(root.join("locked")).unwrap();
     std::fs::write(root.join("locked/inside"), b"x").unwrap();
     std::fs::set_permissions(root.join("locked"), std::fs::Permissions::from_mode(0o555)).unwrap();
@@ -69,7 +92,14 @@ fn every_entry_kind_round_trips() {
     let site = init_site(work.path(), "a");
 
     let job = backup(&site, &data);
-    for field in ["id", "state", "bytes_total", "bytes_done", "bytes_sent", "snapshot"] {
+    for field in [
+        "id",
+        "state",
+        "bytes_total",
+        "bytes_done",
+        "bytes_sent",
+        "snapshot",
+    ] {
         assert!(job.get(field).is_some(), "job lacks {field}: {job}");
     }
     assert_eq!(job["warnings"].as_array().unwrap().len(), 0, "{job}");
@@ -83,7 +113,11 @@ fn every_entry_kind_round_trips() {
     // Holes stay holes: 200 MiB logical, a few KiB allocated.
     let meta = std::fs::metadata(restored.join("sparse.img")).unwrap();
     assert_eq!(meta.len(), 200 * 1024 * 1024);
-    assert!(meta.blocks() * 512 < 1024 * 1024, "sparse file restored with {} blocks", meta.blocks());
+    assert!(
+        meta.blocks() * 512 < 1024 * 1024,
+        "sparse file restored with {} blocks",
+        meta.blocks()
+    );
     // Hardlinks come back as hardlinks.
     let a = std::fs::metadata(restored.join("data/small.bin")).unwrap();
     let b = std::fs::metadata(restored.join("hardlink-to-small")).unwrap();
@@ -93,13 +127,19 @@ fn every_entry_kind_round_trips() {
     assert_eq!(listed.as_array().unwrap().len(), 1);
     assert_eq!(listed[0]["id"], snapshot.as_str());
 
-    let verified = run_json(mover().args(["verify", &snapshot[..8]]).arg("--site-dir").arg(&site));
+    let verified = run_json(
+        mover()
+            .args(["verify", &snapshot[..8]])
+            .arg("--site-dir")
+            .arg(&site),
+    );
     assert_eq!(verified["damage"].as_array().unwrap().len(), 0);
     assert!(verified["chunks_checked"].as_u64().unwrap() > 0);
 
     // Let the temp dir clean up the read-only directories.
     for dir in [&data, &restored] {
-        std::fs::set_permissions(dir.join("locked"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(dir.join("locked"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
     }
 }
 
@@ -120,9 +160,16 @@ fn subpath_restore_takes_only_that_subtree() {
     assert!(restored.join("a/b/two.bin").is_file());
     assert!(!restored.join("c").exists());
     // The inode's first path (c/three.bin) was not restored: the link gets the content.
-    assert_eq!(std::fs::read(restored.join("a/linked-three.bin")).unwrap(), std::fs::read(data.join("c/three.bin")).unwrap());
+    assert_eq!(
+        std::fs::read(restored.join("a/linked-three.bin")).unwrap(),
+        std::fs::read(data.join("c/three.bin")).unwrap()
+    );
 
-    let missing = run(mover().args(["restore", &format!("{snapshot}:nope"), "--to"]).arg(work.path().join("r2")).arg("--site-dir").arg(&site));
+    let missing = run(mover()
+        .args(["restore", &format!("{snapshot}:nope"), "--to"])
+        .arg(work.path().join("r2"))
+        .arg("--site-dir")
+        .arg(&site));
     assert!(!missing.status.success());
     assert!(stderr(&missing).contains("nope"), "{}", stderr(&missing));
 }
@@ -136,7 +183,10 @@ fn a_single_file_can_be_backed_up() {
     let snapshot = snapshot_id(&backup(&site, &file));
     let restored = work.path().join("restored");
     restore(&site, "latest", &restored);
-    assert_eq!(std::fs::read(restored.join("model.bin")).unwrap(), std::fs::read(&file).unwrap());
+    assert_eq!(
+        std::fs::read(restored.join("model.bin")).unwrap(),
+        std::fs::read(&file).unwrap()
+    );
     assert_eq!(snapshot.len(), 64);
 }
 
@@ -145,7 +195,13 @@ fn quickstart_runs_and_reports() {
     let work = workdir();
     let data = work.path().join("data");
     write_random(&data.join("x.bin"), 2_000_000, 4);
-    let report = run_json(mover().arg("quickstart").arg(&data).arg("--dir").arg(work.path().join("qs")));
+    let report = run_json(
+        mover()
+            .arg("quickstart")
+            .arg(&data)
+            .arg("--dir")
+            .arg(work.path().join("qs")),
+    );
     assert_eq!(report["identical"], true);
     assert_eq!(report["second_backup_bytes_read"], 0);
     assert!(report["backup_gb_per_s"].as_f64().unwrap() > 0.0);

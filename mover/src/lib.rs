@@ -24,6 +24,7 @@ pub mod scan;
 pub mod site;
 pub mod store;
 pub mod verify;
+pub mod window;
 pub mod worker;
 
 pub use error::{Error, Result};

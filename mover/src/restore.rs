@@ -139,7 +139,9 @@ fn check_entries(manifest: &Manifest, selected: &[usize]) -> Result<()> {
         .filter_map(|e| match e.kind {
             EntryKind::Directory => None,
             EntryKind::Symlink { .. } => Some((e.path.as_slice(), "symlink")),
-            EntryKind::File { .. } | EntryKind::Hardlink { .. } => Some((e.path.as_slice(), "file")),
+            EntryKind::File { .. } | EntryKind::Hardlink { .. } => {
+                Some((e.path.as_slice(), "file"))
+            }
         })
         .collect();
     for &i in selected {
@@ -152,7 +154,10 @@ fn check_entries(manifest: &Manifest, selected: &[usize]) -> Result<()> {
             if let Some(kind) = not_directories.get(ancestor) {
                 return Err(refuse(
                     entry,
-                    format!("would be written through the {kind} {:?}", path_text(ancestor)),
+                    format!(
+                        "would be written through the {kind} {:?}",
+                        path_text(ancestor)
+                    ),
                 ));
             }
             at += slash + 1;

@@ -4,7 +4,8 @@
 //! Per extent: up to `buffers_per_worker` direct reads are in flight while the thread chunks,
 //! hashes and compresses what already arrived. Each read lands in a registered buffer and is
 //! copied once into the chunk window (the only user-space copy on the read side), because a
-//! chunk may span reads and FastCDC needs it contiguous.
+//! chunk may span reads and FastCDC needs it contiguous; the window is a mirrored ring, so
+//! nothing is moved again.
 
 use std::collections::{HashSet, VecDeque};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -18,7 +19,7 @@ use tokio_uring::buf::BoundedBuf;
 
 use crate::buffers::{align_up, is_aligned, AlignedBuf, PoolPlan};
 use crate::chunker::{cut_is_final, next_chunk_len};
-use crate::constants::{CHUNK_BYTES_MAX, COMPRESSION_SAVING_DIVISOR};
+use crate::constants::{CHUNK_BYTES_MAX, COMPRESSION_SAVING_DIVISOR, IO_ALIGNMENT};
 use crate::error::{Error, Result};
 use crate::format::manifest::ChunkRef;
 use crate::format::pack::RecordHeader;
@@ -27,6 +28,7 @@ use crate::scan::WorkItem;
 use crate::store::index::{Index, SealedPack};
 use crate::store::pack_writer::PackWriter;
 use crate::store::Backend;
+use crate::window::Window;
 
 /// What a worker tells the control thread.
 pub enum Report {
@@ -115,7 +117,7 @@ pub fn run(
 struct Worker<'a> {
     shared: &'a JobShared<'a>,
     pool: FixedBufPool<AlignedBuf>,
-    window: Vec<u8>,
+    window: Window,
     compressed: Vec<u8>,
     pack: Option<PackWriter>,
     stats: WorkerStats,
@@ -136,8 +138,15 @@ impl<'a> Worker<'a> {
         Ok(Worker {
             shared,
             pool,
-            // Room for a chunk that is not final yet plus the reads in flight behind it.
-            window: Vec::with_capacity(2 * CHUNK_BYTES_MAX + plan.buffer_bytes),
+            // Room for a chunk that is not final yet (up to the maximum) plus one read.
+            window: Window::new(CHUNK_BYTES_MAX + plan.buffer_bytes + IO_ALIGNMENT).map_err(
+                |e| {
+                    Error::Resource(format!(
+                        "mapping the {} MiB chunk window failed: {e}",
+                        (CHUNK_BYTES_MAX + plan.buffer_bytes) >> 20
+                    ))
+                },
+            )?,
             compressed: vec![0u8; lz4_flex::block::get_maximum_output_size(CHUNK_BYTES_MAX)],
             pack: None,
             stats: WorkerStats::default(),
@@ -236,7 +245,6 @@ impl<'a> Worker<'a> {
         let mut at_eof = false;
         let mut chunks = Vec::new();
         self.window.clear();
-        let mut start = 0usize; // first unconsumed byte of the window
 
         loop {
             while !at_eof
@@ -273,13 +281,7 @@ impl<'a> Worker<'a> {
             let n =
                 result.map_err(|e| ExtentError::Skip(format!("read at offset {at}: {e}")))? as u64;
             let useful = n.min(want) as usize;
-            if self.window.len() + useful > self.window.capacity() {
-                self.window.copy_within(start.., 0);
-                self.stats.memcpy_bytes += (self.window.len() - start) as u64;
-                self.window.truncate(self.window.len() - start);
-                start = 0;
-            }
-            self.window.extend_from_slice(&slice.get_ref()[..useful]);
+            self.window.append(&slice.get_ref()[..useful]);
             drop(slice);
             self.stats.memcpy_bytes += useful as u64;
             self.stats.bytes_read += useful as u64;
@@ -289,16 +291,14 @@ impl<'a> Worker<'a> {
                 at_eof = true;
             }
             let at_end = received >= end || (at_eof && in_flight.is_empty());
-            while start < self.window.len() && cut_is_final(self.window.len() - start, at_end) {
-                let len = next_chunk_len(&self.window[start..]);
-                let chunk_ref = self
-                    .store_chunk(start, len, &index)
-                    .map_err(ExtentError::Fatal)?;
+            while !self.window.is_empty() && cut_is_final(self.window.len(), at_end) {
+                let len = next_chunk_len(self.window.held());
+                let chunk_ref = self.store_chunk(len, &index).map_err(ExtentError::Fatal)?;
                 chunks.push(chunk_ref);
-                start += len;
+                self.window.consume(len);
             }
         }
-        debug_assert_eq!(start, self.window.len());
+        debug_assert!(self.window.is_empty());
         Ok(ExtentDone {
             entry: item.entry,
             extent: item.extent,
@@ -308,14 +308,13 @@ impl<'a> Worker<'a> {
         })
     }
 
-    /// Hashes the chunk at `window[start..start+len]` and stores it unless it is known.
+    /// Hashes the chunk at the head of the window and stores it unless it is known.
     fn store_chunk(
         &mut self,
-        start: usize,
         len: usize,
         index: &crate::store::index::IndexReader,
     ) -> Result<ChunkRef> {
-        let data = &self.window[start..start + len];
+        let data = &self.window.held()[..len];
         let id = ChunkId::of(data);
         self.stats.chunks_total += 1;
         let chunk_ref = ChunkRef {

@@ -9,7 +9,9 @@ use serde_json::Value;
 
 pub fn mover() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_mover"));
-    command.env_remove("MOVER_SITE_DIR").env("MOVER_LOG", "warn");
+    command
+        .env_remove("MOVER_SITE_DIR")
+        .env("MOVER_LOG", "warn");
     command
 }
 
@@ -27,7 +29,10 @@ pub fn run_json(command: &mut Command) -> Value {
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!("{command:?} printed no JSON ({e}): {}", String::from_utf8_lossy(&output.stdout))
+        panic!(
+            "{command:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
     })
 }
 
@@ -49,13 +54,22 @@ pub fn backup(site: &Path, path: &Path) -> Value {
 }
 
 pub fn restore(site: &Path, spec: &str, to: &Path) -> Value {
-    let job = run_json(mover().args(["restore", spec, "--to"]).arg(to).arg("--site-dir").arg(site));
+    let job = run_json(
+        mover()
+            .args(["restore", spec, "--to"])
+            .arg(to)
+            .arg("--site-dir")
+            .arg(site),
+    );
     assert_eq!(job["state"], "done", "{job}");
     job
 }
 
 pub fn snapshot_id(job: &Value) -> String {
-    job["snapshot"].as_str().expect("job has a snapshot").to_string()
+    job["snapshot"]
+        .as_str()
+        .expect("job has a snapshot")
+        .to_string()
 }
 
 pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
