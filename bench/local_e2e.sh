@@ -83,6 +83,9 @@ drop_caches() {
 }
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f", a / b; else print "n/a" }'; }
+# A / B * SCALE printed with FORMAT, 0 when B is 0. The parentheses matter: in awk,
+# `printf f, b > 0 ? ...` redirects the output into a file named "0".
+div() { awk -v a="$1" -v b="$2" -v k="${3:-1}" -v f="${4:-%.3f}" 'BEGIN { printf f, (b > 0 ? a / b * k : 0) }'; }
 now() { date +%s.%N; }
 
 # Sets SET_DIR to the data set KIND of SIZE in files of FILE_SIZE, generating it if needed.
@@ -137,9 +140,9 @@ pair = max(j.get("job_runtime", j[d]["runtime"]) for j, d in ((r, "read"), (w, "
 print(r["read"]["io_bytes"], r["read"]["runtime"], w["write"]["io_bytes"], w["write"]["runtime"], pair)
 PY
     )
-    FIO_READ_GBPS[$name]=$(awk -v b="$read_b" -v ms="$read_ms" 'BEGIN { printf "%.3f", ms > 0 ? b / ms / 1e6 : 0 }')
+    FIO_READ_GBPS[$name]=$(div "$read_b" "$read_ms" 1e-6)
     local write_gbps pair_s
-    write_gbps=$(awk -v b="$write_b" -v ms="$write_ms" 'BEGIN { printf "%.3f", ms > 0 ? b / ms / 1e6 : 0 }')
+    write_gbps=$(div "$write_b" "$write_ms" 1e-6)
     pair_s=$(awk -v ms="$pair_ms" 'BEGIN { printf "%.2f", ms / 1000 }')
     FIO_ROWS+=("| $name | $bytes | ${FIO_READ_GBPS[$name]} | $write_gbps | $pair_s |")
 }
@@ -167,15 +170,15 @@ for line in open(sys.argv[2]):
     elif line.startswith("Maximum resident set size"):
         rss = int(line.rsplit(" ", 1)[1])
 print(job["state"], job["bytes_total"], job["bytes_read"], job["bytes_new"], job["bytes_sent"],
-      job["elapsed_s"], job["memcpy_per_byte"], job["direct_io"], wall, rss)
+      job["elapsed_s"], job["memcpy_per_byte"], str(job["direct_io"]).lower(), wall, rss)
 PY
     )
     [[ $B_STATE == done ]] || die "backup of $data ended in state $B_STATE (see $json)"
-    B_GBPS=$(awk -v b="$B_TOTAL" -v s="$B_ELAPSED" 'BEGIN { printf "%.3f", s > 0 ? b / s / 1e9 : 0 }')
+    B_GBPS=$(div "$B_TOTAL" "$B_ELAPSED" 1e-9)
     local rss_mib vs_fio="-"
     rss_mib=$(awk -v k="$B_RSS_KIB" 'BEGIN { printf "%.1f", k / 1024 }')
     if [[ $run == full && -n ${FIO_READ_GBPS[$set_name]:-} ]]; then
-        vs_fio="$(awk -v a="$B_GBPS" -v b="${FIO_READ_GBPS[$set_name]}" 'BEGIN { printf "%.0f%%", b > 0 ? 100 * a / b : 0 }')"
+        vs_fio=$(div "$B_GBPS" "${FIO_READ_GBPS[$set_name]}" 100 '%.0f%%')
     fi
     BACKUP_ROWS+=("| $set_name | $run | $B_TOTAL | $B_READ | $B_NEW | $B_SENT | $(printf %.3f "$B_ELAPSED") | $(printf %.2f "$B_WALL") | $B_GBPS | $vs_fio | $rss_mib | $(printf %.3f "$B_MEMCPY") | $B_DIRECT |")
 }

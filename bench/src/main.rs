@@ -132,7 +132,9 @@ fn stages_command(
     };
     if uring::is_tmpfs(file.unwrap_or(scratch_dir)) {
         let note = row.note.take().unwrap_or_default();
-        row.note = Some(format!("{note}; ON TMPFS: this measured memory, not a disk"));
+        row.note = Some(format!(
+            "{note}; ON TMPFS: this measured memory, not a disk"
+        ));
     }
     rows.push(row);
 

@@ -44,10 +44,11 @@ pub fn is_tmpfs(path: &Path) -> bool {
     let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
         return false;
     };
-    // SAFETY: statfs fills the struct we own from a NUL-terminated path.
+    // SAFETY: statfs fills the struct we own from a NUL-terminated path. (f_type is i64 or u32
+    // depending on the architecture, hence the casts.)
     let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut fs) };
-    rc == 0 && fs.f_type as i64 == libc::TMPFS_MAGIC as i64
+    rc == 0 && fs.f_type as u64 == libc::TMPFS_MAGIC as u64
 }
 
 /// Reads all of `path` with queue depth `BUFFERS`, recording each read's latency.

@@ -152,11 +152,11 @@ fn generate(
     let summary = sample::generate(out, &spec)
         .map_err(|e| format!("--out {}: could not write the data set: {e}", out.display()))?;
     println!(
-        "generated {} files, {} bytes ({:.3} GiB) of {:?} data in {}",
+        "generated {} files, {} bytes ({:.3} GiB) of {} data in {}",
         summary.files,
         summary.bytes,
         summary.bytes as f64 / (1u64 << 30) as f64,
-        kind,
+        format!("{kind:?}").to_lowercase(),
         out.display()
     );
     Ok(())
@@ -215,12 +215,14 @@ fn region(size: u64, fraction: f64, seed: u64) -> (u64, u64) {
 /// coreutils: `KB`/`MB`/`GB`/`TB` are powers of 1000; `K`/`M`/`G`/`T` and `KiB`..`TiB` powers
 /// of 1024; `B` or nothing means bytes.
 fn parse_size(text: &str) -> Result<u64, String> {
+    const UNITS: &str = "B, KiB, MiB, GiB, TiB, KB, MB, GB or TB";
     let text = text.trim();
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+    let unit = unit.trim();
+    let multiplier: u64 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kib" => 1 << 10,
         "m" | "mib" => 1 << 20,
@@ -230,9 +232,9 @@ fn parse_size(text: &str) -> Result<u64, String> {
         "mb" => 1_000_000,
         "gb" => 1_000_000_000,
         "tb" => 1_000_000_000_000,
-        other => {
+        _ => {
             return Err(format!(
-                "unknown unit {other:?}; expected a number with B, KiB, MiB, GiB, TiB, KB, MB, GB or TB"
+                "unknown unit {unit:?}; expected a number with {UNITS}"
             ))
         }
     };
