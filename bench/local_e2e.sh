@@ -107,7 +107,7 @@ ensure_set() {
     touch "$marker"
 }
 
-set_bytes() { find "$1" -type f -printf '%s\n' | awk '{ s += $1 } END { print s + 0 }'; }
+set_bytes() { find "$1" -type f -printf '%s\n' | awk '{ s += $1 } END { printf "%.0f\n", s }'; }
 
 # One fio invocation, two concurrent jobs: direct sequential read of every file of the data
 # set, and a direct sequential write of the same volume to a scratch file on the same disk.

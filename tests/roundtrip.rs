@@ -206,3 +206,27 @@ fn quickstart_runs_and_reports() {
     assert_eq!(report["second_backup_bytes_read"], 0);
     assert!(report["backup_gb_per_s"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn a_tmpfs_source_falls_back_to_buffered_reads() {
+    // tmpfs refuses O_DIRECT: the backup must still work, and say it read buffered.
+    let shm = Path::new("/dev/shm");
+    let is_tmpfs = std::process::Command::new("findmnt")
+        .args(["-n", "-o", "FSTYPE", "-T", "/dev/shm"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "tmpfs")
+        .unwrap_or(false);
+    if !is_tmpfs {
+        eprintln!("skipped: /dev/shm is not a tmpfs here");
+        return;
+    }
+    let data = tempfile::tempdir_in(shm).unwrap();
+    write_random(&data.path().join("in-memory.bin"), 3_000_000, 11);
+    let work = workdir();
+    let site = init_site(work.path(), "a");
+    let job = backup(&site, data.path());
+    assert_eq!(job["direct_io"], false, "{job}");
+    let restored = work.path().join("restored");
+    restore(&site, "latest", &restored);
+    assert_same_tree(data.path(), &restored);
+}

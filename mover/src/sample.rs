@@ -59,15 +59,16 @@ impl SampleSpec {
         }
     }
 
-    /// Roughly the mix the peers were measured on: 3 GB of checkpoints, text, ~2000 small files.
+    /// Roughly the mix the peers were measured on: three quarters checkpoints, a fifth JSONL
+    /// text, the rest small files (at most 2000, about 32 KiB each).
     pub fn mixed(total: u64, seed: u64) -> SampleSpec {
-        let checkpoint_bytes = 256 << 20;
+        let checkpoint_bytes = (total * 3 / 4 / 12).clamp(1 << 20, 256 << 20);
         SampleSpec {
             checkpoints: (total * 3 / 4).div_ceil(checkpoint_bytes) as usize,
             checkpoint_bytes,
             jsonl_shards: 4,
             jsonl_bytes: total / 5 / 4,
-            small_files: 2000,
+            small_files: (total / 20 / (32 << 10)).min(2000) as usize,
             random_files: 0,
             random_bytes: 0,
             seed,
