@@ -67,20 +67,36 @@ fn pack_corpus_decodes_or_fails_cleanly() {
             continue;
         };
         let footer = &bytes[footer_offset as usize..bytes.len() - pack::TRAILER_BYTES];
-        let entries_decoded = pack::decode_footer(footer, checksum).unwrap_or_default();
-        assert!(
-            entries_decoded.len() == entries as usize || entries_decoded.is_empty(),
-            "{name}"
-        );
+        // Committed seeds are real packs and must open fully; other corpus files (left by a
+        // local fuzz run) only have to be handled without a panic.
+        let is_seed = name.rsplit('/').next().is_some_and(|f| f.starts_with("seed-"));
+        let entries_decoded = match pack::decode_footer(footer, checksum) {
+            Ok(decoded) => decoded,
+            Err(e) => {
+                assert!(!is_seed, "{name}: {e}");
+                continue;
+            }
+        };
+        assert_eq!(entries_decoded.len(), entries as usize, "{name}");
         for entry in entries_decoded {
             let at = entry.offset as usize;
-            let header =
-                pack::RecordHeader::decode(&bytes[at..at + pack::RECORD_HEADER_BYTES]).unwrap();
-            let payload = &bytes[at + pack::RECORD_HEADER_BYTES
-                ..at + pack::RECORD_HEADER_BYTES + header.stored_len as usize];
-            let mut out = Vec::new();
-            pack::open_record(&header, payload, &mut out).unwrap();
-            assert_eq!(out.len(), entry.raw_len as usize, "{name}");
+            let outcome = bytes
+                .get(at..at + pack::RECORD_HEADER_BYTES)
+                .ok_or_else(|| "record header out of bounds".to_string())
+                .and_then(|h| pack::RecordHeader::decode(h).map_err(|e| e.to_string()))
+                .and_then(|header| {
+                    let start = at + pack::RECORD_HEADER_BYTES;
+                    let payload = bytes
+                        .get(start..start + header.stored_len as usize)
+                        .ok_or_else(|| "payload out of bounds".to_string())?;
+                    let mut out = Vec::new();
+                    pack::open_record(&header, payload, &mut out).map_err(|e| e.to_string())?;
+                    Ok(out.len())
+                });
+            match outcome {
+                Ok(len) => assert_eq!(len, entry.raw_len as usize, "{name}"),
+                Err(e) => assert!(!is_seed, "{name}: {e}"),
+            }
         }
     }
 }

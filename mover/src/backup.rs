@@ -54,7 +54,7 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
     let workers = worker_count(site);
     let plan = PoolPlan::new(
         workers,
-        site.config.read_buffer_bytes(),
+        site.config.engine.read_buffer_bytes,
         site.config.engine.io_memory_bytes,
         memlock_limit_bytes(),
     )?;

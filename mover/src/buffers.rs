@@ -9,8 +9,9 @@ use std::alloc::{alloc_zeroed, dealloc, Layout};
 use tokio_uring::buf::{IoBuf, IoBufMut};
 
 use crate::constants::{
-    IO_ALIGNMENT, IO_MEMORY_BYTES_DEFAULT_MAX, IO_MEMORY_SHARE_OF_MEMLOCK_DIVISOR,
-    READ_BUFFERS_PER_WORKER_MAX, READ_BUFFERS_PER_WORKER_MIN,
+    IO_ALIGNMENT, IO_MEMORY_BYTES_DEFAULT_MAX, IO_MEMORY_SHARE_OF_MEMLOCK,
+    READ_BUFFERS_PER_WORKER_MAX, READ_BUFFERS_PER_WORKER_MIN, READ_BUFFERS_PER_WORKER_TARGET,
+    READ_BUFFER_BYTES_DEFAULT, READ_BUFFER_BYTES_MIN,
 };
 use crate::error::{Error, Result};
 
@@ -39,6 +40,22 @@ impl AlignedBuf {
             capacity,
             initialised: 0,
         }
+    }
+}
+
+impl AlignedBuf {
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the allocation is `capacity` bytes, zero-initialised at creation.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.capacity) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.capacity) }
     }
 }
 
@@ -101,23 +118,34 @@ impl PoolPlan {
         (self.buffers_per_worker * self.buffer_bytes * workers) as u64
     }
 
-    /// Sizes the pools. `configured_bytes` = 0 means the default share of RLIMIT_MEMLOCK.
+    /// Sizes the pools. `configured_bytes` = 0 means the default share of RLIMIT_MEMLOCK;
+    /// `configured_buffer_bytes` = None lets the buffer size shrink to fit many workers.
     pub fn new(
         workers: usize,
-        buffer_bytes: usize,
+        configured_buffer_bytes: Option<usize>,
         configured_bytes: u64,
         memlock_limit: Option<u64>,
     ) -> Result<PoolPlan> {
         assert!(workers > 0);
+        let (numerator, denominator) = IO_MEMORY_SHARE_OF_MEMLOCK;
         let budget = if configured_bytes > 0 {
             configured_bytes
         } else {
             memlock_limit
-                .map(|limit| limit / IO_MEMORY_SHARE_OF_MEMLOCK_DIVISOR)
+                .map(|limit| limit / denominator * numerator)
                 .unwrap_or(u64::MAX)
                 .min(IO_MEMORY_BYTES_DEFAULT_MAX)
         };
         let per_worker = budget / workers as u64;
+        let buffer_bytes = configured_buffer_bytes.unwrap_or_else(|| {
+            let mut size = READ_BUFFER_BYTES_DEFAULT;
+            while size > READ_BUFFER_BYTES_MIN
+                && per_worker / (size as u64) < READ_BUFFERS_PER_WORKER_TARGET as u64
+            {
+                size /= 2;
+            }
+            size
+        });
         let count = ((per_worker / buffer_bytes as u64) as usize).min(READ_BUFFERS_PER_WORKER_MAX);
         let plan = PoolPlan {
             buffers_per_worker: count.max(READ_BUFFERS_PER_WORKER_MIN),
@@ -163,14 +191,27 @@ mod tests {
 
     #[test]
     fn default_plan_fits_8_mib_memlock_on_two_cores() {
-        let plan = PoolPlan::new(2, 512 * 1024, 0, Some(8 * MIB)).unwrap();
-        assert_eq!(plan.buffers_per_worker, 4);
-        assert!(plan.total_bytes(2) <= 4 * MIB);
+        let plan = PoolPlan::new(2, None, 0, Some(8 * MIB)).unwrap();
+        assert_eq!(
+            plan,
+            PoolPlan {
+                buffers_per_worker: 3,
+                buffer_bytes: 1 << 20
+            }
+        );
+        assert!(plan.total_bytes(2) <= 6 * MIB);
+    }
+
+    #[test]
+    fn default_plan_shrinks_buffers_for_many_workers() {
+        let plan = PoolPlan::new(16, None, 0, Some(8 * MIB)).unwrap();
+        assert!(plan.buffers_per_worker >= 3, "{plan:?}");
+        assert!(plan.total_bytes(16) <= 6 * MIB, "{plan:?}");
     }
 
     #[test]
     fn configured_size_beyond_memlock_is_a_named_error() {
-        let err = PoolPlan::new(2, 512 * 1024, 64 * MIB, Some(8 * MIB))
+        let err = PoolPlan::new(2, None, 64 * MIB, Some(8 * MIB))
             .unwrap_err()
             .to_string();
         assert!(err.contains("RLIMIT_MEMLOCK"), "{err}");
@@ -178,7 +219,7 @@ mod tests {
 
     #[test]
     fn too_small_budget_is_refused() {
-        let err = PoolPlan::new(4, 512 * 1024, MIB, None)
+        let err = PoolPlan::new(4, Some(512 * 1024), MIB, None)
             .unwrap_err()
             .to_string();
         assert!(err.contains("io_memory_bytes"), "{err}");
@@ -186,7 +227,7 @@ mod tests {
 
     #[test]
     fn unlimited_memlock_is_capped() {
-        let plan = PoolPlan::new(16, 512 * 1024, 0, None).unwrap();
+        let plan = PoolPlan::new(16, None, 0, None).unwrap();
         assert!(plan.total_bytes(16) <= IO_MEMORY_BYTES_DEFAULT_MAX);
     }
 

@@ -44,7 +44,7 @@ pub struct EngineSection {
     /// Worker threads, one pinned per core; 0 or absent means one per available core.
     #[serde(default)]
     pub workers: usize,
-    /// Registered read-buffer memory for all workers together; 0 or absent means half of
+    /// Registered read-buffer memory for all workers together; 0 or absent means 3/4 of
     /// RLIMIT_MEMLOCK (capped at 64 MiB).
     #[serde(default)]
     pub io_memory_bytes: u64,
@@ -149,12 +149,6 @@ impl Config {
             })
     }
 
-    pub fn read_buffer_bytes(&self) -> usize {
-        self.engine
-            .read_buffer_bytes
-            .unwrap_or(constants::READ_BUFFER_BYTES_DEFAULT)
-    }
-
     pub fn pack_target_bytes(&self) -> u64 {
         self.engine
             .pack_target_bytes
@@ -202,10 +196,10 @@ identity = "identity"   # key.pem (private, mode 0600) and cert.pem; `mover iden
 # One pinned worker per core reads with io_uring and O_DIRECT, chunks, hashes and compresses.
 # workers = 0                  # 0 = one per available core
 # pin_workers = true
-# Registered (locked) read buffers for all workers together. 0 = half of RLIMIT_MEMLOCK,
+# Registered (locked) read buffers for all workers together. 0 = 3/4 of RLIMIT_MEMLOCK,
 # at most 64 MiB. Raise LimitMEMLOCK in the systemd unit before raising this.
 # io_memory_bytes = 0
-# read_buffer_bytes = 524288   # one direct read; a multiple of 4096
+# read_buffer_bytes = 1048576  # one direct read, a multiple of 4096; default shrinks to fit many workers
 # pack_target_bytes = 134217728
 
 # Storage tiers of this site. Backups land in the default tier.
