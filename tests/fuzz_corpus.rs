@@ -69,7 +69,10 @@ fn pack_corpus_decodes_or_fails_cleanly() {
         let footer = &bytes[footer_offset as usize..bytes.len() - pack::TRAILER_BYTES];
         // Committed seeds are real packs and must open fully; other corpus files (left by a
         // local fuzz run) only have to be handled without a panic.
-        let is_seed = name.rsplit('/').next().is_some_and(|f| f.starts_with("seed-"));
+        let is_seed = name
+            .rsplit('/')
+            .next()
+            .is_some_and(|f| f.starts_with("seed-"));
         let entries_decoded = match pack::decode_footer(footer, checksum) {
             Ok(decoded) => decoded,
             Err(e) => {
