@@ -55,9 +55,6 @@ pub const COMPRESSION_SAVING_DIVISOR: usize = 32;
 /// 100 B + 36 B per MiB of data; 1 GiB covers roughly ten million files.
 pub const MANIFEST_BYTES_MAX: usize = 1024 * 1024 * 1024;
 
-/// Restore keeps at most this many pack files open.
-pub const RESTORE_OPEN_PACKS_MAX: usize = 64;
-
 /// Longest path and link target accepted from a manifest (Linux PATH_MAX).
 pub const PATH_BYTES_MAX: usize = 4096;
 
