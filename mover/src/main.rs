@@ -3,7 +3,7 @@
 //! Exit codes: 0 success; 1 the command failed (one line on stderr says why); 2 bad usage;
 //! 3 `verify` found damage.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
@@ -324,5 +324,4 @@ fn print_quickstart(r: &mover::quickstart::QuickstartReport) {
     println!("  site        {}", r.site);
     println!();
     println!("next: mover snapshots --site-dir {}", r.site);
-    let _ = Path::new(&r.dir);
 }

@@ -73,7 +73,6 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
         site,
         target,
         manifest: &manifest,
-        symlinks: HashSet::new(),
         directories: HashSet::new(),
         restored_files: HashMap::new(),
         chunk: Vec::new(),
@@ -219,8 +218,6 @@ struct Restorer<'a> {
     site: &'a Site,
     target: PathBuf,
     manifest: &'a Manifest,
-    /// Paths restored as symlinks: nothing may be written beneath them.
-    symlinks: HashSet<Vec<u8>>,
     directories: HashSet<Vec<u8>>,
     /// Restored regular files, for hardlinks to them.
     restored_files: HashMap<Vec<u8>, PathBuf>,
@@ -255,7 +252,6 @@ impl Restorer<'_> {
                     std::os::unix::fs::symlink(OsStr::from_bytes(target), &path)
                         .map_err(|e| Error::io("create symlink", &path, e))?;
                     self.set_metadata(entry, &path, true)?;
-                    self.symlinks.insert(entry.path.clone());
                 }
                 EntryKind::Hardlink { target } => {
                     if let Some(existing) = self.restored_files.get(target) {
@@ -358,20 +354,14 @@ impl Restorer<'_> {
         }
     }
 
-    /// Makes sure every ancestor of the entry is a directory this restore created, creating
-    /// missing ones (a subtree restore), and refusing to go through a restored symlink.
+    /// Makes sure every ancestor of the entry is a real directory, creating missing ones (a
+    /// subtree restore). `check_entries` already refused entries beneath symlinks; the lstat
+    /// here keeps that true even if the target changes under us.
     fn prepare_parent(&mut self, entry: &Entry) -> Result<PathBuf> {
         let rel = &entry.path;
         let mut at = 0;
         while let Some(slash) = rel[at..].iter().position(|&b| b == b'/') {
             let ancestor = &rel[..at + slash];
-            if self.symlinks.contains(ancestor) {
-                return Err(Error::Refused(format!(
-                    "snapshot entry {:?}: would be written through the symlink {:?}",
-                    path_text(rel),
-                    path_text(ancestor)
-                )));
-            }
             if !self.directories.contains(ancestor) {
                 let path = self.path_of(ancestor);
                 match std::fs::symlink_metadata(&path) {

@@ -161,6 +161,7 @@ impl<'a> Worker<'a> {
             }
             let report = match self.extent(&item).await {
                 Ok(done) => Report::Extent(done),
+                Err(ExtentError::DirectRefused) => unreachable!("extent() retries buffered"),
                 Err(ExtentError::Skip(reason)) => Report::Skipped {
                     entry: item.entry,
                     reason,
@@ -191,29 +192,26 @@ impl<'a> Worker<'a> {
 
     async fn extent(&mut self, item: &WorkItem) -> Result<ExtentDone, ExtentError> {
         let path = item.path.as_path();
-        let direct = is_aligned(item.offset);
-        let opened = open(path, direct).or_else(|e| {
-            if direct && e.raw_os_error() == Some(libc::EINVAL) {
-                self.note_buffered(path);
-                open(path, false)
-            } else {
-                Err(e)
+        let mut direct = is_aligned(item.offset);
+        let result = loop {
+            let std_file = match open(path, direct) {
+                Ok(file) => file,
+                Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.note_buffered(path);
+                    direct = false;
+                    continue;
+                }
+                Err(e) => return Err(ExtentError::Skip(format!("not readable: {e}"))),
+            };
+            let file = Rc::new(tokio_uring::fs::File::from_std(std_file));
+            match self.read_and_chunk(&file, item, direct).await {
+                // Some file systems accept O_DIRECT at open and refuse it on read.
+                Err(ExtentError::DirectRefused) => {
+                    self.note_buffered(path);
+                    direct = false;
+                }
+                other => break other,
             }
-        });
-        let std_file = opened.map_err(|e| ExtentError::Skip(format!("not readable: {e}")))?;
-        let buffered = std_file_is_buffered(&std_file);
-        let file = Rc::new(tokio_uring::fs::File::from_std(std_file));
-        let result = self.read_and_chunk(&file, item, buffered).await;
-        let result = match result {
-            // Some file systems accept O_DIRECT at open and refuse it on read.
-            Err(ExtentError::Skip(reason)) if !buffered && reason.contains("os error 22") => {
-                self.note_buffered(path);
-                let std_file = open(path, false)
-                    .map_err(|e| ExtentError::Skip(format!("not readable: {e}")))?;
-                let file = Rc::new(tokio_uring::fs::File::from_std(std_file));
-                self.read_and_chunk(&file, item, true).await
-            }
-            other => other,
         };
         let mut done = result?;
         done.changed = changed_since_scan(item);
@@ -234,7 +232,7 @@ impl<'a> Worker<'a> {
         &mut self,
         file: &Rc<tokio_uring::fs::File>,
         item: &WorkItem,
-        buffered: bool,
+        direct: bool,
     ) -> Result<ExtentDone, ExtentError> {
         let buffer_bytes = self.shared.plan.buffer_bytes as u64;
         let end = item.offset + item.len;
@@ -246,58 +244,73 @@ impl<'a> Worker<'a> {
         let mut chunks = Vec::new();
         self.window.clear();
 
-        loop {
-            while !at_eof
-                && next_read < end
-                && in_flight.len() < self.shared.plan.buffers_per_worker
-            {
-                let buf = self
-                    .pool
-                    .try_next(buffer_bytes as usize)
-                    .expect("a buffer is free while fewer reads than buffers are in flight");
-                let want = (end - next_read).min(buffer_bytes);
-                // Direct reads must cover whole blocks; the tail past `end` is ignored.
-                let len = if buffered {
-                    want
-                } else {
-                    align_up(want).min(buffer_bytes)
-                } as usize;
-                let file = file.clone();
-                let at = next_read;
-                in_flight.push_back((
-                    at,
-                    want,
-                    tokio_uring::spawn(
-                        async move { file.read_fixed_at(buf.slice(..len), at).await },
-                    ),
-                ));
-                next_read += want;
+        let outcome = async {
+            loop {
+                while !at_eof
+                    && next_read < end
+                    && in_flight.len() < self.shared.plan.buffers_per_worker
+                {
+                    let buf = self
+                        .pool
+                        .try_next(buffer_bytes as usize)
+                        .expect("a buffer is free while fewer reads than buffers are in flight");
+                    let want = (end - next_read).min(buffer_bytes);
+                    // Direct reads must cover whole blocks; the tail past `end` is ignored.
+                    let len = if direct {
+                        align_up(want).min(buffer_bytes)
+                    } else {
+                        want
+                    } as usize;
+                    let file = file.clone();
+                    let at = next_read;
+                    in_flight.push_back((
+                        at,
+                        want,
+                        tokio_uring::spawn(async move {
+                            file.read_fixed_at(buf.slice(..len), at).await
+                        }),
+                    ));
+                    next_read += want;
+                }
+                let Some((at, want, read)) = in_flight.pop_front() else {
+                    break;
+                };
+                let (result, slice) = read.await.expect("read task does not panic");
+                debug_assert_eq!(at, received);
+                let n = result.map_err(|e| {
+                    if direct && e.raw_os_error() == Some(libc::EINVAL) {
+                        ExtentError::DirectRefused
+                    } else {
+                        ExtentError::Skip(format!("read at offset {at}: {e}"))
+                    }
+                })? as u64;
+                let useful = n.min(want) as usize;
+                self.window.append(&slice.get_ref()[..useful]);
+                drop(slice);
+                self.stats.memcpy_bytes += useful as u64;
+                self.stats.bytes_read += useful as u64;
+                received += useful as u64;
+                if (useful as u64) < want {
+                    // The file shrank under us: take what is there, the change is reported.
+                    at_eof = true;
+                }
+                let at_end = received >= end || (at_eof && in_flight.is_empty());
+                while !self.window.is_empty() && cut_is_final(self.window.len(), at_end) {
+                    let len = next_chunk_len(self.window.held());
+                    let chunk_ref = self.store_chunk(len, &index).map_err(ExtentError::Fatal)?;
+                    chunks.push(chunk_ref);
+                    self.window.consume(len);
+                }
             }
-            let Some((at, want, read)) = in_flight.pop_front() else {
-                break;
-            };
-            let (result, slice) = read.await.expect("read task does not panic");
-            debug_assert_eq!(at, received);
-            let n =
-                result.map_err(|e| ExtentError::Skip(format!("read at offset {at}: {e}")))? as u64;
-            let useful = n.min(want) as usize;
-            self.window.append(&slice.get_ref()[..useful]);
-            drop(slice);
-            self.stats.memcpy_bytes += useful as u64;
-            self.stats.bytes_read += useful as u64;
-            received += useful as u64;
-            if (useful as u64) < want {
-                // The file shrank under us: take what is there, the change is reported.
-                at_eof = true;
-            }
-            let at_end = received >= end || (at_eof && in_flight.is_empty());
-            while !self.window.is_empty() && cut_is_final(self.window.len(), at_end) {
-                let len = next_chunk_len(self.window.held());
-                let chunk_ref = self.store_chunk(len, &index).map_err(ExtentError::Fatal)?;
-                chunks.push(chunk_ref);
-                self.window.consume(len);
-            }
+            Ok(())
         }
+        .await;
+        // Reads still in flight after an error hold pool buffers: wait for them, so the next
+        // attempt (or extent) finds every buffer free again.
+        for (_, _, read) in in_flight.drain(..) {
+            let _ = read.await;
+        }
+        outcome?;
         debug_assert!(self.window.is_empty());
         Ok(ExtentDone {
             entry: item.entry,
@@ -358,6 +371,8 @@ impl<'a> Worker<'a> {
 enum ExtentError {
     /// This file cannot be read; the job goes on without it.
     Skip(String),
+    /// The file system refused a direct read; the extent is read again buffered.
+    DirectRefused,
     /// The destination failed; the job stops.
     Fatal(Error),
 }
@@ -368,13 +383,6 @@ fn open(path: &std::path::Path, direct: bool) -> std::io::Result<std::fs::File> 
         .read(true)
         .custom_flags(flags | libc::O_NOFOLLOW)
         .open(path)
-}
-
-fn std_file_is_buffered(file: &std::fs::File) -> bool {
-    use std::os::fd::AsRawFd;
-    // SAFETY: F_GETFL on a descriptor we own.
-    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-    flags < 0 || flags & libc::O_DIRECT == 0
 }
 
 fn changed_since_scan(item: &WorkItem) -> Option<String> {
