@@ -25,14 +25,35 @@ use crate::error::{Error, Result};
 use crate::format::hex;
 use crate::format::manifest::{EntryKind, Manifest, MANIFEST_VERSION};
 use crate::job::{Job, JobKind, JobState, Warning};
+use crate::peers::Link;
+use crate::remote::client::Control;
 use crate::scan::{self, ReuseMap};
 use crate::site::Site;
 use crate::store::SnapshotInfo;
-use crate::worker::{self, JobShared, Report, WorkerStats};
+use crate::worker::{self, JobShared, RemoteTarget, Report, WorkerStats};
 
 pub struct BackupOptions<'a> {
     pub source: &'a Path,
     pub tier: Option<&'a str>,
+    /// A peer site to back up to instead of this site (`--to SITE[:TIER]`).
+    pub to: Option<&'a str>,
+}
+
+/// A small runtime on the control thread for its few peer round trips (parent lookup, commit).
+fn control_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Resource(format!("starting a tokio runtime: {e}")))
+}
+
+/// Splits `SITE[:TIER]`.
+pub fn parse_destination(to: &str) -> (&str, Option<&str>) {
+    match to.split_once(':') {
+        Some((site, tier)) if !tier.is_empty() => (site, Some(tier)),
+        Some((site, _)) => (site, None),
+        None => (to, None),
+    }
 }
 
 /// Runs a backup to completion. Errors that stop the job come back as `Err`; per-file
@@ -44,12 +65,37 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
         .canonicalize()
         .map_err(|e| Error::io("resolve backup source", options.source, e))?;
     let mut job = Job::new(JobKind::Backup, site.name(), source.display().to_string());
-    let tier = options
-        .tier
-        .unwrap_or_else(|| site.config.default_tier())
-        .to_string();
-    let backend = site.tier(&tier)?.clone();
+    // A cross-site backup stores nothing here: chunks, manifest and catalog row go to the peer.
+    let remote = match options.to {
+        Some(to) => {
+            let (peer, tier) = parse_destination(to);
+            if tier.is_some() && options.tier.is_some() {
+                return Err(Error::Refused(
+                    "give the tier either as --to SITE:TIER or --tier, not both".into(),
+                ));
+            }
+            Some(RemoteTarget {
+                link: Link::from_config(site, peer)?,
+                credentials: crate::peers::credentials(site)?,
+                tier: tier.or(options.tier).unwrap_or("").to_string(),
+                job: job.id.clone(),
+            })
+        }
+        None => None,
+    };
+    let tier = match &remote {
+        Some(remote) => remote.tier.clone(),
+        None => options
+            .tier
+            .unwrap_or_else(|| site.config.default_tier())
+            .to_string(),
+    };
+    let backend = match &remote {
+        Some(_) => site.tier(site.config.default_tier())?.clone(),
+        None => site.tier(&tier)?.clone(),
+    };
     job.tier = Some(tier.clone());
+    job.destination = remote.as_ref().map(|r| r.link.site.clone());
 
     let workers = worker_count(site);
     let plan = PoolPlan::new(
@@ -60,31 +106,60 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
     )?;
     job.workers = workers;
 
-    // The parent is the newest snapshot of the same source: its unchanged files are reused.
+    // The parent is the newest snapshot of the same source (at the destination): its
+    // unchanged files are reused without being read.
     let source_bytes = source.as_os_str().as_bytes().to_vec();
-    let parent_info = site
-        .index
-        .snapshots()?
-        .into_iter()
-        .rev()
-        .find(|s| s.source.as_bytes() == source_bytes.as_slice());
-    let parent = match &parent_info {
-        Some(info) => {
-            let id = crate::format::parse_hex32(&info.id).ok_or_else(|| {
-                Error::corrupt(
-                    format!("catalog row {}", info.id),
-                    "id is not 64 hex digits",
-                )
-            })?;
-            match site.load_manifest(&id) {
-                Ok(manifest) => Some((id, manifest)),
-                Err(e) => {
-                    tracing::warn!(snapshot = %info.id, error = %e, "parent snapshot unreadable; reading every file");
-                    None
-                }
+    let runtime = match &remote {
+        Some(_) => Some(control_runtime()?),
+        None => None,
+    };
+    let parent_info = match &remote {
+        Some(_) => None,
+        None => site
+            .index
+            .snapshots()?
+            .into_iter()
+            .rev()
+            .find(|s| s.source.as_bytes() == source_bytes.as_slice()),
+    };
+    let remote_parent = match (&remote, &runtime) {
+        (Some(remote), Some(runtime)) => runtime.block_on(async {
+            let mut control = Control::open(&remote.link, &remote.credentials, &job.id).await?;
+            let found = control.get_manifest(true, &source_bytes).await?;
+            let wire = control.close().await;
+            Ok::<_, Error>((found, wire))
+        })?,
+        _ => (None, (0, 0)),
+    };
+    job.wire_bytes_sent += remote_parent.1 .0;
+    job.wire_bytes_received += remote_parent.1 .1;
+    let parent = if let Some((id, object)) = remote_parent.0 {
+        match crate::format::manifest::decode(&object, Some(&id)) {
+            Ok(manifest) => Some((id, manifest)),
+            Err(e) => {
+                tracing::warn!(snapshot = %hex(&id), error = %e, "parent snapshot from the peer unreadable; reading every file");
+                None
             }
         }
-        None => None,
+    } else {
+        match &parent_info {
+            Some(info) => {
+                let id = crate::format::parse_hex32(&info.id).ok_or_else(|| {
+                    Error::corrupt(
+                        format!("catalog row {}", info.id),
+                        "id is not 64 hex digits",
+                    )
+                })?;
+                match site.load_manifest(&id) {
+                    Ok(manifest) => Some((id, manifest)),
+                    Err(e) => {
+                        tracing::warn!(snapshot = %info.id, error = %e, "parent snapshot unreadable; reading every file");
+                        None
+                    }
+                }
+            }
+            None => None,
+        }
     };
     let reuse: ReuseMap = parent
         .as_ref()
@@ -109,6 +184,7 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
         cancelled: AtomicBool::new(false),
         pending: Mutex::new(HashSet::new()),
         buffered_noted: AtomicBool::new(false),
+        remote,
     };
     let cores = if site.config.pin_workers() {
         core_affinity::get_core_ids().unwrap_or_default()
@@ -176,6 +252,14 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
     job.chunks_total = totals.chunks_total;
     job.chunks_new = totals.chunks_new;
     job.direct_io = totals.buffered_files == 0;
+    if shared.remote.is_some() {
+        let ship = &totals.ship;
+        job.chunks_new = ship.chunks_sent;
+        job.bytes_new = ship.raw_bytes_sent;
+        job.bytes_sent = ship.payload_bytes_sent;
+        job.wire_bytes_sent += ship.wire_bytes_sent;
+        job.wire_bytes_received += ship.wire_bytes_received;
+    }
     job.memcpy_per_byte = if totals.bytes_read > 0 {
         totals.memcpy_bytes as f64 / totals.bytes_read as f64
     } else {
@@ -232,6 +316,33 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
         parent: parent.as_ref().map(|(id, _)| *id),
         entries,
     };
+    if let (Some(remote), Some(runtime)) = (&shared.remote, &runtime) {
+        // The destination checks that it holds every chunk, stores the manifest durably, and
+        // only then adds the catalog row.
+        let encoded = crate::format::manifest::encode(&manifest)?;
+        let wire = runtime.block_on(async {
+            let mut control = Control::open(&remote.link, &remote.credentials, &job.id).await?;
+            control.commit(encoded.id, &encoded.bytes).await?;
+            Ok::<_, Error>(control.close().await)
+        });
+        let wire = match wire {
+            Ok(wire) => wire,
+            Err(e) => {
+                job.state = JobState::Failed;
+                job.error = Some(e.to_string());
+                job.elapsed_s = started.elapsed().as_secs_f64();
+                record_job(site, &job);
+                return Err(e);
+            }
+        };
+        job.wire_bytes_sent += wire.0;
+        job.wire_bytes_received += wire.1;
+        job.snapshot = Some(hex(&encoded.id));
+        job.state = JobState::Done;
+        job.elapsed_s = started.elapsed().as_secs_f64();
+        record_job(site, &job);
+        return Ok(job);
+    }
     let id = site.store_manifest(&manifest)?;
     let id_hex = hex(&id);
     site.index.put_snapshot(&SnapshotInfo {
@@ -280,6 +391,14 @@ fn add_stats(total: &mut WorkerStats, s: &WorkerStats) {
     total.chunks_new += s.chunks_new;
     total.memcpy_bytes += s.memcpy_bytes;
     total.buffered_files += s.buffered_files;
+    let (t, w) = (&mut total.ship, &s.ship);
+    t.chunks_sent += w.chunks_sent;
+    t.payload_bytes_sent += w.payload_bytes_sent;
+    t.raw_bytes_sent += w.raw_bytes_sent;
+    t.chunks_present += w.chunks_present;
+    t.raw_bytes_present += w.raw_bytes_present;
+    t.wire_bytes_sent += w.wire_bytes_sent;
+    t.wire_bytes_received += w.wire_bytes_received;
 }
 
 /// Keeps the job's final document in the site's history; a failure to do so is logged, not

@@ -21,6 +21,27 @@ pub struct Config {
     #[serde(default)]
     pub engine: EngineSection,
     pub tiers: BTreeMap<String, TierSection>,
+    /// Sites we exchange data with, pinned by certificate fingerprint (`mover peer add`).
+    #[serde(default)]
+    pub peers: BTreeMap<String, PeerSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSection {
+    /// QUIC address of the peer's daemon, HOST:PORT.
+    pub address: String,
+    /// `sha256:<64 hex>` of the peer's certificate, as its `mover identity` prints it.
+    pub fingerprint: String,
+    /// Largest UDP payload MTU discovery may use: 1452 (Ethernet WAN, default), 8952 (jumbo
+    /// frames), 65527 (loopback, the default for loopback addresses).
+    pub udp_payload_bytes_max: Option<u16>,
+    /// Cap on what we send to this peer, e.g. "1GB/s" or "800mbit"; absent = no cap.
+    pub bandwidth: Option<String>,
+    /// "aes128" (default), "aes256" or "chacha20" (CPUs without AES instructions).
+    pub cipher: Option<String>,
+    pub stream_window_bytes: Option<u32>,
+    pub connection_window_bytes: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -107,6 +128,9 @@ impl Config {
                     "tier name {name:?} is not valid: expected a-z, 0-9, '-' or '_'"
                 ))
             })?;
+        }
+        for (name, peer) in &self.peers {
+            crate::peers::check(name, peer).map_err(|e| invalid(format!("[peers.{name}]: {e}")))?;
         }
         if self.tiers.values().filter(|t| t.default).count() > 1 {
             return Err(invalid("more than one tier has default = true".into()));

@@ -68,3 +68,24 @@ const _: () = assert!(
 const _: () = assert!(PACK_BYTES_TARGET_DEFAULT as usize > 2 * CHUNK_BYTES_MAX);
 // Record lengths are stored as u32.
 const _: () = assert!(CHUNK_BYTES_MAX <= u32::MAX as usize);
+
+/// Cross-site shipping: a worker gathers new chunks into a batch of about this many bytes
+/// before asking the destination which it lacks (one Query of ≤ 1024 ids). Two batches may
+/// wait for answers while a third fills, which covers a 50 ms × 1 Gbit/s path (6 MB in
+/// flight) per worker. Sender memory per worker: ≤ (2 + 1) × (batch + one maximum chunk).
+pub const SHIP_BATCH_BYTES: usize = 8 * 1024 * 1024;
+pub const SHIP_QUERIES_IN_FLIGHT: usize = 2;
+
+/// Credit a receiver grants each Store stream: chunk bytes sent and not yet acknowledged as
+/// durable. The receiver seals its pack at half of it, so an acknowledgement always comes
+/// before the sender runs out; what a crash can make a resumed job resend is bounded by it.
+pub const RECEIVE_UNACKED_BYTES_MAX: u64 = 256 * 1024 * 1024;
+
+/// Peer connections a daemon serves at once; each may buffer up to its connection window.
+pub const PEER_CONNECTIONS_MAX: usize = 64;
+
+/// Chunk ids a restore asks a peer for ahead of what it has written.
+pub const FETCH_IDS_IN_FLIGHT: usize = 2048;
+
+const _: () = assert!(SHIP_BATCH_BYTES >= CHUNK_BYTES_MAX);
+const _: () = assert!(RECEIVE_UNACKED_BYTES_MAX >= 4 * (SHIP_BATCH_BYTES as u64));

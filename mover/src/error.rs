@@ -31,6 +31,9 @@ pub enum Error {
     Index(String),
     #[error("{0}")]
     Resource(String),
+    /// A peer site could not be reached, refused us, or broke the protocol.
+    #[error("peer {site}: {detail}")]
+    Peer { site: String, detail: String },
 }
 
 impl Error {
@@ -39,6 +42,13 @@ impl Error {
             op,
             path: path.as_ref().to_path_buf(),
             source,
+        }
+    }
+
+    pub fn peer(site: impl Into<String>, detail: impl std::fmt::Display) -> Self {
+        Error::Peer {
+            site: site.into(),
+            detail: detail.to_string(),
         }
     }
 

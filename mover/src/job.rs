@@ -35,13 +35,19 @@ pub struct Job {
     /// Backup: the source path; restore: the target directory.
     pub path: String,
     pub tier: Option<String>,
+    /// The peer site of a cross-site job (backup to it, restore from it).
+    pub destination: Option<String>,
     pub snapshot: Option<String>,
     /// Logical bytes the job covers (file sizes, holes included).
     pub bytes_total: u64,
     /// Logical bytes finished so far (read and chunked, or reused unchanged).
     pub bytes_done: u64,
-    /// Bytes handed to the destination: records written, headers included.
+    /// Bytes handed to the destination: records written locally (headers included), or chunk
+    /// payload bytes shipped to a peer.
     pub bytes_sent: u64,
+    /// UDP payload bytes on the wire to and from peers (QUIC headers, acks, control included).
+    pub wire_bytes_sent: u64,
+    pub wire_bytes_received: u64,
     pub bytes_read: u64,
     /// Plaintext bytes of chunks the destination did not have.
     pub bytes_new: u64,
@@ -83,10 +89,13 @@ impl Job {
             site: site.to_string(),
             path,
             tier: None,
+            destination: None,
             snapshot: None,
             bytes_total: 0,
             bytes_done: 0,
             bytes_sent: 0,
+            wire_bytes_sent: 0,
+            wire_bytes_received: 0,
             bytes_read: 0,
             bytes_new: 0,
             bytes_reused: 0,

@@ -49,12 +49,15 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
-    /// Back up PATH into a new snapshot.
+    /// Back up PATH into a new snapshot (here, or at a peer site with --to).
     Backup {
         path: PathBuf,
         /// Tier to store into (default: the site's default tier).
         #[arg(long)]
         tier: Option<String>,
+        /// Back up to a peer site instead: only chunks it lacks cross the link.
+        #[arg(long, value_name = "SITE[:TIER]")]
+        to: Option<String>,
         /// Wait for the job to finish (in --site-dir mode jobs always run to completion).
         #[arg(long)]
         wait: bool,
@@ -65,8 +68,22 @@ enum Command {
         spec: String,
         #[arg(long, value_name = "DIR")]
         to: PathBuf,
+        /// Read the snapshot from this peer site.
+        #[arg(long, value_name = "SITE")]
+        from: Option<String>,
         #[arg(long)]
         wait: bool,
+    },
+    /// Trust between sites: `mover peer add NAME HOST:PORT FINGERPRINT`.
+    Peer {
+        #[command(subcommand)]
+        action: PeerAction,
+    },
+    /// Run the site's daemon in the foreground: serves peers over QUIC (SIGTERM stops it,
+    /// SIGHUP reloads the peers).
+    Daemon {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
     },
     /// List snapshots.
     Snapshots,
@@ -82,15 +99,47 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum PeerAction {
+    /// Add (or replace) a peer in the config: its name, QUIC address and certificate
+    /// fingerprint (as its `mover identity` prints it).
+    Add {
+        name: String,
+        #[arg(value_name = "HOST:PORT")]
+        address: String,
+        fingerprint: String,
+        /// The site's mover.toml (default: DIR/mover.toml of --site-dir).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// List the configured peers.
+    List {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn config_path(config: &Option<PathBuf>, cli_dir: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match config {
+        Some(file) => Ok(file.clone()),
+        None => Ok(site_dir(cli_dir)?.join(mover::config::CONFIG_FILE_NAME)),
+    }
+}
+
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The daemon logs what it serves; one-shot commands only what went wrong.
+    let default_filter = match cli.command {
+        Command::Daemon { .. } => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MOVER_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .init();
-    let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -148,20 +197,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Identity { config } => {
-            let site = match config {
-                Some(file) => Site::open_config(file)?,
-                None => Site::open(&site_dir(&cli.site_dir)?)?,
-            };
-            let fingerprint = site.fingerprint()?;
+            // Reads only the config and certificate: works while a daemon holds the site.
+            let path = config_path(config, &cli.site_dir)?;
+            let config = mover::config::Config::load(&path)?;
+            let dir = path.parent().unwrap_or(std::path::Path::new("."));
+            let fingerprint = site::fingerprint_of(&dir.join(&config.site.identity))?;
             if cli.json {
-                print_json(&serde_json::json!({"site": site.name(), "fingerprint": fingerprint}));
+                print_json(
+                    &serde_json::json!({"site": config.site.name, "fingerprint": fingerprint}),
+                );
             } else {
-                println!("{} {fingerprint}", site.name());
+                println!("{} {fingerprint}", config.site.name);
             }
         }
         Command::Backup {
             path,
             tier,
+            to,
             wait: _,
         } => {
             let site = Site::open(&site_dir(&cli.site_dir)?)?;
@@ -170,6 +222,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &mover::backup::BackupOptions {
                     source: path,
                     tier: tier.as_deref(),
+                    to: to.as_deref(),
                 },
             )?;
             print_warnings(&job.warnings);
@@ -177,7 +230,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&job);
             } else {
                 println!(
-                    "snapshot {}  {} files, {:.3} GB in {:.2} s ({:.2} GB/s); read {:.3} GB, new {:.3} GB, stored {:.3} GB",
+                    "snapshot {}  {} files, {:.3} GB in {:.2} s ({:.2} GB/s); read {:.3} GB, new {:.3} GB, {} {:.3} GB",
                     job.snapshot.as_deref().unwrap_or("-"),
                     job.files,
                     job.bytes_total as f64 / 1e9,
@@ -185,14 +238,33 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     job.gb_per_s(),
                     job.bytes_read as f64 / 1e9,
                     job.bytes_new as f64 / 1e9,
+                    if job.destination.is_some() { "shipped" } else { "stored" },
                     job.bytes_sent as f64 / 1e9,
                 );
+                if let Some(peer) = &job.destination {
+                    println!(
+                        "to {peer}: {:.3} GB on the wire ({:.3} GB back)",
+                        job.wire_bytes_sent as f64 / 1e9,
+                        job.wire_bytes_received as f64 / 1e9
+                    );
+                }
             }
         }
-        Command::Restore { spec, to, wait: _ } => {
+        Command::Restore {
+            spec,
+            to,
+            from,
+            wait: _,
+        } => {
             let site = Site::open(&site_dir(&cli.site_dir)?)?;
-            let job =
-                mover::restore::run(&site, &mover::restore::RestoreOptions { spec, target: to })?;
+            let job = mover::restore::run(
+                &site,
+                &mover::restore::RestoreOptions {
+                    spec,
+                    target: to,
+                    from: from.as_deref(),
+                },
+            )?;
             if cli.json {
                 print_json(&job);
             } else {
@@ -205,6 +277,62 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     job.elapsed_s
                 );
             }
+        }
+        Command::Peer { action } => match action {
+            PeerAction::Add {
+                name,
+                address,
+                fingerprint,
+                config,
+            } => {
+                let path = config_path(config, &cli.site_dir)?;
+                let replaced = mover::peers::add_to_config(&path, name, address, fingerprint)?;
+                if cli.json {
+                    print_json(&serde_json::json!({
+                        "peer": name, "address": address, "fingerprint": fingerprint,
+                        "config": path, "replaced": replaced,
+                    }));
+                } else {
+                    println!(
+                        "{} peer {name} at {address} ({fingerprint}) in {}; a running daemon picks it up on SIGHUP",
+                        if replaced { "replaced" } else { "added" },
+                        path.display()
+                    );
+                }
+            }
+            PeerAction::List { config } => {
+                let path = config_path(config, &cli.site_dir)?;
+                let config = mover::config::Config::load(&path)?;
+                if cli.json {
+                    let peers: Vec<_> = config
+                        .peers
+                        .iter()
+                        .map(|(name, p)| serde_json::json!({"peer": name, "address": p.address, "fingerprint": p.fingerprint, "bandwidth": p.bandwidth}))
+                        .collect();
+                    print_json(&peers);
+                } else {
+                    for (name, p) in &config.peers {
+                        println!("{name}  {}  {}", p.address, p.fingerprint);
+                    }
+                }
+            }
+        },
+        Command::Daemon { config } => {
+            let json = cli.json;
+            let site_name = mover::config::Config::load(config)?.site.name;
+            mover::daemon::run_foreground(config, |address| {
+                // One line on stdout once peers can connect (tests and scripts wait for it).
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"site": site_name, "listening": address.to_string()})
+                    );
+                } else {
+                    println!("mover daemon: site {site_name} listening on {address}");
+                }
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+            })?;
         }
         Command::Snapshots => {
             let site = Site::open(&site_dir(&cli.site_dir)?)?;

@@ -83,6 +83,7 @@ pub fn run(
         &site,
         &crate::backup::BackupOptions {
             source: &data_dir,
+            to: None,
             tier: None,
         },
     )?;
@@ -103,6 +104,7 @@ pub fn run(
         &site,
         &crate::backup::BackupOptions {
             source: &data_dir,
+            to: None,
             tier: None,
         },
     )?;
@@ -117,6 +119,7 @@ pub fn run(
         &crate::restore::RestoreOptions {
             spec: &snapshot,
             target: &restore_dir,
+            from: None,
         },
     )?;
     let restore_gb_per_s = if restored.elapsed_s > 0.0 {

@@ -16,7 +16,10 @@ use std::time::Instant;
 use crate::backup::path_text;
 use crate::error::{Error, Result};
 use crate::format::manifest::{check_relative_path, Entry, EntryKind, Manifest};
+use crate::format::ChunkId;
 use crate::job::{Job, JobKind, JobState};
+use crate::peers::Link;
+use crate::remote::client::{Control, RemoteChunks};
 use crate::site::Site;
 use crate::store::pack_reader::ChunkReader;
 
@@ -24,6 +27,23 @@ pub struct RestoreOptions<'a> {
     /// `SNAPSHOT[:SUBPATH]`
     pub spec: &'a str,
     pub target: &'a Path,
+    /// Read the snapshot from this peer site instead of this one (`--from SITE`).
+    pub from: Option<&'a str>,
+}
+
+/// Where chunks come from: this site's packs, or a peer streaming them in restore order.
+pub enum ChunkSource<'a> {
+    Local(ChunkReader<'a>),
+    Remote(RemoteChunks),
+}
+
+impl ChunkSource<'_> {
+    fn read(&mut self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
+        match self {
+            ChunkSource::Local(reader) => reader.read(id, out),
+            ChunkSource::Remote(remote) => remote.read(id, out),
+        }
+    }
 }
 
 pub fn parse_spec(spec: &str) -> (&str, Option<&str>) {
@@ -39,20 +59,49 @@ pub fn parse_spec(spec: &str) -> (&str, Option<&str>) {
 pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
     let started = Instant::now();
     let (snapshot, subpath) = parse_spec(options.spec);
-    let info = site.index.find_snapshot(snapshot)?;
-    let id = crate::format::parse_hex32(&info.id).ok_or_else(|| {
-        Error::corrupt(
-            format!("catalog row {}", info.id),
-            "id is not 64 hex digits",
-        )
-    })?;
-    let manifest = site.load_manifest(&id)?;
     let mut job = Job::new(
         JobKind::Restore,
         site.name(),
         options.target.display().to_string(),
     );
-    job.snapshot = Some(info.id.clone());
+    let peer = match options.from {
+        Some(from) => Some((
+            Link::from_config(site, from)?,
+            crate::peers::credentials(site)?,
+        )),
+        None => None,
+    };
+    let (id, manifest) = match &peer {
+        None => {
+            let info = site.index.find_snapshot(snapshot)?;
+            let id = crate::format::parse_hex32(&info.id).ok_or_else(|| {
+                Error::corrupt(
+                    format!("catalog row {}", info.id),
+                    "id is not 64 hex digits",
+                )
+            })?;
+            (id, site.load_manifest(&id)?)
+        }
+        Some((link, credentials)) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Error::Resource(format!("starting a tokio runtime: {e}")))?;
+            let (found, wire) = runtime.block_on(async {
+                let mut control = Control::open(link, credentials, &job.id).await?;
+                let found = control.get_manifest(false, snapshot.as_bytes()).await?;
+                Ok::<_, Error>((found, control.close().await))
+            })?;
+            job.wire_bytes_sent += wire.0;
+            job.wire_bytes_received += wire.1;
+            let (id, object) = found.ok_or_else(|| {
+                Error::NotFound(format!("snapshot {snapshot:?} at {}", link.site))
+            })?;
+            (id, crate::format::manifest::decode(&object, Some(&id))?)
+        }
+    };
+    job.destination = peer.as_ref().map(|(link, _)| link.site.clone());
+    job.snapshot = Some(crate::format::hex(&id));
     job.workers = 1;
     job.direct_io = false;
 
@@ -69,8 +118,16 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
         }
     }
 
+    let mut chunks = match peer {
+        None => ChunkSource::Local(site.chunk_reader()),
+        Some((link, credentials)) => ChunkSource::Remote(RemoteChunks::start(
+            link,
+            credentials,
+            job.id.clone(),
+            read_order(&manifest, &selected),
+        )?),
+    };
     let mut restorer = Restorer {
-        site,
         target,
         manifest: &manifest,
         directories: HashSet::new(),
@@ -79,7 +136,12 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
         is_root: unsafe { libc::geteuid() } == 0,
         job: &mut job,
     };
-    let outcome = restorer.restore(&selected);
+    let outcome = restorer.restore(&selected, &mut chunks);
+    if let ChunkSource::Remote(remote) = &mut chunks {
+        remote.finish();
+        job.wire_bytes_sent += remote.wire_bytes.0;
+        job.wire_bytes_received += remote.wire_bytes.1;
+    }
     job.elapsed_s = started.elapsed().as_secs_f64();
     match outcome {
         Ok(()) => {
@@ -95,6 +157,39 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
             Err(e)
         }
     }
+}
+
+/// The chunks `Restorer::restore` reads, in the order it reads them (a file's chunks when it
+/// is written; a hardlink whose first path is outside the selection carries the content).
+fn read_order(manifest: &Manifest, selected: &[usize]) -> Vec<ChunkId> {
+    let mut written: HashSet<&[u8]> = HashSet::new();
+    let mut order = Vec::new();
+    let push = |entry: &Entry, order: &mut Vec<ChunkId>| {
+        if let EntryKind::File { extents, .. } = &entry.kind {
+            order.extend(extents.iter().flat_map(|e| e.chunks.iter().map(|c| c.id)));
+        }
+    };
+    for &i in selected {
+        let entry = &manifest.entries[i];
+        match &entry.kind {
+            EntryKind::File { .. } => {
+                push(entry, &mut order);
+                written.insert(&entry.path);
+            }
+            EntryKind::Hardlink { target } if !written.contains(target.as_slice()) => {
+                if let Some(source) = manifest
+                    .entries
+                    .iter()
+                    .find(|e| &e.path == target && matches!(e.kind, EntryKind::File { .. }))
+                {
+                    push(source, &mut order);
+                    written.insert(target);
+                }
+            }
+            _ => {}
+        }
+    }
+    order
 }
 
 /// Indices of the entries to restore: all, or the subtree at `subpath`.
@@ -215,7 +310,6 @@ fn prepare_target(target: &Path) -> Result<()> {
 }
 
 struct Restorer<'a> {
-    site: &'a Site,
     target: PathBuf,
     manifest: &'a Manifest,
     directories: HashSet<Vec<u8>>,
@@ -227,9 +321,7 @@ struct Restorer<'a> {
 }
 
 impl Restorer<'_> {
-    fn restore(&mut self, selected: &[usize]) -> Result<()> {
-        let site = self.site;
-        let mut reader = site.chunk_reader();
+    fn restore(&mut self, selected: &[usize], reader: &mut ChunkSource) -> Result<()> {
         let mut directories = Vec::new();
         for &i in selected {
             let entry = &self.manifest.entries[i];
@@ -245,7 +337,7 @@ impl Restorer<'_> {
                     self.job.directories += 1;
                 }
                 EntryKind::File { .. } => {
-                    self.write_file(&mut reader, entry, &path)?;
+                    self.write_file(reader, entry, &path)?;
                     self.restored_files.insert(entry.path.clone(), path);
                 }
                 EntryKind::Symlink { target } => {
@@ -274,7 +366,7 @@ impl Restorer<'_> {
                                     ),
                                 )
                             })?;
-                        self.write_file(&mut reader, source, &path)?;
+                        self.write_file(reader, source, &path)?;
                         self.restored_files.insert(target.clone(), path);
                     }
                 }
@@ -303,7 +395,7 @@ impl Restorer<'_> {
     }
 
     /// Writes a regular file's data at `path` (holes stay holes), then its metadata.
-    fn write_file(&mut self, reader: &mut ChunkReader, entry: &Entry, path: &Path) -> Result<()> {
+    fn write_file(&mut self, reader: &mut ChunkSource, entry: &Entry, path: &Path) -> Result<()> {
         let EntryKind::File { size, extents } = &entry.kind else {
             unreachable!("write_file is called for file entries");
         };

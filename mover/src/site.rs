@@ -203,10 +203,15 @@ impl Site {
     }
 
     pub fn fingerprint(&self) -> Result<String> {
-        let path = self.identity_dir().join("cert.pem");
-        let pem = std::fs::read_to_string(&path).map_err(|e| Error::io("read", &path, e))?;
-        transport::identity::Fingerprint::of_pem(&pem)
-            .map(|f| f.to_string())
-            .map_err(|e| Error::Site(format!("{}: {e}", path.display())))
+        fingerprint_of(&self.identity_dir())
     }
+}
+
+/// The fingerprint of the certificate in an identity directory.
+pub fn fingerprint_of(identity_dir: &Path) -> Result<String> {
+    let path = identity_dir.join("cert.pem");
+    let pem = std::fs::read_to_string(&path).map_err(|e| Error::io("read", &path, e))?;
+    transport::identity::Fingerprint::of_pem(&pem)
+        .map(|f| f.to_string())
+        .map_err(|e| Error::Site(format!("{}: {e}", path.display())))
 }

@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::format::manifest::ChunkRef;
 use crate::format::pack::RecordHeader;
 use crate::format::{ChunkId, Codec};
+use crate::remote::ship::Shipper;
 use crate::scan::WorkItem;
 use crate::store::index::{Index, SealedPack};
 use crate::store::pack_writer::PackWriter;
@@ -61,6 +62,8 @@ pub struct WorkerStats {
     pub chunks_new: u64,
     pub memcpy_bytes: u64,
     pub buffered_files: u64,
+    /// Cross-site jobs: what the worker's connection shipped.
+    pub ship: crate::remote::ship::ShipStats,
 }
 
 /// Everything workers of one job share. Only the `pending` set is written concurrently.
@@ -76,6 +79,17 @@ pub struct JobShared<'a> {
     pub pending: Mutex<HashSet<ChunkId>>,
     /// "O_DIRECT refused, reading buffered" is logged once per job, not per file.
     pub buffered_noted: AtomicBool,
+    /// Set for a cross-site backup: new chunks go to this peer instead of a local pack.
+    pub remote: Option<RemoteTarget>,
+}
+
+/// Where a cross-site backup ships to.
+pub struct RemoteTarget {
+    pub link: crate::peers::Link,
+    pub credentials: transport::tls::SiteCredentials,
+    /// Tier at the destination ("" = its default).
+    pub tier: String,
+    pub job: String,
 }
 
 pub fn run(
@@ -100,8 +114,15 @@ pub fn run(
                 return;
             }
         };
-        let outcome = worker.drain(&work, &reports).await;
-        let outcome = outcome.and_then(|_| worker.seal_pack(&reports));
+        let outcome = worker.start_remote().await;
+        let outcome = match outcome {
+            Ok(()) => worker.drain(&work, &reports).await,
+            Err(e) => Err(e),
+        };
+        let outcome = match outcome {
+            Ok(()) => worker.finish(&reports).await,
+            Err(e) => Err(e),
+        };
         match outcome {
             Ok(()) => {
                 let _ = reports.send(Report::Finished(worker.stats.clone()));
@@ -120,6 +141,7 @@ struct Worker<'a> {
     window: Window,
     compressed: Vec<u8>,
     pack: Option<PackWriter>,
+    shipper: Option<Shipper>,
     stats: WorkerStats,
 }
 
@@ -149,13 +171,51 @@ impl<'a> Worker<'a> {
             )?,
             compressed: vec![0u8; lz4_flex::block::get_maximum_output_size(CHUNK_BYTES_MAX)],
             pack: None,
+            shipper: None,
             stats: WorkerStats::default(),
         })
     }
 
+    /// A cross-site job: connects this worker's own QUIC connection to the destination.
+    async fn start_remote(&mut self) -> Result<()> {
+        if let Some(remote) = &self.shared.remote {
+            self.shipper = Some(
+                Shipper::connect(&remote.link, &remote.credentials, &remote.tier, &remote.job)
+                    .await?,
+            );
+        }
+        Ok(())
+    }
+
+    /// Seals the local pack, or ships what is left and waits for the peer's acknowledgements.
+    async fn finish(&mut self, reports: &Sender<Report>) -> Result<()> {
+        self.seal_pack(reports)?;
+        if let Some(shipper) = self.shipper.take() {
+            self.stats.ship = shipper.finish().await?;
+        }
+        Ok(())
+    }
+
+    /// The next extent. A remote worker must keep its runtime turning while it waits (quinn
+    /// drives the connection as a task on this thread), so it polls instead of blocking.
+    async fn next_item(&self, work: &Receiver<WorkItem>) -> Option<WorkItem> {
+        if self.shipper.is_none() {
+            // Blocking is fine: this thread has nothing else to run between extents.
+            return work.recv().ok();
+        }
+        loop {
+            match work.try_recv() {
+                Ok(item) => return Some(item),
+                Err(crossbeam_channel::TryRecvError::Disconnected) => return None,
+                Err(crossbeam_channel::TryRecvError::Empty) => {
+                    tokio::time::sleep(std::time::Duration::from_micros(500)).await
+                }
+            }
+        }
+    }
+
     async fn drain(&mut self, work: &Receiver<WorkItem>, reports: &Sender<Report>) -> Result<()> {
-        // Blocking receive is fine: this thread has nothing else to run between extents.
-        while let Ok(item) = work.recv() {
+        while let Some(item) = self.next_item(work).await {
             if self.shared.cancelled.load(Ordering::Relaxed) {
                 continue;
             }
@@ -297,7 +357,10 @@ impl<'a> Worker<'a> {
                 let at_end = received >= end || (at_eof && in_flight.is_empty());
                 while !self.window.is_empty() && cut_is_final(self.window.len(), at_end) {
                     let len = next_chunk_len(self.window.held());
-                    let chunk_ref = self.store_chunk(len, &index).map_err(ExtentError::Fatal)?;
+                    let chunk_ref = self
+                        .store_chunk(len, &index)
+                        .await
+                        .map_err(ExtentError::Fatal)?;
                     chunks.push(chunk_ref);
                     self.window.consume(len);
                 }
@@ -321,8 +384,9 @@ impl<'a> Worker<'a> {
         })
     }
 
-    /// Hashes the chunk at the head of the window and stores it unless it is known.
-    fn store_chunk(
+    /// Hashes the chunk at the head of the window and stores it unless it is known (locally,
+    /// or at the destination of a cross-site job: the shipper asks it).
+    async fn store_chunk(
         &mut self,
         len: usize,
         index: &crate::store::index::IndexReader,
@@ -334,7 +398,7 @@ impl<'a> Worker<'a> {
             id,
             len: len as u32,
         };
-        if index.contains(&id)? {
+        if self.shipper.is_none() && index.contains(&id)? {
             return Ok(chunk_ref);
         }
         if !self
@@ -353,6 +417,15 @@ impl<'a> Worker<'a> {
         } else {
             (Codec::Raw, data)
         };
+        if let Some(shipper) = self.shipper.as_mut() {
+            // The destination decides what is new; this copy into the batch is the second
+            // user-space copy of a shipped byte (quinn encrypts from it without another).
+            self.stats.memcpy_bytes += payload.len() as u64;
+            shipper
+                .offer(id.0, codec as u8, len as u32, payload)
+                .await?;
+            return Ok(chunk_ref);
+        }
         let header = RecordHeader::new(id, codec, len, payload);
         if self.pack.is_none() {
             self.pack = Some(PackWriter::create(&self.shared.backend, &self.shared.tier)?);

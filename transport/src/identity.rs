@@ -15,6 +15,8 @@ pub enum IdentityError {
     Generate(#[from] rcgen::Error),
     #[error("certificate PEM is not valid: expected one 'BEGIN CERTIFICATE' block")]
     BadPem,
+    #[error("fingerprint {0:?} is not valid: expected sha256: followed by 64 hex digits (as `mover identity` prints)")]
+    BadFingerprint(String),
 }
 
 /// A freshly generated identity, in PEM, ready to be written to disk.
@@ -34,6 +36,21 @@ impl Fingerprint {
         let mut bytes = [0u8; 32];
         bytes.copy_from_slice(digest.as_ref());
         Fingerprint(bytes)
+    }
+
+    /// Parses `sha256:<64 hex>` (as printed by `mover identity`).
+    pub fn parse(text: &str) -> Result<Self, IdentityError> {
+        let bad = || IdentityError::BadFingerprint(text.to_string());
+        let hex = text.trim().strip_prefix("sha256:").ok_or_else(bad)?;
+        if hex.len() != 64 {
+            return Err(bad());
+        }
+        let mut bytes = [0u8; 32];
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
+                .map_err(|_| bad())?;
+        }
+        Ok(Fingerprint(bytes))
     }
 
     /// Fingerprint of the first certificate in a PEM document.
@@ -141,6 +158,22 @@ mod tests {
         assert_eq!(from_pem, identity.fingerprint);
         assert!(identity.fingerprint.to_string().starts_with("sha256:"));
         assert_eq!(identity.fingerprint.to_string().len(), 7 + 64);
+    }
+
+    #[test]
+    fn fingerprints_parse_back() {
+        let identity = generate("a").unwrap();
+        let text = identity.fingerprint.to_string();
+        assert_eq!(Fingerprint::parse(&text).unwrap(), identity.fingerprint);
+        for bad in [
+            "",
+            "sha256:",
+            "md5:00",
+            &text[..text.len() - 1],
+            &text.replace("sha256:", "sha256:zz")[..71],
+        ] {
+            assert!(Fingerprint::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

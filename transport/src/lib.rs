@@ -1,8 +1,18 @@
 //! mover's peer transport.
 //!
-//! Today this crate holds the site identity: the private key and self-signed certificate that
-//! `mover init` writes, and the certificate fingerprint by which peers pin each other (like SSH's
-//! known_hosts). The sans-IO frame codec and session and the quinn glue land here with the
-//! transport issue, so that everything a peer sees on the wire lives in one crate.
+//! - [`identity`]: the site key and self-signed certificate `mover init` writes, and the
+//!   fingerprint peers pin each other by (like SSH known_hosts).
+//! - [`frame`]: the wire format. Every frame has a type and a length with a hard per-type bound
+//!   checked from the header before any payload is buffered; decoders borrow and never panic.
+//! - [`session`]: the protocol rules as pure state (have/want, credit, acks, manifest parts),
+//!   in the shape of quinn-proto: frames in, decisions out, no sockets, no clocks.
+//! - [`rate`]: the sender's token bucket for per-link bandwidth caps.
+//! - [`tls`] and [`quic`]: the glue. rustls with fingerprint-pinning verifiers on both sides
+//!   (mutual TLS), quinn endpoints with the settings measured to matter, framed stream I/O.
 
+pub mod frame;
 pub mod identity;
+pub mod quic;
+pub mod rate;
+pub mod session;
+pub mod tls;

@@ -174,6 +174,38 @@ pub fn open_record(header: &RecordHeader, payload: &[u8], out: &mut Vec<u8>) -> 
     Ok(())
 }
 
+/// Checks a chunk that arrived from a peer before it is stored: the plaintext (decompressed
+/// into `scratch` when needed) must be `raw_len` bytes whose BLAKE3 is `id`. A raw payload is
+/// hashed where it lies.
+pub fn check_received(
+    id: &ChunkId,
+    codec: Codec,
+    raw_len: u32,
+    payload: &[u8],
+    scratch: &mut Vec<u8>,
+) -> Result<(), Error> {
+    let bad = |detail: String| Error::corrupt(format!("received chunk {id}"), detail);
+    let plaintext: &[u8] = match codec {
+        Codec::Raw => payload,
+        Codec::Lz4 => {
+            scratch.resize(raw_len as usize, 0);
+            let n = lz4_flex::block::decompress_into(payload, scratch)
+                .map_err(|e| bad(format!("lz4 payload: {e}")))?;
+            &scratch[..n]
+        }
+    };
+    if plaintext.len() != raw_len as usize {
+        return Err(bad(format!(
+            "{} bytes of plaintext, expected {raw_len}",
+            plaintext.len()
+        )));
+    }
+    if ChunkId::of(plaintext) != *id {
+        return Err(bad("content hash (BLAKE3) does not match its id".into()));
+    }
+    Ok(())
+}
+
 /// One footer entry: where a record sits in its pack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FooterEntry {

@@ -58,6 +58,30 @@ impl<'a> ChunkReader<'a> {
             .map_err(|e| Error::corrupt(format!("chunk {id} in {key}"), e.to_string()))
     }
 
+    /// Reads chunk `id`'s record as stored (compressed or raw) with its header and payload
+    /// checksum verified, for a peer that checks the plaintext itself.
+    pub fn read_stored(&mut self, id: &ChunkId) -> Result<(RecordHeader, &[u8])> {
+        let location = self.locate(id)?;
+        let backend = self.backend_of(location.pack_id)?;
+        let len = RECORD_HEADER_BYTES + location.stored_len as usize;
+        let key = pack_key(location.pack_id);
+        backend.read_range(&key, location.offset, len, &mut self.record)?;
+        let damaged = |detail: String| Error::corrupt(format!("chunk {id} in {key}"), detail);
+        let header = RecordHeader::decode(&self.record[..RECORD_HEADER_BYTES])
+            .map_err(|e| damaged(e.to_string()))?;
+        if header.id != *id || header.stored_len != location.stored_len {
+            return Err(damaged(format!(
+                "record at offset {} holds chunk {}",
+                location.offset, header.id
+            )));
+        }
+        let payload = &self.record[RECORD_HEADER_BYTES..];
+        if xxhash_rust::xxh3::xxh3_64(payload) != header.payload_xxh3 {
+            return Err(damaged("payload checksum (xxh3) mismatch".into()));
+        }
+        Ok((header, payload))
+    }
+
     fn backend_of(&mut self, pack_id: u64) -> Result<Arc<dyn Backend>> {
         if let Some(backend) = self.pack_tiers.get(&pack_id) {
             return Ok(backend.clone());

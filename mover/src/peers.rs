@@ -1,0 +1,225 @@
+//! Peer sites from the config: address, pinned fingerprint, link settings and bandwidth cap,
+//! and `mover peer add`, which edits the config file in place (comments kept).
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use transport::identity::Fingerprint;
+use transport::quic::LinkSettings;
+use transport::rate::{parse_rate, TokenBucket};
+use transport::tls::{Cipher, SiteCredentials, TrustStore};
+
+use crate::config::PeerSection;
+use crate::error::{Error, Result};
+use crate::site::Site;
+
+/// Checks one `[peers.NAME]` section; the message names the key and what was expected.
+pub fn check(name: &str, peer: &PeerSection) -> std::result::Result<(), String> {
+    transport::identity::validate_site_name(name).map_err(|e| e.to_string())?;
+    if !peer.address.contains(':') {
+        return Err(format!("address {:?}: expected HOST:PORT", peer.address));
+    }
+    Fingerprint::parse(&peer.fingerprint).map_err(|e| format!("fingerprint: {e}"))?;
+    if let Some(size) = peer.udp_payload_bytes_max {
+        if !(1200..=65527).contains(&size) {
+            return Err(format!(
+                "udp_payload_bytes_max = {size}: expected 1200..=65527"
+            ));
+        }
+    }
+    if let Some(rate) = &peer.bandwidth {
+        parse_rate(rate).map_err(|e| format!("bandwidth: {e}"))?;
+    }
+    if let Some(cipher) = &peer.cipher {
+        cipher.parse::<Cipher>().map_err(|e| e.to_string())?;
+    }
+    for (key, value) in [
+        ("stream_window_bytes", peer.stream_window_bytes),
+        ("connection_window_bytes", peer.connection_window_bytes),
+    ] {
+        if let Some(v) = value {
+            if !(64 * 1024..=1 << 30).contains(&v) {
+                return Err(format!("{key} = {v}: expected 64 KiB..=1 GiB"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A configured peer, resolved and ready to dial.
+#[derive(Clone)]
+pub struct Link {
+    pub site: String,
+    pub address: SocketAddr,
+    pub fingerprint: Fingerprint,
+    pub settings: LinkSettings,
+    /// Shared by every connection of this process to the peer, so the cap holds for the link,
+    /// not per worker.
+    pub bucket: Option<Arc<Mutex<TokenBucket>>>,
+}
+
+impl Link {
+    pub fn from_config(site: &Site, name: &str) -> Result<Link> {
+        let peer = site.config.peers.get(name).ok_or_else(|| {
+            let known: Vec<&str> = site.config.peers.keys().map(String::as_str).collect();
+            Error::NotFound(format!(
+                "site {name:?} is not a configured peer (known: {}); add it with `mover peer add {name} HOST:PORT FINGERPRINT`",
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            ))
+        })?;
+        let address = peer
+            .address
+            .to_socket_addrs()
+            .map_err(|e| Error::peer(name, format!("address {:?}: {e}", peer.address)))?
+            .next()
+            .ok_or_else(|| {
+                Error::peer(
+                    name,
+                    format!("address {:?} resolves to nothing", peer.address),
+                )
+            })?;
+        let fingerprint =
+            Fingerprint::parse(&peer.fingerprint).map_err(|e| Error::peer(name, e))?;
+        let mut settings = LinkSettings::for_address(&address);
+        if let Some(size) = peer.udp_payload_bytes_max {
+            settings.udp_payload_bytes_max = size;
+        }
+        if let Some(cipher) = &peer.cipher {
+            settings.cipher = cipher.parse().map_err(|e| Error::peer(name, e))?;
+        }
+        if let Some(v) = peer.stream_window_bytes {
+            settings.stream_window_bytes = v;
+        }
+        if let Some(v) = peer.connection_window_bytes {
+            settings.connection_window_bytes = v;
+            settings.send_window_bytes = settings.send_window_bytes.max(v as u64);
+        }
+        let bucket = match &peer.bandwidth {
+            Some(rate) => {
+                let rate = parse_rate(rate).map_err(|e| Error::peer(name, e))?;
+                // A burst of ~10 ms of the rate, at least one full chunk frame.
+                let burst = (rate / 100).max(transport::frame::FRAME_PAYLOAD_BYTES_MAX as u64);
+                Some(Arc::new(Mutex::new(TokenBucket::new(
+                    rate,
+                    burst,
+                    Instant::now(),
+                ))))
+            }
+            None => None,
+        };
+        Ok(Link {
+            site: name.to_string(),
+            address,
+            fingerprint,
+            settings,
+            bucket,
+        })
+    }
+}
+
+/// This site's TLS credentials from its identity directory.
+pub fn credentials(site: &Site) -> Result<SiteCredentials> {
+    let dir = site.identity_dir();
+    let cert = std::fs::read(dir.join("cert.pem"))
+        .map_err(|e| Error::io("read", dir.join("cert.pem"), e))?;
+    let key = std::fs::read(dir.join("key.pem"))
+        .map_err(|e| Error::io("read", dir.join("key.pem"), e))?;
+    SiteCredentials::from_pem(site.name(), &cert, &key)
+        .map_err(|e| Error::Site(format!("{}: {e}", dir.display())))
+}
+
+/// The configured peers' fingerprints, for the daemon's client verifier.
+pub fn trust_of(config: &crate::config::Config) -> TrustStore {
+    TrustStore::new(trusted_peers(config))
+}
+
+/// (site, fingerprint) of every configured peer (validated when the config was loaded).
+pub fn trusted_peers(config: &crate::config::Config) -> Vec<(String, Fingerprint)> {
+    config
+        .peers
+        .iter()
+        .filter_map(|(name, peer)| {
+            Fingerprint::parse(&peer.fingerprint)
+                .ok()
+                .map(|fp| (name.clone(), fp))
+        })
+        .collect()
+}
+
+/// Adds (or replaces) `[peers.NAME]` in the config file, keeping its comments and layout.
+pub fn add_to_config(
+    config_path: &Path,
+    name: &str,
+    address: &str,
+    fingerprint: &str,
+) -> Result<bool> {
+    let section = PeerSection {
+        address: address.to_string(),
+        fingerprint: fingerprint.to_string(),
+        udp_payload_bytes_max: None,
+        bandwidth: None,
+        cipher: None,
+        stream_window_bytes: None,
+        connection_window_bytes: None,
+    };
+    check(name, &section).map_err(|e| Error::Refused(format!("peer {name}: {e}")))?;
+    let text = std::fs::read_to_string(config_path)
+        .map_err(|e| Error::io("read config", config_path, e))?;
+    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| {
+        Error::Site(format!("{}: {}", config_path.display(), e.message()))
+    })?;
+    let peers = doc
+        .entry("peers")
+        .or_insert_with(|| {
+            let mut table = toml_edit::Table::new();
+            table.set_implicit(true);
+            toml_edit::Item::Table(table)
+        })
+        .as_table_mut()
+        .ok_or_else(|| Error::Site(format!("{}: `peers` is not a table", config_path.display())))?;
+    let replaced = peers.contains_key(name);
+    let mut table = toml_edit::Table::new();
+    table["address"] = toml_edit::value(address);
+    table["fingerprint"] = toml_edit::value(fingerprint.trim());
+    peers.insert(name, toml_edit::Item::Table(table));
+    let new_text = doc.to_string();
+    // The result must still be a valid config before it replaces the old one.
+    crate::config::Config::parse(&new_text, config_path)?;
+    let tmp = config_path.with_extension("toml.tmp");
+    std::fs::write(&tmp, &new_text).map_err(|e| Error::io("write", &tmp, e))?;
+    std::fs::rename(&tmp, config_path).map_err(|e| Error::io("rename", config_path, e))?;
+    Ok(replaced)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_add_keeps_comments_and_validates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mover.toml");
+        std::fs::write(
+            &path,
+            crate::config::template("a", Some("127.0.0.1:7400"), None),
+        )
+        .unwrap();
+        let fp = format!("sha256:{}", "ab".repeat(32));
+        assert!(!add_to_config(&path, "b", "127.0.0.1:7401", &fp).unwrap());
+        assert!(add_to_config(&path, "b", "127.0.0.1:7402", &fp).unwrap());
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("# mover site configuration"), "{text}");
+        let config = crate::config::Config::parse(&text, &path).unwrap();
+        assert_eq!(config.peers["b"].address, "127.0.0.1:7402");
+        let err = add_to_config(&path, "c", "127.0.0.1:7403", "sha256:nope")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fingerprint"), "{err}");
+        let err = add_to_config(&path, "c", "nowhere", &fp)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("HOST:PORT"), "{err}");
+    }
+}

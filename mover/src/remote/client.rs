@@ -1,0 +1,336 @@
+//! Client ends of the Control and Fetch streams: manifest lookup and commit for a cross-site
+//! backup, and the in-order chunk stream a cross-site restore reads from.
+
+use transport::frame::{self, ErrorCode, Frame, Purpose, MANIFEST_PART_BYTES_MAX};
+use transport::quic::{FrameReader, FrameWriter, ReadError};
+use transport::session::{FetchClient, ManifestAssembly};
+use transport::tls::SiteCredentials;
+
+use super::ship::{connect, hello, open_stream, read_failure};
+use crate::constants::{FETCH_IDS_IN_FLIGHT, MANIFEST_BYTES_MAX};
+use crate::error::{Error, Result};
+use crate::format::pack::check_received;
+use crate::format::{ChunkId, Codec};
+use crate::peers::Link;
+
+/// Manifest objects carry a 32-byte header before the (bounded) payload.
+const MANIFEST_OBJECT_BYTES_MAX: u64 = MANIFEST_BYTES_MAX as u64 + 32;
+
+/// A Control stream to a peer.
+pub struct Control {
+    link: Link,
+    endpoint: quinn::Endpoint,
+    connection: quinn::Connection,
+    writer: FrameWriter,
+    reader: FrameReader,
+}
+
+impl Control {
+    pub async fn open(link: &Link, credentials: &SiteCredentials, job: &str) -> Result<Control> {
+        let (endpoint, connection) = connect(link, credentials).await?;
+        let (writer, reader, _, _) = open_stream(
+            link,
+            &connection,
+            &hello(Purpose::Control, &credentials.site, job),
+        )
+        .await?;
+        Ok(Control {
+            link: link.clone(),
+            endpoint,
+            connection,
+            writer,
+            reader,
+        })
+    }
+
+    fn fail(&self, detail: impl std::fmt::Display) -> Error {
+        Error::peer(&self.link.site, detail)
+    }
+
+    async fn send(&mut self, frame: &Frame<'_>) -> Result<()> {
+        let result = self.writer.send(frame).await;
+        result.map_err(|e| self.fail(format!("sending: {e}")))
+    }
+
+    /// Looks a manifest up at the peer: by snapshot spec (id, prefix, `latest`) or the newest
+    /// snapshot this site made of a source path. Returns the id and the stored object bytes.
+    pub async fn get_manifest(
+        &mut self,
+        by_source: bool,
+        key: &[u8],
+    ) -> Result<Option<([u8; 32], Vec<u8>)>> {
+        if key.len() > frame::KEY_BYTES_MAX {
+            return Err(Error::Refused(format!(
+                "manifest key of {} bytes: expected at most {}",
+                key.len(),
+                frame::KEY_BYTES_MAX
+            )));
+        }
+        self.send(&Frame::GetManifest { by_source, key }).await?;
+        let mut assembly = ManifestAssembly::new(MANIFEST_OBJECT_BYTES_MAX);
+        loop {
+            let frame = match self.reader.next().await {
+                Ok(frame) => frame,
+                Err(e) => {
+                    let detail = read_failure(&e, &self.connection);
+                    return Err(self.fail(detail));
+                }
+            };
+            match frame {
+                Frame::NoManifest => return Ok(None),
+                Frame::Error { code, reason } => {
+                    let reason = reason.to_string();
+                    return Err(if code == ErrorCode::NotFound {
+                        Error::NotFound(format!("at {}: {reason}", self.link.site))
+                    } else {
+                        self.fail(reason)
+                    });
+                }
+                ref part @ Frame::ManifestPart { .. } => {
+                    let done = assembly.add(part).map_err(|e| self.fail(e))?;
+                    if done {
+                        let id = assembly.id();
+                        return Ok(Some((id, assembly.into_bytes())));
+                    }
+                }
+                other => {
+                    let detail = format!("unexpected {other:?}");
+                    return Err(Error::peer(&self.link.site, detail));
+                }
+            }
+        }
+    }
+
+    /// Sends a manifest object and commits it as a snapshot at the peer.
+    pub async fn commit(&mut self, id: [u8; 32], object: &[u8]) -> Result<()> {
+        let total = object.len() as u64;
+        for (i, part) in object.chunks(MANIFEST_PART_BYTES_MAX).enumerate() {
+            let offset = (i * MANIFEST_PART_BYTES_MAX) as u64;
+            self.send(&Frame::ManifestPart {
+                id,
+                total,
+                offset,
+                data: part,
+            })
+            .await?;
+        }
+        self.send(&Frame::Commit { id }).await?;
+        let answer = self.reader.next().await;
+        match answer {
+            Ok(Frame::Committed { id: committed }) if committed == id => Ok(()),
+            Ok(Frame::Error { reason, .. }) => {
+                let reason = reason.to_string();
+                Err(self.fail(format!("snapshot not committed: {reason}")))
+            }
+            Ok(other) => {
+                let detail = format!("answered the commit with {other:?}");
+                Err(self.fail(detail))
+            }
+            Err(e) => {
+                let detail = read_failure(&e, &self.connection);
+                Err(self.fail(detail))
+            }
+        }
+    }
+
+    /// Closes the connection; returns the UDP bytes it sent and received.
+    pub async fn close(mut self) -> (u64, u64) {
+        self.writer.finish();
+        let stats = self.connection.stats();
+        self.connection.close(0u32.into(), b"done");
+        self.endpoint.wait_idle().await;
+        (stats.udp_tx.bytes, stats.udp_rx.bytes)
+    }
+}
+
+/// One chunk as the peer stores it.
+struct Fetched {
+    id: [u8; 32],
+    codec: u8,
+    raw_len: u32,
+    payload: Vec<u8>,
+}
+
+/// Chunks from a peer, in the order a restore reads them. A thread of its own runs the
+/// connection; a bounded channel (8 chunks) between it and the restore is the backpressure.
+pub struct RemoteChunks {
+    site: String,
+    chunks: tokio::sync::mpsc::Receiver<Result<Fetched>>,
+    thread: Option<std::thread::JoinHandle<(u64, u64)>>,
+    scratch: Vec<u8>,
+    pub wire_bytes: (u64, u64),
+}
+
+impl RemoteChunks {
+    /// Starts fetching `ids` (in this order) from the peer.
+    pub fn start(
+        link: Link,
+        credentials: SiteCredentials,
+        job: String,
+        ids: Vec<ChunkId>,
+    ) -> Result<RemoteChunks> {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let site = link.site.clone();
+        let thread = std::thread::Builder::new()
+            .name("mover-fetch".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(Error::Resource(format!(
+                            "starting the fetch runtime: {e}"
+                        ))));
+                        return (0, 0);
+                    }
+                };
+                runtime.block_on(fetch_all(link, credentials, job, ids, tx))
+            })
+            .map_err(|e| Error::Resource(format!("spawning the fetch thread: {e}")))?;
+        Ok(RemoteChunks {
+            site,
+            chunks: rx,
+            thread: Some(thread),
+            scratch: Vec::new(),
+            wire_bytes: (0, 0),
+        })
+    }
+
+    /// The plaintext of the next chunk, which must be `id`; verified before it is returned.
+    pub fn read(&mut self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
+        let fetched = self
+            .chunks
+            .blocking_recv()
+            .ok_or_else(|| Error::peer(&self.site, "fetch ended early"))??;
+        if fetched.id != id.0 {
+            return Err(Error::peer(
+                &self.site,
+                format!("sent chunk {} where {id} was expected", ChunkId(fetched.id)),
+            ));
+        }
+        let codec = Codec::from_u8(fetched.codec)
+            .ok_or_else(|| Error::peer(&self.site, "unknown codec"))?;
+        check_received(
+            id,
+            codec,
+            fetched.raw_len,
+            &fetched.payload,
+            &mut self.scratch,
+        )?;
+        out.clear();
+        match codec {
+            Codec::Raw => out.extend_from_slice(&fetched.payload),
+            Codec::Lz4 => out.extend_from_slice(&self.scratch[..fetched.raw_len as usize]),
+        }
+        Ok(())
+    }
+
+    /// Waits for the fetch thread; records the UDP bytes of its connection.
+    pub fn finish(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            // The thread ends once every chunk was read (or on its first error).
+            self.chunks.close();
+            while self.chunks.try_recv().is_ok() {}
+            if let Ok(bytes) = thread.join() {
+                self.wire_bytes = bytes;
+            }
+        }
+    }
+}
+
+async fn fetch_all(
+    link: Link,
+    credentials: SiteCredentials,
+    job: String,
+    ids: Vec<ChunkId>,
+    tx: tokio::sync::mpsc::Sender<Result<Fetched>>,
+) -> (u64, u64) {
+    let (endpoint, connection) = match connect(&link, &credentials).await {
+        Ok(pair) => pair,
+        Err(e) => {
+            let _ = tx.send(Err(e)).await;
+            return (0, 0);
+        }
+    };
+    let outcome = fetch_on(&link, &connection, &credentials, &job, &ids, &tx).await;
+    if let Err(e) = outcome {
+        let _ = tx.send(Err(e)).await;
+    }
+    let stats = connection.stats();
+    connection.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+    (stats.udp_tx.bytes, stats.udp_rx.bytes)
+}
+
+async fn fetch_on(
+    link: &Link,
+    connection: &quinn::Connection,
+    credentials: &SiteCredentials,
+    job: &str,
+    ids: &[ChunkId],
+    tx: &tokio::sync::mpsc::Sender<Result<Fetched>>,
+) -> Result<()> {
+    let (mut writer, mut reader, _, _) = open_stream(
+        link,
+        connection,
+        &hello(Purpose::Fetch, &credentials.site, job),
+    )
+    .await?;
+    let mut client = FetchClient::new();
+    let ids: Vec<[u8; 32]> = ids.iter().map(|id| id.0).collect();
+    let mut asked = 0;
+    let mut received = 0;
+    let fail = |detail: String| Error::peer(&link.site, detail);
+    while received < ids.len() {
+        while asked < ids.len()
+            && client.outstanding() + frame::IDS_PER_FRAME_MAX <= FETCH_IDS_IN_FLIGHT
+        {
+            let batch = &ids[asked..(asked + frame::IDS_PER_FRAME_MAX).min(ids.len())];
+            let seq = client.fetch(batch);
+            writer
+                .send(&Frame::Fetch {
+                    seq,
+                    ids: frame::id_list(batch),
+                })
+                .await
+                .map_err(|e| fail(format!("sending fetch: {e}")))?;
+            asked += batch.len();
+        }
+        let frame = reader.next().await.map_err(|e| match e {
+            ReadError::Finished => fail("closed the stream early".into()),
+            e => fail(read_failure(&e, connection)),
+        })?;
+        if let Frame::Error { code, reason } = frame {
+            return Err(if code == ErrorCode::NotFound {
+                Error::NotFound(format!("at {}: {reason}", link.site))
+            } else {
+                fail(reason.to_string())
+            });
+        }
+        let id = client.handle(&frame).map_err(|e| fail(e.to_string()))?;
+        let Frame::Chunk {
+            codec,
+            raw_len,
+            payload,
+            ..
+        } = frame
+        else {
+            unreachable!("the fetch session accepts only chunks");
+        };
+        let fetched = Fetched {
+            id,
+            codec,
+            raw_len,
+            payload: payload.to_vec(),
+        };
+        // Waits while the restore is behind; QUIC flow control holds the peer back meanwhile.
+        if tx.send(Ok(fetched)).await.is_err() {
+            return Ok(());
+        }
+        received += 1;
+    }
+    writer.finish();
+    Ok(())
+}

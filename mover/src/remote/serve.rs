@@ -1,0 +1,486 @@
+//! The daemon's peer service: accepts QUIC connections from configured peers and serves their
+//! streams: Store (have/want, verified chunks into a pack, acknowledgements once durable),
+//! Control (manifest lookup, manifest upload and snapshot commit) and Fetch (chunks for a
+//! restore).
+//!
+//! Every peer frame goes through the bounded decoder and the sans-IO session; a stream that
+//! breaks the protocol is answered with an Error frame naming the reason and closed, and the
+//! daemon goes on serving everyone else. What a peer can make us hold in memory: per
+//! connection the QUIC receive window, per stream one frame (≤ 4 MiB + 37 B) and, on Control
+//! streams, one manifest (≤ 1 GiB, grown only as its parts arrive).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use transport::frame::{ErrorCode, Frame, Purpose, MANIFEST_PART_BYTES_MAX};
+use transport::quic::{FrameReader, FrameWriter, ReadError};
+use transport::session::{negotiate, ManifestAssembly, ReceiverInput, StoreReceiver};
+use transport::tls::TrustStore;
+
+use crate::constants::{MANIFEST_BYTES_MAX, PEER_CONNECTIONS_MAX, RECEIVE_UNACKED_BYTES_MAX};
+use crate::error::Error;
+use crate::format::manifest::{self, EntryKind};
+use crate::format::pack::{check_received, RecordHeader};
+use crate::format::{hex, ChunkId, Codec};
+use crate::site::Site;
+use crate::store::pack_writer::PackWriter;
+use crate::store::{manifest_key, Backend, SnapshotInfo};
+
+/// Why a stream was closed: the code and reason go to the peer and into our log.
+#[derive(Debug)]
+struct Failure {
+    code: ErrorCode,
+    reason: String,
+}
+
+impl Failure {
+    fn protocol(reason: impl std::fmt::Display) -> Failure {
+        Failure {
+            code: ErrorCode::Protocol,
+            reason: reason.to_string(),
+        }
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Failure {
+        let code = match e {
+            Error::NotFound(_) => ErrorCode::NotFound,
+            Error::Refused(_) => ErrorCode::Refused,
+            Error::Corrupt { .. } => ErrorCode::Corrupt,
+            _ => ErrorCode::Internal,
+        };
+        Failure {
+            code,
+            reason: e.to_string(),
+        }
+    }
+}
+
+impl From<quinn::WriteError> for Failure {
+    fn from(e: quinn::WriteError) -> Failure {
+        Failure::protocol(format!("writing to the stream: {e}"))
+    }
+}
+
+impl From<ReadError> for Failure {
+    fn from(e: ReadError) -> Failure {
+        Failure::protocol(e)
+    }
+}
+
+/// Accepts peers until `shutdown` resolves, then closes every connection.
+pub async fn accept_loop(
+    site: Arc<Site>,
+    endpoint: quinn::Endpoint,
+    trust: TrustStore,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(PEER_CONNECTIONS_MAX));
+    tokio::pin!(shutdown);
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => incoming,
+            () = &mut shutdown => break,
+        };
+        let Some(incoming) = incoming else { break };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(remote = %incoming.remote_address(), limit = PEER_CONNECTIONS_MAX, "refused peer connection: too many connections");
+            incoming.refuse();
+            continue;
+        };
+        let (site, trust) = (site.clone(), trust.clone());
+        tokio::spawn(async move {
+            connection(site, trust, incoming).await;
+            drop(slot);
+        });
+    }
+    endpoint.close(0u32.into(), b"daemon shutting down");
+    endpoint.wait_idle().await;
+}
+
+async fn connection(site: Arc<Site>, trust: TrustStore, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let connection = match incoming.await {
+        Ok(connection) => connection,
+        Err(e) => {
+            tracing::warn!(%remote, error = %e, "peer connection failed during the handshake");
+            return;
+        }
+    };
+    // The TLS verifier already refused unknown certificates; this names the site.
+    let Some(peer) =
+        transport::quic::peer_fingerprint(&connection).and_then(|fp| trust.site_of(&fp))
+    else {
+        tracing::error!(%remote, "refused peer: its certificate is no longer trusted");
+        connection.close(2u32.into(), b"not a configured peer");
+        return;
+    };
+    tracing::info!(%remote, peer = %peer, "peer connected");
+    loop {
+        match connection.accept_bi().await {
+            Ok((send, recv)) => {
+                let (site, peer) = (site.clone(), peer.clone());
+                tokio::spawn(async move { stream(site, peer, send, recv).await });
+            }
+            Err(quinn::ConnectionError::ApplicationClosed(_))
+            | Err(quinn::ConnectionError::LocallyClosed) => break,
+            Err(e) => {
+                tracing::warn!(%remote, peer = %peer, error = %e, "peer connection lost");
+                break;
+            }
+        }
+    }
+}
+
+async fn stream(site: Arc<Site>, peer: String, send: quinn::SendStream, recv: quinn::RecvStream) {
+    let mut writer = FrameWriter::new(send);
+    let mut reader = FrameReader::new(recv);
+    let outcome = serve_stream(&site, &peer, &mut writer, &mut reader).await;
+    match outcome {
+        Ok(()) => writer.finish(),
+        Err(failure) => {
+            tracing::warn!(peer = %peer, code = ?failure.code, reason = %failure.reason, "closed a peer stream");
+            let _ = writer
+                .send(&Frame::Error {
+                    code: failure.code,
+                    reason: &failure.reason,
+                })
+                .await;
+            writer.finish();
+            reader.stop(failure.code as u32);
+        }
+    }
+}
+
+async fn serve_stream(
+    site: &Site,
+    peer: &str,
+    writer: &mut FrameWriter,
+    reader: &mut FrameReader,
+) -> Result<(), Failure> {
+    let (version, purpose, tier, job) = match reader.next().await? {
+        Frame::Hello {
+            version_min,
+            version_max,
+            purpose,
+            site: claimed,
+            tier,
+            job,
+        } => {
+            let version = negotiate(version_min, version_max).ok_or_else(|| Failure {
+                code: ErrorCode::Refused,
+                reason: format!(
+                    "no common protocol version: peer speaks {version_min}..={version_max}, we speak {}..={}",
+                    transport::frame::VERSION_MIN,
+                    transport::frame::VERSION_MAX
+                ),
+            })?;
+            if claimed != peer {
+                return Err(Failure {
+                    code: ErrorCode::Refused,
+                    reason: format!(
+                        "hello names site {claimed:?} but the certificate is {peer:?}'s"
+                    ),
+                });
+            }
+            (version, purpose, tier.to_string(), job.to_string())
+        }
+        other => return Err(Failure::protocol(format!("expected Hello, got {other:?}"))),
+    };
+    match purpose {
+        Purpose::Store => store(site, peer, writer, reader, version, &tier, &job).await,
+        Purpose::Control => {
+            writer.send(&welcome(site, version)).await?;
+            control(site, peer, writer, reader, &job).await
+        }
+        Purpose::Fetch => {
+            writer.send(&welcome(site, version)).await?;
+            fetch(site, writer, reader).await
+        }
+    }
+}
+
+fn welcome(site: &Site, version: u16) -> Frame<'_> {
+    Frame::Welcome {
+        version,
+        site: site.name(),
+        unacked_bytes_max: RECEIVE_UNACKED_BYTES_MAX,
+    }
+}
+
+/// Seals the open pack and commits its chunks: after this they are durable and findable.
+fn seal_and_commit(site: &Site, pack: &mut Option<PackWriter>) -> Result<u64, Error> {
+    let Some(writer) = pack.take() else {
+        return Ok(0);
+    };
+    if writer.is_empty() {
+        return Ok(0);
+    }
+    tokio::task::block_in_place(|| {
+        let sealed = writer.seal()?;
+        site.index.commit_pack(&sealed)?;
+        Ok(sealed.bytes)
+    })
+}
+
+async fn store(
+    site: &Site,
+    peer: &str,
+    writer: &mut FrameWriter,
+    reader: &mut FrameReader,
+    version: u16,
+    tier: &str,
+    job: &str,
+) -> Result<(), Failure> {
+    let tier = if tier.is_empty() {
+        site.config.default_tier()
+    } else {
+        tier
+    };
+    let backend: Arc<dyn Backend> = site.tier(tier)?.clone();
+    let mut session = StoreReceiver::new(RECEIVE_UNACKED_BYTES_MAX);
+    writer.send(&session.welcome(version, site.name())).await?;
+    let pack_target = site.config.pack_target_bytes();
+    let mut pack: Option<PackWriter> = None;
+    let mut scratch = Vec::new();
+    let mut chunks = 0u64;
+    let mut bytes = 0u64;
+    let outcome: Result<(), Failure> = async {
+        loop {
+            let frame = match reader.next().await {
+                Ok(frame) => frame,
+                Err(ReadError::Finished) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            if let Frame::Error { reason, .. } = frame {
+                return Err(Failure::protocol(format!("peer gave up: {reason}")));
+            }
+            match session.handle(&frame).map_err(Failure::protocol)? {
+                ReceiverInput::Query { seq, ids } => {
+                    let index = site.index.reader()?;
+                    let mut wanted = Vec::with_capacity(ids.len());
+                    for id in ids.iter() {
+                        wanted.push(!index.contains(&ChunkId(id))?);
+                    }
+                    let bitmap = session.answer(ids, &wanted);
+                    writer
+                        .send(&Frame::Missing {
+                            seq,
+                            count: ids.len() as u32,
+                            bitmap: &bitmap,
+                        })
+                        .await?;
+                }
+                ReceiverInput::Chunk {
+                    id,
+                    codec,
+                    raw_len,
+                    payload,
+                } => {
+                    let id = ChunkId(id);
+                    let codec =
+                        Codec::from_u8(codec).ok_or_else(|| Failure::protocol("unknown codec"))?;
+                    check_received(&id, codec, raw_len, payload, &mut scratch)?;
+                    let header = RecordHeader::new(id, codec, raw_len as usize, payload);
+                    if pack.is_none() {
+                        pack = Some(PackWriter::create(&backend, tier)?);
+                    }
+                    let open = pack.as_mut().expect("created above");
+                    open.append(&header, payload)?;
+                    chunks += 1;
+                    bytes += payload.len() as u64;
+                    if open.bytes() >= pack_target
+                        || session.pending_bytes() >= RECEIVE_UNACKED_BYTES_MAX / 2
+                    {
+                        seal_and_commit(site, &mut pack)?;
+                        writer.send(&session.durable()).await?;
+                    }
+                }
+                ReceiverInput::Flush { .. } => {
+                    seal_and_commit(site, &mut pack)?;
+                    writer.send(&session.durable()).await?;
+                }
+            }
+        }
+    }
+    .await;
+    // Chunks that arrived intact are kept even when the stream failed: they were verified,
+    // and a resumed job then finds them instead of sending them again.
+    if let Err(e) = seal_and_commit(site, &mut pack) {
+        tracing::error!(peer = %peer, job = %job, error = %e, "could not keep the chunks received before the stream ended");
+    }
+    tracing::info!(peer = %peer, job = %job, tier = %tier, chunks, bytes, "store stream ended");
+    outcome
+}
+
+async fn control(
+    site: &Site,
+    peer: &str,
+    writer: &mut FrameWriter,
+    reader: &mut FrameReader,
+    job: &str,
+) -> Result<(), Failure> {
+    let mut assembly = ManifestAssembly::new(MANIFEST_BYTES_MAX as u64 + 32);
+    loop {
+        let frame = match reader.next().await {
+            Ok(frame) => frame,
+            Err(ReadError::Finished) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        match frame {
+            Frame::GetManifest { by_source, key } => {
+                let found = if by_source {
+                    let snapshots = site.index.snapshots()?;
+                    snapshots
+                        .into_iter()
+                        .rev()
+                        .find(|s| s.site == peer && s.source.as_bytes() == key)
+                } else {
+                    let spec = std::str::from_utf8(key)
+                        .map_err(|_| Failure::protocol("snapshot spec is not UTF-8"))?;
+                    Some(site.index.find_snapshot(spec)?)
+                };
+                let Some(info) = found else {
+                    writer.send(&Frame::NoManifest).await?;
+                    continue;
+                };
+                let id = crate::format::parse_hex32(&info.id).ok_or_else(|| {
+                    Error::corrupt(
+                        format!("catalog row {}", info.id),
+                        "id is not 64 hex digits",
+                    )
+                })?;
+                let object = site.metadata.read_all(&manifest_key(&id))?;
+                let total = object.len() as u64;
+                for (i, part) in object.chunks(MANIFEST_PART_BYTES_MAX).enumerate() {
+                    writer
+                        .send(&Frame::ManifestPart {
+                            id,
+                            total,
+                            offset: (i * MANIFEST_PART_BYTES_MAX) as u64,
+                            data: part,
+                        })
+                        .await?;
+                }
+            }
+            ref part @ Frame::ManifestPart { .. } => {
+                assembly.add(part).map_err(Failure::protocol)?;
+            }
+            Frame::Commit { id } => {
+                let done = std::mem::replace(
+                    &mut assembly,
+                    ManifestAssembly::new(MANIFEST_BYTES_MAX as u64 + 32),
+                );
+                if done.id() != id {
+                    return Err(Failure::protocol("commit of a manifest that was not sent"));
+                }
+                let object = done.into_bytes();
+                tokio::task::block_in_place(|| commit(site, peer, job, &id, &object))?;
+                writer.send(&Frame::Committed { id }).await?;
+            }
+            other => {
+                return Err(Failure::protocol(format!(
+                    "unexpected {other:?} on a control stream"
+                )))
+            }
+        }
+    }
+}
+
+/// Makes a received snapshot visible: manifest checked against its id, every chunk it names
+/// present in the index, manifest durable, then the catalog row.
+fn commit(site: &Site, peer: &str, job: &str, id: &[u8; 32], object: &[u8]) -> Result<(), Error> {
+    let manifest = manifest::decode(object, Some(id))?;
+    let index = site.index.reader()?;
+    let mut missing = 0u64;
+    let mut first_missing = None;
+    let mut bytes = 0;
+    let (mut files, mut directories) = (0, 0);
+    for entry in &manifest.entries {
+        match &entry.kind {
+            EntryKind::File { size, extents } => {
+                files += 1;
+                bytes += size;
+                for chunk in extents.iter().flat_map(|e| &e.chunks) {
+                    if !index.contains(&chunk.id)? {
+                        missing += 1;
+                        first_missing.get_or_insert(chunk.id);
+                    }
+                }
+            }
+            EntryKind::Directory => directories += 1,
+            _ => {}
+        }
+    }
+    if let Some(first) = first_missing {
+        return Err(Error::Refused(format!(
+            "snapshot {} names {missing} chunks this site does not hold (first: {first}); nothing was committed",
+            hex(id)
+        )));
+    }
+    let key = manifest_key(id);
+    if !site.metadata.exists(&key)? {
+        site.metadata.put_durable(&key, object)?;
+    }
+    let tier = if manifest.tier.is_empty() || !site.tiers.contains_key(&manifest.tier) {
+        site.config.default_tier().to_string()
+    } else {
+        manifest.tier.clone()
+    };
+    site.index.put_snapshot(&SnapshotInfo {
+        id: hex(id),
+        time: crate::job::rfc3339(manifest.created_unix_ns / 1_000_000_000),
+        created_unix_ns: manifest.created_unix_ns,
+        site: manifest.site.clone(),
+        tier,
+        source: String::from_utf8_lossy(&manifest.source).into_owned(),
+        hostname: manifest.hostname.clone(),
+        parent: manifest.parent.as_ref().map(|p| hex(p)),
+        job: job.to_string(),
+        files,
+        directories,
+        bytes,
+        warnings: 0,
+    })?;
+    tracing::info!(peer = %peer, job = %job, snapshot = %hex(id), files, bytes, "committed a snapshot from a peer");
+    Ok(())
+}
+
+async fn fetch(
+    site: &Site,
+    writer: &mut FrameWriter,
+    reader: &mut FrameReader,
+) -> Result<(), Failure> {
+    let mut chunks = site.chunk_reader();
+    loop {
+        let frame = match reader.next().await {
+            Ok(frame) => frame,
+            Err(ReadError::Finished) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let Frame::Fetch { ids, .. } = frame else {
+            return Err(Failure::protocol(format!(
+                "unexpected {frame:?} on a fetch stream"
+            )));
+        };
+        let ids: Vec<[u8; 32]> = ids.iter().collect();
+        for id in ids {
+            let (header, payload) = tokio::task::block_in_place(|| {
+                chunks
+                    .read_stored(&ChunkId(id))
+                    .map(|(header, payload)| (header, Bytes::copy_from_slice(payload)))
+            })
+            .map_err(|e| match e {
+                Error::Corrupt { detail, what } if detail.contains("not in the index") => Failure {
+                    code: ErrorCode::NotFound,
+                    reason: format!("{what}: {detail}"),
+                },
+                other => other.into(),
+            })?;
+            writer
+                .send_chunk(&id, header.codec as u8, header.raw_len, payload)
+                .await?;
+        }
+    }
+}

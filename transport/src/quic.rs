@@ -1,0 +1,315 @@
+//! quinn glue: endpoints with mover's transport settings, and framed reads and writes on
+//! streams.
+//!
+//! The settings that matter were measured on this kind of machine (../shared/MEASUREMENTS.md):
+//! the UDP payload size is worth ~4x (loopback and jumbo-frame fabrics carry 64 KiB datagrams),
+//! and with large datagrams GSO must be off, because quinn batches more than the kernel accepts
+//! per send and the EMSGSIZE that follows is silently taken for a failed MTU probe. Socket
+//! buffers are enlarged so bursts are not dropped by the kernel.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{Endpoint, EndpointConfig, TransportConfig, VarInt};
+
+use crate::frame::{self, Frame, FrameError, Header, FRAME_HEADER_BYTES};
+use crate::tls::{self, Cipher, SiteCredentials, TrustStore};
+
+/// Per-link transport settings (from the peer's section of the config).
+#[derive(Clone, Debug)]
+pub struct LinkSettings {
+    /// Largest UDP payload MTU discovery may climb to: 1452 for Ethernet WANs, 8952 for jumbo
+    /// frames, 65527 on loopback.
+    pub udp_payload_bytes_max: u16,
+    pub stream_window_bytes: u32,
+    pub connection_window_bytes: u32,
+    pub send_window_bytes: u64,
+    pub socket_buffer_bytes: usize,
+    pub cipher: Cipher,
+    pub idle_timeout: Duration,
+}
+
+/// Above this payload size quinn's GSO batches exceed what one send may carry.
+const GSO_PAYLOAD_BYTES_MAX: u16 = 6500;
+
+impl LinkSettings {
+    /// Defaults for a link to `address`: loopback gets loopback's 64 KiB datagrams.
+    pub fn for_address(address: &SocketAddr) -> LinkSettings {
+        LinkSettings {
+            udp_payload_bytes_max: if address.ip().is_loopback() {
+                65527
+            } else {
+                1452
+            },
+            stream_window_bytes: 16 << 20,
+            connection_window_bytes: 32 << 20,
+            send_window_bytes: 32 << 20,
+            socket_buffer_bytes: 32 << 20,
+            cipher: Cipher::Aes128,
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+
+    fn transport(&self) -> TransportConfig {
+        let mut t = TransportConfig::default();
+        t.max_idle_timeout(Some(
+            self.idle_timeout
+                .try_into()
+                .expect("idle timeout fits a QUIC varint"),
+        ));
+        t.keep_alive_interval(Some(self.idle_timeout / 4));
+        t.stream_receive_window(VarInt::from_u32(self.stream_window_bytes));
+        t.receive_window(VarInt::from_u32(self.connection_window_bytes));
+        t.send_window(self.send_window_bytes);
+        t.max_concurrent_bidi_streams(VarInt::from_u32(8));
+        t.max_concurrent_uni_streams(VarInt::from_u32(0));
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(self.udp_payload_bytes_max);
+        t.mtu_discovery_config(Some(mtu));
+        t.enable_segmentation_offload(self.udp_payload_bytes_max <= GSO_PAYLOAD_BYTES_MAX);
+        t
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuicError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("UDP socket {address}: {source}")]
+    Socket {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("connecting to {site} at {address}: {detail}")]
+    Connect {
+        site: String,
+        address: SocketAddr,
+        detail: String,
+    },
+}
+
+fn udp_socket(address: SocketAddr, buffer_bytes: usize) -> Result<UdpSocket, QuicError> {
+    let socket =
+        UdpSocket::bind(address).map_err(|source| QuicError::Socket { address, source })?;
+    set_buffers(&socket, buffer_bytes);
+    Ok(socket)
+}
+
+/// Large socket buffers: as root the FORCE variants bypass net.core.{r,w}mem_max; otherwise
+/// the kernel caps the request at those sysctls (raise them on real nodes; see the README).
+fn set_buffers(socket: &UdpSocket, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    let value = bytes.min(i32::MAX as usize) as libc::c_int;
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        for option in [force, plain] {
+            // SAFETY: setsockopt on a descriptor we own with a c_int value of the right size.
+            let rc = unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    &value as *const libc::c_int as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc == 0 {
+                break;
+            }
+        }
+    }
+}
+
+fn endpoint_config(settings: &LinkSettings) -> EndpointConfig {
+    let mut config = EndpointConfig::default();
+    config
+        .max_udp_payload_size(settings.udp_payload_bytes_max)
+        .expect("payload size within QUIC's bounds");
+    config
+}
+
+/// A listening endpoint that accepts the peers in `trust`. Must run inside a tokio runtime.
+pub fn server(
+    listen: SocketAddr,
+    credentials: &SiteCredentials,
+    trust: TrustStore,
+    settings: &LinkSettings,
+) -> Result<Endpoint, QuicError> {
+    let crypto = tls::server_config(credentials, trust)?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(settings.transport()));
+    let socket = udp_socket(listen, settings.socket_buffer_bytes)?;
+    Endpoint::new(
+        endpoint_config(settings),
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| QuicError::Socket {
+        address: listen,
+        source,
+    })
+}
+
+/// Connects to `site` at `address`, which must present `expected`. Creates a client endpoint
+/// of its own, so each worker thread has its own socket and connection.
+pub async fn connect(
+    credentials: &SiteCredentials,
+    site: &str,
+    address: SocketAddr,
+    expected: crate::identity::Fingerprint,
+    settings: &LinkSettings,
+) -> Result<(Endpoint, quinn::Connection), QuicError> {
+    let crypto = tls::client_config(credentials, site, expected, settings.cipher)?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(Arc::new(settings.transport()));
+    let bind: SocketAddr = if address.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal")
+    } else {
+        "[::]:0".parse().expect("literal")
+    };
+    let socket = udp_socket(bind, settings.socket_buffer_bytes)?;
+    let mut endpoint = Endpoint::new(
+        endpoint_config(settings),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| QuicError::Socket {
+        address: bind,
+        source,
+    })?;
+    endpoint.set_default_client_config(client);
+    let fail = |detail: String| QuicError::Connect {
+        site: site.to_string(),
+        address,
+        detail,
+    };
+    let connecting = endpoint
+        .connect(address, &format!("{site}.mover"))
+        .map_err(|e| fail(e.to_string()))?;
+    let connection = connecting.await.map_err(|e| fail(e.to_string()))?;
+    Ok((endpoint, connection))
+}
+
+/// Why reading a frame failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("stream closed by the peer")]
+    Finished,
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("{0}")]
+    Stream(String),
+}
+
+/// Reads frames from a stream into one reusable buffer, never larger than the biggest frame.
+pub struct FrameReader {
+    stream: quinn::RecvStream,
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    pub fn new(stream: quinn::RecvStream) -> FrameReader {
+        FrameReader {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The next frame; the header is checked before its payload is read.
+    pub async fn next(&mut self) -> Result<Frame<'_>, ReadError> {
+        let mut header = [0u8; FRAME_HEADER_BYTES];
+        match self.stream.read_exact(&mut header).await {
+            Ok(()) => {}
+            Err(quinn::ReadExactError::FinishedEarly(0)) => return Err(ReadError::Finished),
+            // A peer that closes its connection normally (code 0) between frames is done too.
+            Err(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(
+                quinn::ConnectionError::ApplicationClosed(close),
+            ))) if close.error_code == VarInt::from_u32(0) => return Err(ReadError::Finished),
+            Err(quinn::ReadExactError::FinishedEarly(_)) => {
+                return Err(ReadError::Stream(
+                    "stream ended inside a frame header".into(),
+                ))
+            }
+            Err(quinn::ReadExactError::ReadError(e)) => {
+                return Err(ReadError::Stream(e.to_string()))
+            }
+        }
+        let header = Header::decode(&header)?;
+        self.buf.resize(header.len, 0);
+        self.stream
+            .read_exact(&mut self.buf)
+            .await
+            .map_err(|e| match e {
+                quinn::ReadExactError::FinishedEarly(_) => {
+                    ReadError::Stream("stream ended inside a frame".into())
+                }
+                quinn::ReadExactError::ReadError(e) => ReadError::Stream(e.to_string()),
+            })?;
+        Ok(frame::decode(header, &self.buf)?)
+    }
+
+    pub fn stop(&mut self, code: u32) {
+        let _ = self.stream.stop(VarInt::from_u32(code));
+    }
+}
+
+/// Encodes and writes frames; reuses one buffer for small frames.
+pub struct FrameWriter {
+    stream: quinn::SendStream,
+    buf: Vec<u8>,
+}
+
+impl FrameWriter {
+    pub fn new(stream: quinn::SendStream) -> FrameWriter {
+        FrameWriter {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub async fn send(&mut self, frame: &Frame<'_>) -> Result<(), quinn::WriteError> {
+        self.buf.clear();
+        frame::encode(frame, &mut self.buf);
+        self.stream.write_all(&self.buf).await
+    }
+
+    /// Sends a chunk frame whose payload is already a `Bytes` (no copy here; quinn keeps it
+    /// until acknowledged).
+    pub async fn send_chunk(
+        &mut self,
+        id: &[u8; 32],
+        codec: u8,
+        raw_len: u32,
+        payload: bytes::Bytes,
+    ) -> Result<(), quinn::WriteError> {
+        let prefix = frame::chunk_frame_prefix(id, codec, raw_len, payload.len());
+        self.stream
+            .write_all_chunks(&mut [bytes::Bytes::copy_from_slice(&prefix), payload])
+            .await
+    }
+
+    /// Closes our side after the peer read everything sent.
+    pub fn finish(&mut self) {
+        let _ = self.stream.finish();
+    }
+
+    pub fn reset(&mut self, code: u32) {
+        let _ = self.stream.reset(VarInt::from_u32(code));
+    }
+}
+
+/// The fingerprint of the certificate the peer presented on this connection.
+pub fn peer_fingerprint(connection: &quinn::Connection) -> Option<crate::identity::Fingerprint> {
+    let identity = connection.peer_identity()?;
+    let certificates = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    certificates
+        .first()
+        .map(|der| crate::identity::Fingerprint::of_der(der))
+}

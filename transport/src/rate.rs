@@ -1,0 +1,119 @@
+//! A token bucket for per-link bandwidth caps, enforced by the sender. Time is an argument so
+//! the arithmetic is tested without sleeping.
+
+use std::time::{Duration, Instant};
+
+#[derive(Debug)]
+pub struct TokenBucket {
+    bytes_per_second: u64,
+    burst_bytes: u64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A bucket refilled at `bytes_per_second` holding at most `burst_bytes` (at least one
+    /// frame's worth, or a large chunk could never be sent).
+    pub fn new(bytes_per_second: u64, burst_bytes: u64, now: Instant) -> TokenBucket {
+        assert!(bytes_per_second > 0 && burst_bytes > 0);
+        TokenBucket {
+            bytes_per_second,
+            burst_bytes,
+            tokens: burst_bytes as f64,
+            last: now,
+        }
+    }
+
+    pub fn bytes_per_second(&self) -> u64 {
+        self.bytes_per_second
+    }
+
+    /// Takes `bytes` and returns how long the caller must wait before sending them. Debt is
+    /// allowed (tokens go negative) so a frame larger than the burst still goes out, later.
+    pub fn take(&mut self, bytes: u64, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = self.last.max(now);
+        self.tokens =
+            (self.tokens + elapsed * self.bytes_per_second as f64).min(self.burst_bytes as f64);
+        self.tokens -= bytes as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.bytes_per_second as f64)
+        }
+    }
+}
+
+/// Parses a rate such as `1GB/s`, `125MB/s`, `1gbit`, `100mbit`, `500KiB/s` or a plain number
+/// of bytes per second.
+pub fn parse_rate(text: &str) -> Result<u64, String> {
+    let t = text.trim().to_ascii_lowercase();
+    let expected = || {
+        format!(
+            "rate {text:?}: expected a number with a unit such as 1GB/s, 125MB/s, 1gbit or 100mbit"
+        )
+    };
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number.parse().map_err(|_| expected())?;
+    let unit = unit.trim().trim_end_matches("/s").trim_end_matches("ps");
+    let bytes_per_unit: f64 = match unit {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "bit" => 1.0 / 8.0,
+        "kbit" => 1e3 / 8.0,
+        "mbit" => 1e6 / 8.0,
+        "gbit" => 1e9 / 8.0,
+        _ => return Err(expected()),
+    };
+    let rate = number * bytes_per_unit;
+    if !rate.is_finite() || !(1.0..=1e15).contains(&rate) {
+        return Err(format!("rate {text:?}: expected between 1 B/s and 1 PB/s"));
+    }
+    Ok(rate as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!(parse_rate("1GB/s").unwrap(), 1_000_000_000);
+        assert_eq!(parse_rate("1gbit").unwrap(), 125_000_000);
+        assert_eq!(parse_rate("100Mbit").unwrap(), 12_500_000);
+        assert_eq!(parse_rate("512KiB/s").unwrap(), 512 * 1024);
+        assert_eq!(parse_rate("1000").unwrap(), 1000);
+        for bad in ["", "fast", "1 furlong", "0", "-5MB/s"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bucket_paces_to_its_rate() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(1000, 100, start);
+        assert_eq!(bucket.take(100, start), Duration::ZERO);
+        // Empty: 500 bytes more take half a second.
+        let wait = bucket.take(500, start);
+        assert!((wait.as_secs_f64() - 0.5).abs() < 1e-9, "{wait:?}");
+        // A second later the debt is paid and 500 tokens accrued, capped at the burst.
+        let later = start + Duration::from_secs(2);
+        assert_eq!(bucket.take(100, later), Duration::ZERO);
+        // Sending 10 000 bytes over 10 s in pieces never runs ahead of the rate.
+        let mut bucket = TokenBucket::new(1000, 100, start);
+        let mut now = start;
+        for _ in 0..100 {
+            now += bucket.take(100, now);
+        }
+        let elapsed = now.duration_since(start).as_secs_f64();
+        assert!((9.8..=10.0).contains(&elapsed), "{elapsed}");
+    }
+}
