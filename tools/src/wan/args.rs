@@ -1,0 +1,416 @@
+//! Command line of `mover-wan`: a hand-written parser so that every mistake is reported as one
+//! line naming the flag and what was expected (clap's usage errors span several lines).
+
+use std::ffi::OsString;
+use std::net::{SocketAddr, ToSocketAddrs};
+
+/// Longest one-way delay, jitter or queue accepted: a minute is already far beyond any WAN.
+const MAX_MS: f64 = 60_000.0;
+/// Highest link rate accepted (1 Pbit/s); keeps every time computation far from overflow.
+const MAX_RATE_BITS: f64 = 1e15;
+
+pub const USAGE: &str = "\
+usage: mover-wan --to ADDR [--listen ADDR] [--delay-ms MS] [--jitter-ms MS] [--loss P]
+                 [--rate RATE] [--queue-ms MS] [--buffer-mib MIB] [--seed N] [--json-stats]
+
+UDP relay that makes two local processes (QUIC endpoints) look far apart. Datagrams sent to
+--listen go to --to from one upstream socket per client address; replies come back. Each
+direction has its own delay, jitter, loss and rate cap, so the round trip is 2 x --delay-ms.
+
+  --to ADDR         where client datagrams go (host:port), required
+  --listen ADDR     address clients send to (default 127.0.0.1:0; port 0 picks one)
+  --delay-ms MS     one-way delay per direction (default 0; fractions allowed)
+  --jitter-ms MS    extra uniform delay in [0, MS] per datagram; never reorders (default 0)
+  --loss P          independent drop probability per datagram in [0, 1] (default 0)
+  --rate RATE       link rate per direction: 100mbit, 1gbit, 125MB/s, 1GiB/s, 50Mb/s or a
+                    plain number of bits/s (default unlimited); counts UDP payload bytes
+  --queue-ms MS     bottleneck queue in time at --rate; drop-tail beyond it (default 100)
+  --buffer-mib MIB  relay buffer per direction (default sized from rate, delay and queue)
+  --seed N          seed of the loss and jitter generators (default 1)
+  --json-stats      on SIGTERM/SIGINT print one JSON object of per-direction counters
+
+Prints `listening on ADDR` once started; exits 0 on SIGTERM or SIGINT, 2 on bad arguments.";
+
+/// Everything the relay needs, in the units it computes with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub to: SocketAddr,
+    pub link: LinkParams,
+    pub buffer_bytes: Option<usize>,
+    pub seed: u64,
+    pub json_stats: bool,
+}
+
+/// The emulated link of one direction.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LinkParams {
+    pub delay_ns: u64,
+    pub jitter_ns: u64,
+    /// Drop probability in [0, 1].
+    pub loss: f64,
+    /// None: unlimited.
+    pub rate_bits_per_s: Option<u64>,
+    pub queue_ns: u64,
+}
+
+impl Default for LinkParams {
+    fn default() -> Self {
+        LinkParams {
+            delay_ns: 0,
+            jitter_ns: 0,
+            loss: 0.0,
+            rate_bits_per_s: None,
+            queue_ns: 100_000_000,
+        }
+    }
+}
+
+#[derive(Debug, PartialEq)]
+pub enum Parsed {
+    Run(Box<Config>),
+    Help,
+    Version,
+}
+
+/// Parses the arguments after the program name.
+pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, String> {
+    let mut listen: Option<SocketAddr> = None;
+    let mut to: Option<SocketAddr> = None;
+    let mut link = LinkParams::default();
+    let mut buffer_bytes = None;
+    let mut seed = 1u64;
+    let mut json_stats = false;
+
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let arg = arg
+            .into_string()
+            .map_err(|a| format!("argument {a:?} is not UTF-8"))?;
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg, None),
+        };
+        match flag.as_str() {
+            "-h" | "--help" => return Ok(Parsed::Help),
+            "-V" | "--version" => return Ok(Parsed::Version),
+            "--json-stats" => {
+                if inline.is_some() {
+                    return Err("--json-stats: takes no value".into());
+                }
+                json_stats = true;
+                continue;
+            }
+            _ => {}
+        }
+        let mut value = || -> Result<String, String> {
+            match inline.clone() {
+                Some(v) => Ok(v),
+                None => match args.next() {
+                    Some(v) => v
+                        .into_string()
+                        .map_err(|v| format!("{flag}: value {v:?} is not UTF-8")),
+                    None => Err(format!("{flag}: missing value")),
+                },
+            }
+        };
+        match flag.as_str() {
+            "--listen" => listen = Some(parse_addr(&flag, &value()?)?),
+            "--to" => to = Some(parse_addr(&flag, &value()?)?),
+            "--delay-ms" => link.delay_ns = parse_ms(&flag, &value()?)?,
+            "--jitter-ms" => link.jitter_ns = parse_ms(&flag, &value()?)?,
+            "--queue-ms" => link.queue_ns = parse_ms(&flag, &value()?)?,
+            "--loss" => link.loss = parse_probability(&flag, &value()?)?,
+            "--rate" => {
+                let v = value()?;
+                link.rate_bits_per_s =
+                    Some(parse_rate(&v).map_err(|e| format!("--rate {v:?}: {e}"))?);
+            }
+            "--buffer-mib" => {
+                let v = value()?;
+                let mib: usize = v
+                    .parse()
+                    .ok()
+                    .filter(|m| (1..=16_384).contains(m))
+                    .ok_or_else(|| {
+                        format!("--buffer-mib {v:?}: expected a whole number of MiB in 1..=16384")
+                    })?;
+                buffer_bytes = Some(mib << 20);
+            }
+            "--seed" => {
+                let v = value()?;
+                seed = v
+                    .parse()
+                    .map_err(|_| format!("--seed {v:?}: expected a whole number in 0..2^64"))?;
+            }
+            other => {
+                return Err(format!(
+                    "unknown argument {other:?} (see --help for the flags)"
+                ))
+            }
+        }
+    }
+    let to = to.ok_or("--to: required, the address to relay to, e.g. --to 127.0.0.1:4433")?;
+    let listen = listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+    Ok(Parsed::Run(Box::new(Config {
+        listen,
+        to,
+        link,
+        buffer_bytes,
+        seed,
+        json_stats,
+    })))
+}
+
+fn parse_addr(flag: &str, text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let expected = "expected host:port such as 127.0.0.1:4433 or [::1]:4433";
+    // Resolve names such as localhost:4433; an unresolvable one is an argument error.
+    match text.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("{flag} {text:?}: resolves to no address; {expected}")),
+        Err(_) => Err(format!("{flag} {text:?}: {expected}")),
+    }
+}
+
+fn parse_ms(flag: &str, text: &str) -> Result<u64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(ms) if ms.is_finite() && (0.0..=MAX_MS).contains(&ms) => Ok((ms * 1e6).round() as u64),
+        _ => Err(format!(
+            "{flag} {text:?}: expected milliseconds, a number in 0..=60000 such as 25 or 0.5"
+        )),
+    }
+}
+
+fn parse_probability(flag: &str, text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(format!(
+            "{flag} {text:?}: expected a probability in [0, 1] such as 0.005"
+        )),
+    }
+}
+
+/// Parses a link rate into bits per second.
+///
+/// Units: `bit` with decimal (k, m, g, t) or binary (ki, mi, gi, ti) prefixes, any case
+/// (`100mbit`, `1Gbit`); `b/s` for bits and `B/s` for bytes with the same prefixes
+/// (`50Mb/s`, `125MB/s`, `1GiB/s`); no unit is bits/s. `bps` forms are refused: `tc` reads
+/// `mbps` as megabytes per second while most people mean megabits.
+pub fn parse_rate(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let unit = unit.trim();
+    let number: f64 = number.parse().map_err(|_| {
+        "expected a number with a unit such as 100mbit, 1gbit or 125MB/s".to_string()
+    })?;
+    let prefix_multiplier = |prefix: &str| -> Option<f64> {
+        Some(match prefix.to_ascii_lowercase().as_str() {
+            "" => 1.0,
+            "k" => 1e3,
+            "m" => 1e6,
+            "g" => 1e9,
+            "t" => 1e12,
+            "ki" => 1024.0,
+            "mi" => 1024.0 * 1024.0,
+            "gi" => 1024.0 * 1024.0 * 1024.0,
+            "ti" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+            _ => return None,
+        })
+    };
+    let lower = unit.to_ascii_lowercase();
+    let (prefix, bits_per_unit) = if let Some(p) = unit.strip_suffix("B/s") {
+        (p, 8.0)
+    } else if let Some(p) = unit.strip_suffix("b/s") {
+        (p, 1.0)
+    } else if lower.ends_with("bit") {
+        (&unit[..unit.len() - 3], 1.0)
+    } else if lower.ends_with("bps") {
+        return Err(
+            "\"bps\" is ambiguous (tc reads mbps as megabytes/s); write 100mbit or 12.5MB/s".into(),
+        );
+    } else if unit.is_empty() {
+        ("", 1.0)
+    } else {
+        return Err(format!(
+            "unknown unit {unit:?}; expected bit, kbit, mbit, gbit, tbit, b/s, B/s (k, M, G, T, Ki, Mi, Gi, Ti prefixes) or none for bits/s"
+        ));
+    };
+    let multiplier = prefix_multiplier(prefix).ok_or_else(|| {
+        format!("unknown prefix {prefix:?} in {unit:?}; expected k, M, G, T, Ki, Mi, Gi or Ti")
+    })?;
+    let bits = number * multiplier * bits_per_unit;
+    if !bits.is_finite() || bits < 1.0 {
+        return Err("expected a rate of at least 1 bit/s".into());
+    }
+    if bits > MAX_RATE_BITS {
+        return Err("expected a rate of at most 1 Pbit/s".into());
+    }
+    Ok(bits.round() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<Config, String> {
+        match parse(args.iter().map(OsString::from))? {
+            Parsed::Run(c) => Ok(*c),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("100mbit"), Ok(100_000_000));
+        assert_eq!(parse_rate("1gbit"), Ok(1_000_000_000));
+        assert_eq!(parse_rate("1Gbit"), Ok(1_000_000_000));
+        assert_eq!(parse_rate("2.5gbit"), Ok(2_500_000_000));
+        assert_eq!(parse_rate("125MB/s"), Ok(1_000_000_000));
+        assert_eq!(parse_rate("50Mb/s"), Ok(50_000_000));
+        assert_eq!(parse_rate("1GiB/s"), Ok(8 * (1 << 30)));
+        assert_eq!(parse_rate("10kibit"), Ok(10_240));
+        assert_eq!(parse_rate("1000000"), Ok(1_000_000));
+        assert_eq!(parse_rate(" 10 gbit "), Ok(10_000_000_000));
+        assert_eq!(parse_rate("B/s").map_err(|_| ()), Err(()));
+        for bad in [
+            "",
+            "0",
+            "0mbit",
+            "1gbps",
+            "1 furlongs",
+            "1xbit",
+            "-5mbit",
+            "1e9",
+            "2Pbit",
+            "9999tbit",
+        ] {
+            assert!(parse_rate(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn full_command_line() {
+        let c = run(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--to",
+            "127.0.0.1:4433",
+            "--delay-ms",
+            "25",
+            "--jitter-ms=2",
+            "--loss",
+            "0.005",
+            "--rate",
+            "1gbit",
+            "--queue-ms",
+            "50",
+            "--seed",
+            "7",
+            "--json-stats",
+        ])
+        .unwrap();
+        assert_eq!(c.to, "127.0.0.1:4433".parse().unwrap());
+        assert_eq!(c.link.delay_ns, 25_000_000);
+        assert_eq!(c.link.jitter_ns, 2_000_000);
+        assert_eq!(c.link.loss, 0.005);
+        assert_eq!(c.link.rate_bits_per_s, Some(1_000_000_000));
+        assert_eq!(c.link.queue_ns, 50_000_000);
+        assert_eq!(c.seed, 7);
+        assert!(c.json_stats);
+        let d = run(&["--to", "[::1]:9"]).unwrap();
+        assert_eq!(d.listen, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(d.link, LinkParams::default());
+    }
+
+    #[test]
+    fn odd_values_never_panic() {
+        let values = [
+            "",
+            " ",
+            "-",
+            ".",
+            "..",
+            "1..2",
+            "é",
+            "1é",
+            "1ébit",
+            "1 kibit/s",
+            "1e400",
+            "-0",
+            "inf",
+            "nan",
+            "18446744073709551616",
+            "99999999999999999999999",
+            "1\u{0}",
+            "1B/sB/s",
+            "bit",
+            "1KiB/s",
+            "0.0000001",
+            "[::1]:99999",
+            ":80",
+            "localhost:",
+        ];
+        let flags = [
+            "--listen",
+            "--to",
+            "--delay-ms",
+            "--jitter-ms",
+            "--loss",
+            "--rate",
+            "--queue-ms",
+            "--buffer-mib",
+            "--seed",
+        ];
+        for flag in flags {
+            for value in values {
+                let _ = parse(["--to", "127.0.0.1:9", flag, value].map(OsString::from));
+                let _ = parse([format!("{flag}={value}")].map(OsString::from));
+                let _ = parse_rate(value);
+            }
+        }
+    }
+
+    #[test]
+    fn errors_name_the_flag() {
+        for (args, flag) in [
+            (&["--delay-ms", "25"][..], "--to"),
+            (&["--to", "nowhere"][..], "--to"),
+            (
+                &["--to", "127.0.0.1:1", "--delay-ms", "abc"][..],
+                "--delay-ms",
+            ),
+            (
+                &["--to", "127.0.0.1:1", "--delay-ms", "-1"][..],
+                "--delay-ms",
+            ),
+            (
+                &["--to", "127.0.0.1:1", "--jitter-ms", "NaN"][..],
+                "--jitter-ms",
+            ),
+            (&["--to", "127.0.0.1:1", "--loss", "1.5"][..], "--loss"),
+            (&["--to", "127.0.0.1:1", "--rate", "fast"][..], "--rate"),
+            (&["--to", "127.0.0.1:1", "--seed", "x"][..], "--seed"),
+            (&["--to", "127.0.0.1:1", "--queue-ms"][..], "--queue-ms"),
+            (
+                &["--to", "127.0.0.1:1", "--buffer-mib", "0"][..],
+                "--buffer-mib",
+            ),
+            (
+                &["--to", "127.0.0.1:1", "--json-stats=yes"][..],
+                "--json-stats",
+            ),
+            (&["--to", "127.0.0.1:1", "--bogus"][..], "--bogus"),
+        ] {
+            let e = run(args).unwrap_err();
+            assert!(e.contains(flag), "{e:?} should name {flag}");
+            assert!(!e.contains('\n'), "{e:?} should be one line");
+        }
+    }
+}
