@@ -35,6 +35,9 @@ pub fn check(name: &str, peer: &PeerSection) -> std::result::Result<(), String> 
     if let Some(cipher) = &peer.cipher {
         cipher.parse::<Cipher>().map_err(|e| e.to_string())?;
     }
+    if let Some(congestion) = &peer.congestion {
+        congestion.parse::<transport::quic::Congestion>()?;
+    }
     for (key, value) in [
         ("stream_window_bytes", peer.stream_window_bytes),
         ("connection_window_bytes", peer.connection_window_bytes),
@@ -88,6 +91,9 @@ impl Link {
         }
         if let Some(cipher) = &peer.cipher {
             settings.cipher = cipher.parse().map_err(|e| Error::peer(name, e))?;
+        }
+        if let Some(congestion) = &peer.congestion {
+            settings.congestion = congestion.parse().map_err(|e: String| Error::peer(name, e))?;
         }
         if let Some(v) = peer.stream_window_bytes {
             settings.stream_window_bytes = v;
@@ -161,6 +167,7 @@ pub fn add_to_config(
         udp_payload_bytes_max: None,
         bandwidth: None,
         cipher: None,
+        congestion: None,
         stream_window_bytes: None,
         connection_window_bytes: None,
     };

@@ -28,6 +28,30 @@ pub struct LinkSettings {
     pub socket_buffer_bytes: usize,
     pub cipher: Cipher,
     pub idle_timeout: Duration,
+    pub congestion: Congestion,
+}
+
+/// Congestion control. Cubic (quinn's default) reads loss as congestion, so a path with
+/// random loss (0.5% on a long WAN) caps it far below the link rate; BBR models bandwidth and
+/// RTT instead and keeps such a link full. quinn marks its BBR as experimental.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Congestion {
+    #[default]
+    Cubic,
+    Bbr,
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Congestion, String> {
+        match s {
+            "cubic" => Ok(Congestion::Cubic),
+            "bbr" => Ok(Congestion::Bbr),
+            other => Err(format!(
+                "congestion {other:?} is not known: expected cubic or bbr"
+            )),
+        }
+    }
 }
 
 /// Above this payload size quinn's GSO batches exceed what one send may carry.
@@ -48,6 +72,7 @@ impl LinkSettings {
             socket_buffer_bytes: 32 << 20,
             cipher: Cipher::Aes128,
             idle_timeout: Duration::from_secs(30),
+            congestion: Congestion::Cubic,
         }
     }
 
@@ -68,6 +93,9 @@ impl LinkSettings {
         mtu.upper_bound(self.udp_payload_bytes_max);
         t.mtu_discovery_config(Some(mtu));
         t.enable_segmentation_offload(self.udp_payload_bytes_max <= GSO_PAYLOAD_BYTES_MAX);
+        if self.congestion == Congestion::Bbr {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        }
         t
     }
 }
@@ -142,8 +170,12 @@ pub fn server(
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(Arc::new(settings.transport()));
     let socket = udp_socket(listen, settings.socket_buffer_bytes)?;
+    // Accept datagrams as large as any client may send (jumbo or loopback paths); what we
+    // send is still bounded by `settings` and what MTU discovery finds.
+    let mut accept = settings.clone();
+    accept.udp_payload_bytes_max = 65527;
     Endpoint::new(
-        endpoint_config(settings),
+        endpoint_config(&accept),
         Some(server),
         socket,
         Arc::new(quinn::TokioRuntime),
