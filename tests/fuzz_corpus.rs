@@ -1,14 +1,32 @@
 //! Replays every committed fuzz corpus file through the decoders it was found for, so an input
-//! that once crashed a decoder is checked on every `cargo test`.
+//! that once crashed a decoder is checked on every `cargo test`. The frame and session
+//! properties are the fuzz targets' own code, included from `fuzz/src`.
 
-use std::path::Path;
+use std::collections::BTreeSet;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
 
 use mover::format::{manifest, pack};
 
-fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+#[path = "../fuzz/src/frame_roundtrip.rs"]
+mod frame_roundtrip;
+#[path = "../fuzz/src/session_ops.rs"]
+mod session_ops;
+
+fn corpus_dir(target: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../fuzz/corpus")
-        .join(target);
+        .join(target)
+}
+
+fn is_seed(name: &str) -> bool {
+    name.rsplit('/')
+        .next()
+        .is_some_and(|f| f.starts_with("seed-"))
+}
+
+fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = corpus_dir(target);
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
@@ -69,10 +87,7 @@ fn pack_corpus_decodes_or_fails_cleanly() {
         let footer = &bytes[footer_offset as usize..bytes.len() - pack::TRAILER_BYTES];
         // Committed seeds are real packs and must open fully; other corpus files (left by a
         // local fuzz run) only have to be handled without a panic.
-        let is_seed = name
-            .rsplit('/')
-            .next()
-            .is_some_and(|f| f.starts_with("seed-"));
+        let is_seed = is_seed(&name);
         let entries_decoded = match pack::decode_footer(footer, checksum) {
             Ok(decoded) => decoded,
             Err(e) => {
@@ -101,5 +116,108 @@ fn pack_corpus_decodes_or_fails_cleanly() {
                 Err(e) => assert!(!is_seed, "{name}: {e}"),
             }
         }
+    }
+}
+
+/// Runs `f` on a corpus file, naming the file when it panics.
+fn named<T>(name: &str, f: impl FnOnce() -> T) -> T {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        eprintln!("corpus file {name} failed");
+        resume_unwind(panic)
+    })
+}
+
+#[test]
+fn frame_corpus_round_trips() {
+    let files = corpus("frame_decode");
+    assert!(!files.is_empty());
+    let mut kinds = BTreeSet::new();
+    for (name, bytes) in files {
+        let frames = named(&name, || frame_roundtrip::check(&bytes));
+        if is_seed(&name) {
+            // Seeds are whole, valid streams.
+            let seen = frame_roundtrip::kinds(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(frames > 0 && frames == seen.len(), "{name}");
+            kinds.extend(seen);
+        }
+    }
+    assert_eq!(
+        kinds,
+        (1..=14).collect(),
+        "the frame_decode seeds must cover every frame type"
+    );
+}
+
+#[test]
+fn session_corpus_keeps_the_invariants() {
+    let files = corpus("session");
+    assert!(!files.is_empty());
+    let mut seeds = session_ops::Stats::default();
+    for (name, bytes) in files {
+        let stats = named(&name, || session_ops::run(&bytes));
+        if is_seed(&name) {
+            seeds.ops += stats.ops;
+            seeds.chunks_acked += stats.chunks_acked;
+            seeds.largest_chunk = seeds.largest_chunk.max(stats.largest_chunk);
+            seeds.credit_waits += stats.credit_waits;
+            seeds.refused += stats.refused;
+            seeds.injected_accepted += stats.injected_accepted;
+            seeds.fetched += stats.fetched;
+            seeds.manifests += stats.manifests;
+            seeds.drained |= stats.drained;
+        }
+    }
+    // The seeds reach every state worth mutating from; if an op's encoding changes, regenerate
+    // them (see `write_seeds`).
+    assert!(seeds.ops > 0 && seeds.chunks_acked > 0, "{seeds:?}");
+    assert_eq!(
+        seeds.largest_chunk,
+        transport::frame::CHUNK_BYTES_MAX,
+        "{seeds:?}"
+    );
+    assert!(seeds.credit_waits > 0 && seeds.refused > 0, "{seeds:?}");
+    assert!(
+        seeds.injected_accepted > 0 && seeds.fetched > 0,
+        "{seeds:?}"
+    );
+    assert!(seeds.manifests > 0 && seeds.drained, "{seeds:?}");
+}
+
+fn generated_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
+    let frames = frame_roundtrip::seed_streams()
+        .into_iter()
+        .map(|(name, bytes)| ("frame_decode", format!("seed-{name}"), bytes));
+    let sessions = session_ops::seed_programs()
+        .into_iter()
+        .map(|(name, bytes)| ("session", format!("seed-{name}"), bytes));
+    frames.chain(sessions).collect()
+}
+
+#[test]
+fn committed_seeds_are_current() {
+    for (target, name, bytes) in generated_seeds() {
+        let path = corpus_dir(target).join(&name);
+        let committed = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(
+            committed == bytes,
+            "{} differs from what the code generates now: run \
+             `cargo test -p mover --test fuzz_corpus -- --ignored write_seeds`",
+            path.display()
+        );
+        if target == "session" {
+            let (config, ops) = session_ops::decode_program(&bytes);
+            assert_eq!(session_ops::encode_program(config, &ops), bytes, "{name}");
+        }
+    }
+}
+
+/// Writes the generated seeds into `fuzz/corpus/<target>/seed-*`.
+#[test]
+#[ignore = "writes the seed files: run by hand after a format change"]
+fn write_seeds() {
+    for (target, name, bytes) in generated_seeds() {
+        let dir = corpus_dir(target);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(name), bytes).unwrap();
     }
 }

@@ -215,6 +215,28 @@ pub struct Header {
     pub len: usize,
 }
 
+impl Frame<'_> {
+    /// The frame type's name, for messages (never the payload: it can be megabytes).
+    pub fn name(&self) -> &'static str {
+        kind_name(match self {
+            Frame::Hello { .. } => 1,
+            Frame::Welcome { .. } => 2,
+            Frame::Query { .. } => 3,
+            Frame::Missing { .. } => 4,
+            Frame::Chunk { .. } => 5,
+            Frame::Flush { .. } => 6,
+            Frame::Ack { .. } => 7,
+            Frame::ManifestPart { .. } => 8,
+            Frame::Commit { .. } => 9,
+            Frame::Committed { .. } => 10,
+            Frame::Fetch { .. } => 11,
+            Frame::GetManifest { .. } => 12,
+            Frame::NoManifest => 13,
+            Frame::Error { .. } => 14,
+        })
+    }
+}
+
 fn kind_name(kind: u8) -> &'static str {
     match kind {
         1 => "Hello",

@@ -76,7 +76,8 @@ impl StoreSender {
     /// `queries_max` bounds the queries in flight (and with them the chunks the caller holds
     /// while it waits for answers).
     pub fn new(queries_max: usize) -> StoreSender {
-        assert!(queries_max > 0);
+        // More would be refused by an honest receiver.
+        assert!(queries_max > 0 && queries_max <= QUERIES_OPEN_MAX);
         StoreSender {
             welcomed: false,
             next_seq: 1,
@@ -106,6 +107,14 @@ impl StoreSender {
 
     // ---- getters
 
+    pub fn is_welcomed(&self) -> bool {
+        self.welcomed
+    }
+    /// Chunks the receiver asked for that have not been sent ([`StoreSender::chunk_sent`]
+    /// needs one).
+    pub fn chunks_owed(&self) -> u64 {
+        self.owed
+    }
     pub fn can_query(&self) -> bool {
         self.welcomed && self.outstanding.len() < self.queries_max
     }
@@ -195,6 +204,9 @@ impl StoreSender {
                         "answer to query {seq} with {count} ids, expected query {expected} with {sent_count}"
                     )));
                 }
+                if bitmap.len() != (count as usize).div_ceil(8) {
+                    return Err(violation("answer bitmap does not match its id count"));
+                }
                 self.outstanding.pop_front();
                 let wanted: Vec<bool> = (0..count as usize)
                     .map(|i| bitmap[i / 8] & (1 << (i % 8)) != 0)
@@ -230,12 +242,7 @@ impl StoreSender {
 }
 
 fn unexpected(frame: &Frame<'_>, ready: bool) -> SessionError {
-    let name = format!("{frame:?}");
-    let name = name
-        .split([' ', '{', '('])
-        .next()
-        .unwrap_or("frame")
-        .to_string();
+    let name = frame.name();
     violation(if ready {
         format!("unexpected {name} frame")
     } else {
@@ -276,9 +283,14 @@ pub struct StoreReceiver {
 
 /// Unanswered queries a receiver tolerates; a sender needs only a few to fill a pipe.
 pub const QUERIES_OPEN_MAX: usize = 16;
+/// Ids a receiver asked for and still waits for (512 KiB of ids): a sender that keeps
+/// querying without sending what it was asked for is refused.
+pub const WANTED_IDS_MAX: usize = QUERIES_OPEN_MAX * IDS_PER_FRAME_MAX;
 
 impl StoreReceiver {
     pub fn new(unacked_bytes_max: u64) -> StoreReceiver {
+        // Less than one chunk frame of credit is refused by every sender.
+        assert!(unacked_bytes_max >= frame::FRAME_PAYLOAD_BYTES_MAX as u64);
         StoreReceiver {
             next_query: 1,
             wanted: VecDeque::new(),
@@ -300,6 +312,12 @@ impl StoreReceiver {
         }
     }
 
+    /// Queries handed out by [`StoreReceiver::handle`] and not answered yet
+    /// ([`StoreReceiver::answer`] needs one).
+    pub fn queries_open(&self) -> usize {
+        self.queries_open
+    }
+
     /// Bytes received since the last [`StoreReceiver::durable`].
     pub fn pending_bytes(&self) -> u64 {
         self.received_bytes - self.durable_bytes
@@ -317,6 +335,11 @@ impl StoreReceiver {
                 if self.queries_open >= QUERIES_OPEN_MAX {
                     return Err(violation(format!(
                         "more than {QUERIES_OPEN_MAX} queries without reading the answers"
+                    )));
+                }
+                if self.wanted.len() + ids.len() > WANTED_IDS_MAX {
+                    return Err(violation(format!(
+                        "more than {WANTED_IDS_MAX} chunks asked for and not sent"
                     )));
                 }
                 self.next_query += 1;
@@ -395,7 +418,7 @@ impl StoreReceiver {
 }
 
 /// The client side of a Fetch stream: chunks come back in the order they were asked for.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FetchClient {
     next_seq: u64,
     expected: VecDeque<[u8; 32]>,
@@ -482,6 +505,11 @@ impl ManifestAssembly {
         } else if id != self.id || total != self.total || offset != self.bytes.len() as u64 {
             return Err(violation(
                 "manifest part does not continue the manifest being sent",
+            ));
+        }
+        if offset.saturating_add(data.len() as u64) > self.total {
+            return Err(violation(
+                "manifest part extends beyond the manifest's total",
             ));
         }
         if data.is_empty() && total > 0 {
@@ -597,7 +625,7 @@ mod tests {
 
     #[test]
     fn receiver_refuses_a_sender_beyond_its_credit() {
-        let mut receiver = StoreReceiver::new(15);
+        let mut receiver = StoreReceiver::new(frame::FRAME_PAYLOAD_BYTES_MAX as u64);
         let ids = [[1u8; 32], [2u8; 32]];
         receiver
             .handle(&Frame::Query {
@@ -606,14 +634,16 @@ mod tests {
             })
             .unwrap();
         receiver.answer(id_list(&ids), &[true, true]);
-        let chunk = |id| Frame::Chunk {
+        let big = vec![0u8; frame::CHUNK_BYTES_MAX];
+        let chunk = |id, payload: &'static [u8]| Frame::Chunk {
             id,
             codec: 0,
-            raw_len: 10,
-            payload: &[0; 10],
+            raw_len: payload.len() as u32,
+            payload,
         };
-        receiver.handle(&chunk(ids[0])).unwrap();
-        let err = receiver.handle(&chunk(ids[1])).unwrap_err();
+        let big: &'static [u8] = big.leak();
+        receiver.handle(&chunk(ids[0], big)).unwrap();
+        let err = receiver.handle(&chunk(ids[1], &[0; 40])).unwrap_err();
         assert!(err.0.contains("credit"), "{err}");
     }
 
