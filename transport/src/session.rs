@@ -424,6 +424,12 @@ pub struct FetchClient {
     expected: VecDeque<[u8; 32]>,
 }
 
+impl Default for FetchClient {
+    fn default() -> FetchClient {
+        FetchClient::new()
+    }
+}
+
 impl FetchClient {
     pub fn new() -> FetchClient {
         FetchClient {
