@@ -448,8 +448,25 @@ fn print_quickstart(r: &mover::quickstart::QuickstartReport) {
         "  restore     {:.2} GB/s ({:.2} s), verified {} chunks, identical: {}",
         r.restore_gb_per_s, r.restore_s, r.verify_chunks, r.identical
     );
+    println!(
+        "  DR copy     {:.2} GB/s ({:.2} s) to site dr, {:.0} MB on the wire",
+        r.dr_backup_gb_per_s,
+        r.dr_backup_s,
+        r.dr_wire_bytes as f64 / 1e6
+    );
+    println!(
+        "  DR restore  {:.2} s, {:.0} MB on the wire, verified {} chunks at dr, identical: {}",
+        r.dr_restore_s,
+        r.dr_restore_wire_bytes as f64 / 1e6,
+        r.dr_verify_chunks,
+        r.dr_identical
+    );
     println!("  snapshot    {}", r.snapshot);
-    println!("  site        {}", r.site);
+    println!("  sites       {} and {}", r.site, r.dr_site);
     println!();
     println!("next: mover snapshots --site-dir {}", r.site);
+    println!(
+        "      mover daemon --config {}/mover.toml   (then backup --to dr, restore --from dr)",
+        r.dr_site
+    );
 }

@@ -93,7 +93,9 @@ impl Link {
             settings.cipher = cipher.parse().map_err(|e| Error::peer(name, e))?;
         }
         if let Some(congestion) = &peer.congestion {
-            settings.congestion = congestion.parse().map_err(|e: String| Error::peer(name, e))?;
+            settings.congestion = congestion
+                .parse()
+                .map_err(|e: String| Error::peer(name, e))?;
         }
         if let Some(v) = peer.stream_window_bytes {
             settings.stream_window_bytes = v;

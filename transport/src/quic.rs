@@ -71,7 +71,7 @@ impl LinkSettings {
             send_window_bytes: 32 << 20,
             socket_buffer_bytes: 32 << 20,
             cipher: Cipher::Aes128,
-            idle_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(10),
             congestion: Congestion::Cubic,
         }
     }

@@ -1,0 +1,544 @@
+//! Two sites on this machine: site `a` backs up to and restores from site `b`'s daemon over
+//! QUIC on loopback, with real TLS identities and real processes.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+struct Sites {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    a: PathBuf,
+    b: PathBuf,
+    b_port: u16,
+    daemon: Option<Child>,
+    daemon_log: PathBuf,
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn fingerprint(site: &Path) -> String {
+    let value = run_json(
+        mover()
+            .arg("identity")
+            .arg("--config")
+            .arg(site.join("mover.toml")),
+    );
+    value["fingerprint"].as_str().unwrap().to_string()
+}
+
+fn peer_add(site: &Path, name: &str, address: &str, fingerprint: &str) {
+    let output = run(mover()
+        .args(["peer", "add", name, address, fingerprint, "--config"])
+        .arg(site.join("mover.toml")));
+    assert!(output.status.success(), "{}", stderr(&output));
+}
+
+impl Sites {
+    /// Sites a and b, each trusting the other; b's daemon is not started yet.
+    fn new() -> Sites {
+        let dir = workdir();
+        let root = dir.path().to_path_buf();
+        let b_port = free_udp_port();
+        let a = root.join("site-a");
+        let b = root.join("site-b");
+        run_json(mover().args(["init", "--site", "a", "--dir"]).arg(&a));
+        run_json(
+            mover()
+                .args([
+                    "init",
+                    "--site",
+                    "b",
+                    "--listen",
+                    &format!("127.0.0.1:{b_port}"),
+                    "--dir",
+                ])
+                .arg(&b),
+        );
+        peer_add(&a, "b", &format!("127.0.0.1:{b_port}"), &fingerprint(&b));
+        peer_add(&b, "a", "127.0.0.1:9", &fingerprint(&a));
+        Sites {
+            daemon_log: root.join("daemon-b.log"),
+            _dir: dir,
+            root,
+            a,
+            b,
+            b_port,
+            daemon: None,
+        }
+    }
+
+    /// Starts b's daemon and waits for its "listening" line.
+    fn start_daemon(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.daemon_log)
+            .unwrap();
+        let mut child = mover()
+            .env("MOVER_LOG", "info")
+            .arg("daemon")
+            .arg("--config")
+            .arg(self.b.join("mover.toml"))
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.contains(&format!("listening on 127.0.0.1:{}", self.b_port)),
+            "daemon said {line:?}; log: {}",
+            self.log()
+        );
+        self.daemon = Some(child);
+    }
+
+    fn kill_daemon(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.daemon_log).unwrap_or_default()
+    }
+
+    fn backup_to_b(&self, path: &Path) -> Value {
+        let job = run_json(
+            mover()
+                .arg("backup")
+                .arg(path)
+                .args(["--to", "b", "--site-dir"])
+                .arg(&self.a),
+        );
+        assert_eq!(job["state"], "done", "{job}");
+        assert_eq!(job["destination"], "b", "{job}");
+        job
+    }
+
+    fn restore_from_b(&self, spec: &str, to: &Path) -> Value {
+        let job = run_json(
+            mover()
+                .args(["restore", spec, "--from", "b", "--to"])
+                .arg(to)
+                .arg("--site-dir")
+                .arg(&self.a),
+        );
+        assert_eq!(job["state"], "done", "{job}");
+        job
+    }
+
+    /// b's catalog, read with its daemon stopped.
+    fn snapshots_at_b(&self) -> Vec<Value> {
+        let value = run_json(mover().arg("snapshots").arg("--site-dir").arg(&self.b));
+        value.as_array().unwrap().clone()
+    }
+
+    fn set_b_pack_target(&self, bytes: u64) {
+        let path = self.b.join("mover.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let text = text.replace(
+            "# pack_target_bytes = 134217728",
+            &format!("pack_target_bytes = {bytes}"),
+        );
+        std::fs::write(&path, text).unwrap();
+    }
+}
+
+impl Drop for Sites {
+    fn drop(&mut self) {
+        self.kill_daemon();
+    }
+}
+
+fn data_set(root: &Path) -> PathBuf {
+    let data = root.join("data");
+    for i in 0..4u64 {
+        write_random(&data.join(format!("ckpt/shard-{i}.bin")), 6 << 20, i);
+    }
+    std::fs::write(data.join("notes.txt"), "checkpoint notes\n".repeat(5000)).unwrap();
+    std::fs::create_dir_all(data.join("empty")).unwrap();
+    std::os::unix::fs::symlink("ckpt/shard-0.bin", data.join("latest")).unwrap();
+    std::fs::hard_link(data.join("ckpt/shard-1.bin"), data.join("shard-1.link")).unwrap();
+    // A sparse file: a hole, then data.
+    let sparse = std::fs::File::create(data.join("sparse.bin")).unwrap();
+    sparse.set_len(64 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&sparse, &random_bytes(1 << 20, 77), 63 << 20)
+        .unwrap();
+    data
+}
+
+fn data_bytes(job: &Value) -> u64 {
+    job["bytes_total"].as_u64().unwrap()
+}
+
+#[test]
+fn backup_to_a_peer_and_restore_from_it_are_exact_and_incremental_ships_little() {
+    let mut sites = Sites::new();
+    sites.start_daemon();
+    let data = data_set(&sites.root);
+
+    let first = sites.backup_to_b(&data);
+    let snapshot = snapshot_id(&first);
+    assert!(
+        first["wire_bytes_sent"].as_u64().unwrap() > 24 << 20,
+        "{first}"
+    );
+
+    let restored = sites.root.join("restored");
+    let job = sites.restore_from_b(&snapshot, &restored);
+    assert_eq!(job["snapshot"], snapshot.as_str());
+    assert_same_tree(&data, &restored);
+
+    // Change 2% of one checkpoint in place: the next backup ships a few chunks.
+    let shard = data.join("ckpt/shard-2.bin");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let at = bytes.len() / 2;
+    let edit = bytes.len() / 50;
+    bytes[at..at + edit].copy_from_slice(&random_bytes(edit, 99));
+    std::fs::write(&shard, &bytes).unwrap();
+    let second = sites.backup_to_b(&data);
+    let wire = second["wire_bytes_sent"].as_u64().unwrap();
+    assert!(
+        wire * 20 <= data_bytes(&second),
+        "incremental put {wire} bytes on the wire for a {} byte data set: {second}",
+        data_bytes(&second)
+    );
+    assert!(second["files_reused"].as_u64().unwrap() >= 4, "{second}");
+    let latest = sites.root.join("restored-latest");
+    sites.restore_from_b("latest", &latest);
+    assert_same_tree(&data, &latest);
+
+    // Nothing was stored at a: the backups live at b.
+    let at_a = run_json(mover().arg("snapshots").arg("--site-dir").arg(&sites.a));
+    assert_eq!(at_a.as_array().unwrap().len(), 0, "{at_a}");
+    sites.kill_daemon();
+    let at_b = sites.snapshots_at_b();
+    assert_eq!(at_b.len(), 2);
+    assert_eq!(at_b[0]["site"], "a");
+    let verify = run_json(mover().arg("verify").arg("--site-dir").arg(&sites.b));
+    assert_eq!(verify["damage"].as_array().unwrap().len(), 0, "{verify}");
+}
+
+#[test]
+fn a_wrong_fingerprint_is_refused_on_both_sides() {
+    let mut sites = Sites::new();
+    sites.start_daemon();
+    let data = sites.root.join("small");
+    write_random(&data.join("f"), 1 << 20, 1);
+    let wrong = format!("sha256:{}", "ab".repeat(32));
+
+    // a pins the wrong fingerprint for b: a refuses b's certificate.
+    peer_add(
+        &sites.a,
+        "b",
+        &format!("127.0.0.1:{}", sites.b_port),
+        &wrong,
+    );
+    let output = run(mover()
+        .arg("backup")
+        .arg(&data)
+        .args(["--to", "b", "--site-dir"])
+        .arg(&sites.a));
+    assert!(!output.status.success());
+    let err = stderr(&output);
+    assert!(
+        err.contains("refused peer") && err.contains(&wrong),
+        "{err}"
+    );
+    assert!(err.contains(&fingerprint(&sites.b)), "{err}");
+
+    // b does not trust a (wrong pin at b): b refuses a and logs the fingerprint it saw.
+    peer_add(
+        &sites.a,
+        "b",
+        &format!("127.0.0.1:{}", sites.b_port),
+        &fingerprint(&sites.b),
+    );
+    sites.kill_daemon();
+    peer_add(&sites.b, "a", "127.0.0.1:9", &wrong);
+    sites.start_daemon();
+    let output = run(mover()
+        .arg("backup")
+        .arg(&data)
+        .args(["--to", "b", "--site-dir"])
+        .arg(&sites.a));
+    assert!(!output.status.success());
+    let err = stderr(&output);
+    assert_eq!(
+        err.trim()
+            .lines()
+            .last()
+            .map(|l| l.starts_with("mover: peer b:")),
+        Some(true),
+        "{err}"
+    );
+    let log = sites.log();
+    assert!(
+        log.contains("refused peer") && log.contains(&fingerprint(&sites.a)),
+        "{log}"
+    );
+}
+
+/// Waits until part of the transfer is durable at b: each store stream has one open pack at
+/// a time, so with two workers a fourth pack file means at least two were sealed (and their
+/// index commit follows the seal at once).
+fn wait_for_a_pack(b: &Path, deadline: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < deadline {
+        let packs = walk_count(&b.join("tiers/hot/packs"));
+        if packs >= 4 {
+            std::thread::sleep(Duration::from_millis(100));
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn walk_count(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            if e.path().is_dir() {
+                walk_count(&e.path())
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+fn big_data_set(root: &Path) -> PathBuf {
+    let data = root.join("big");
+    for i in 0..6u64 {
+        write_random(&data.join(format!("part-{i}.bin")), 40 << 20, 100 + i);
+    }
+    data
+}
+
+#[test]
+fn a_peer_killed_mid_transfer_leaves_no_snapshot_and_the_rerun_sends_only_the_rest() {
+    let mut sites = Sites::new();
+    sites.set_b_pack_target(8 << 20);
+    sites.start_daemon();
+    let data = big_data_set(&sites.root);
+    let child = mover()
+        .arg("--json")
+        .arg("backup")
+        .arg(&data)
+        .args(["--to", "b", "--site-dir"])
+        .arg(&sites.a)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for_a_pack(&sites.b, Duration::from_secs(60)),
+        "no pack at b: {}",
+        sites.log()
+    );
+    sites.kill_daemon(); // kill -9
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        !output.status.success(),
+        "the backup cannot succeed without b"
+    );
+    let err = stderr(&output);
+    assert!(
+        err.trim().lines().count() == 1 && err.contains("peer b"),
+        "{err}"
+    );
+    assert!(
+        sites.snapshots_at_b().is_empty(),
+        "a partial snapshot is visible"
+    );
+
+    sites.start_daemon();
+    let job = sites.backup_to_b(&data);
+    let sent = job["bytes_sent"].as_u64().unwrap();
+    assert!(
+        sent < data_bytes(&job),
+        "the re-run sent {sent} of {} bytes: nothing acknowledged was skipped",
+        data_bytes(&job)
+    );
+    let restored = sites.root.join("restored");
+    sites.restore_from_b(&snapshot_id(&job), &restored);
+    assert_same_tree(&data, &restored);
+}
+
+#[test]
+fn a_sender_killed_mid_transfer_leaves_no_snapshot_and_the_daemon_keeps_serving() {
+    let mut sites = Sites::new();
+    sites.set_b_pack_target(8 << 20);
+    sites.start_daemon();
+    let data = big_data_set(&sites.root);
+    let mut child = mover()
+        .arg("backup")
+        .arg(&data)
+        .args(["--to", "b", "--site-dir"])
+        .arg(&sites.a)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for_a_pack(&sites.b, Duration::from_secs(60)),
+        "no pack at b: {}",
+        sites.log()
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let job = sites.backup_to_b(&data);
+    assert!(
+        job["bytes_sent"].as_u64().unwrap() < data_bytes(&job),
+        "{job}"
+    );
+    let restored = sites.root.join("restored");
+    sites.restore_from_b("latest", &restored);
+    assert_same_tree(&data, &restored);
+    sites.kill_daemon();
+    assert_eq!(
+        sites.snapshots_at_b().len(),
+        1,
+        "only the finished backup is visible"
+    );
+}
+
+/// Connects to b as site a (a trusted certificate) and writes raw bytes on one stream;
+/// returns what b answered (decoded frames as text) before closing the stream.
+fn speak_raw(sites: &Sites, bytes: Vec<u8>) -> String {
+    let identity = sites.a.join("identity");
+    let credentials = transport::tls::SiteCredentials::from_pem(
+        "a",
+        &std::fs::read(identity.join("cert.pem")).unwrap(),
+        &std::fs::read(identity.join("key.pem")).unwrap(),
+    )
+    .unwrap();
+    let expected = transport::identity::Fingerprint::parse(&fingerprint(&sites.b)).unwrap();
+    let address: std::net::SocketAddr = format!("127.0.0.1:{}", sites.b_port).parse().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let settings = transport::quic::LinkSettings::for_address(&address);
+        let (endpoint, connection) =
+            transport::quic::connect(&credentials, "b", address, expected, &settings)
+                .await
+                .unwrap();
+        let (mut send, mut recv) = connection.open_bi().await.unwrap();
+        send.write_all(&bytes).await.unwrap();
+        let _ = send.finish();
+        let answer = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1 << 20))
+            .await
+            .expect("b answers within 10 s")
+            .unwrap_or_default();
+        let mut frames = Vec::new();
+        let _ = transport::frame::decode_all(&answer, |f| frames.push(format!("{f:?}")));
+        connection.close(0u32.into(), b"done");
+        endpoint.wait_idle().await;
+        frames.join("\n")
+    })
+}
+
+#[test]
+fn garbage_truncated_and_oversized_frames_close_the_stream_with_a_reason() {
+    let mut sites = Sites::new();
+    sites.start_daemon();
+
+    let answer = speak_raw(&sites, b"GET / HTTP/1.1\r\n\r\n".to_vec());
+    assert!(answer.contains("unknown frame type"), "{answer}");
+
+    // A Chunk header claiming 1 GiB: refused from the header, nothing buffered.
+    let mut oversized = vec![5u8, 0, 0, 0];
+    oversized.extend_from_slice(&(1u32 << 30).to_le_bytes());
+    let answer = speak_raw(&sites, oversized);
+    assert!(answer.contains("exceeds its bound"), "{answer}");
+
+    // A hello cut short.
+    let mut hello = Vec::new();
+    transport::frame::encode(
+        &transport::frame::Frame::Hello {
+            version_min: 1,
+            version_max: 1,
+            purpose: transport::frame::Purpose::Store,
+            site: "a",
+            tier: "",
+            job: "j",
+        },
+        &mut hello,
+    );
+    hello.truncate(hello.len() - 3);
+    let answer = speak_raw(&sites, hello.clone());
+    assert!(answer.contains("Error"), "{answer}");
+
+    // A hello that claims to be another site than the certificate says.
+    let mut lying = Vec::new();
+    transport::frame::encode(
+        &transport::frame::Frame::Hello {
+            version_min: 1,
+            version_max: 1,
+            purpose: transport::frame::Purpose::Store,
+            site: "b",
+            tier: "",
+            job: "j",
+        },
+        &mut lying,
+    );
+    let answer = speak_raw(&sites, lying);
+    assert!(answer.contains("certificate"), "{answer}");
+
+    // A chunk nobody asked for, after a proper hello.
+    let mut unasked = Vec::new();
+    transport::frame::encode(
+        &transport::frame::Frame::Hello {
+            version_min: 1,
+            version_max: 1,
+            purpose: transport::frame::Purpose::Store,
+            site: "a",
+            tier: "",
+            job: "j",
+        },
+        &mut unasked,
+    );
+    transport::frame::encode(
+        &transport::frame::Frame::Chunk {
+            id: [7; 32],
+            codec: 0,
+            raw_len: 3,
+            payload: b"abc",
+        },
+        &mut unasked,
+    );
+    let answer = speak_raw(&sites, unasked);
+    assert!(answer.contains("not asked for"), "{answer}");
+
+    // The daemon still serves a real backup.
+    let data = sites.root.join("small");
+    write_random(&data.join("f"), 3 << 20, 5);
+    let job = sites.backup_to_b(&data);
+    let restored = sites.root.join("restored");
+    sites.restore_from_b(&snapshot_id(&job), &restored);
+    assert_same_tree(&data, &restored);
+}
