@@ -542,3 +542,22 @@ fn garbage_truncated_and_oversized_frames_close_the_stream_with_a_reason() {
     sites.restore_from_b(&snapshot_id(&job), &restored);
     assert_same_tree(&data, &restored);
 }
+
+#[test]
+fn a_bandwidth_cap_holds_the_sender_to_its_rate() {
+    let mut sites = Sites::new();
+    let config = sites.a.join("mover.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}bandwidth = \"16MB/s\"\n")).unwrap();
+    sites.start_daemon();
+    let data = sites.root.join("capped");
+    write_random(&data.join("f"), 24 << 20, 9);
+    let job = sites.backup_to_b(&data);
+    // 25.2 MB at 16 MB/s with a 4 MiB burst cannot take less than ~1.3 s; a cap that did not
+    // hold would finish in a fraction of that on loopback.
+    let elapsed = job["elapsed_s"].as_f64().unwrap();
+    assert!(
+        elapsed >= 1.0,
+        "24 MiB capped at 16 MB/s took only {elapsed} s: {job}"
+    );
+}

@@ -94,7 +94,8 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
         Some(_) => site.tier(site.config.default_tier())?.clone(),
         None => site.tier(&tier)?.clone(),
     };
-    job.tier = Some(tier.clone());
+    // Empty for a peer's default tier, which only the peer knows.
+    job.tier = Some(tier.clone()).filter(|t| !t.is_empty());
     job.destination = remote.as_ref().map(|r| r.link.site.clone());
 
     let workers = worker_count(site);
