@@ -207,8 +207,13 @@ impl Shipper {
         })
     }
 
+    /// A send failed; the peer's own reason (an Error frame the reader saw) says more than
+    /// "stream stopped", so it wins when there is one.
     fn fail(&self, detail: impl std::fmt::Display) -> Error {
-        Error::peer(&self.link.site, detail)
+        match self.shared.failure.borrow().as_ref() {
+            Some(reason) => Error::peer(&self.link.site, reason),
+            None => Error::peer(&self.link.site, detail),
+        }
     }
 
     /// Waits until `ready` holds; fails when the reader saw the stream fail.
