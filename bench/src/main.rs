@@ -8,8 +8,12 @@
 //! on one thread because the engine runs one worker per core: per-core numbers times cores is
 //! the ceiling a backup can reach.
 //!
+//! `mover-bench quic` measures raw quinn stream throughput, memory to memory between two
+//! processes, with the transport settings mover uses between sites (see `quic.rs`).
+//!
 //! GB/s means 1e9 bytes per second. Latencies are per chunk (per read for io_uring).
 
+mod quic;
 mod stages;
 mod uring;
 
@@ -50,6 +54,62 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Raw quinn transfer, memory to memory, client and server in separate processes, with
+    /// mover's transport settings (transport::quic) and pinned mutual TLS.
+    Quic {
+        /// Payload bytes in all (4GiB, 512MiB, 2GB ...), split evenly over the streams.
+        #[arg(long, default_value = "4GiB")]
+        size: String,
+        /// Connections, each from a thread of its own (mover opens one per worker).
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+        /// Bidirectional streams per connection.
+        #[arg(long, default_value_t = 1)]
+        streams: usize,
+        /// Largest UDP payload MTU discovery may reach (mover's default: 65527 on loopback,
+        /// 1452 elsewhere).
+        #[arg(long)]
+        udp_payload_bytes_max: Option<u16>,
+        /// aes128, aes256 or chacha20.
+        #[arg(long, default_value = "aes128")]
+        cipher: String,
+        /// cubic or bbr.
+        #[arg(long, default_value = "cubic")]
+        congestion: String,
+        #[arg(long)]
+        stream_window_bytes: Option<u32>,
+        #[arg(long)]
+        connection_window_bytes: Option<u32>,
+        /// Pace the sender with mover's token bucket at this rate (1gbit, 950mbit ...).
+        #[arg(long)]
+        bandwidth: Option<String>,
+        /// Runtime of each client connection's thread.
+        #[arg(long, value_enum, default_value_t = quic::ClientRuntime::Uring)]
+        runtime: quic::ClientRuntime,
+        /// Server runtime threads (0 = one per core, as mover daemon).
+        #[arg(long, default_value_t = 0)]
+        server_threads: usize,
+        /// Pin client connection thread i to core i (as mover pins its workers).
+        #[arg(long)]
+        pin: bool,
+        /// Relay through `mover-wan` with these arguments, e.g. "--delay-ms 25 --loss 0.005
+        /// --rate 1gbit" (the binary next to this one).
+        #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+        wan: Option<String>,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The server end of `quic` (started by it).
+    #[command(hide = true)]
+    QuicServe {
+        #[arg(long)]
+        identity_dir: PathBuf,
+        #[arg(long)]
+        trust: String,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
 }
 
 #[derive(Serialize)]
@@ -76,6 +136,46 @@ fn main() -> ExitCode {
             scratch_dir,
             json,
         } => stages_command(size_mib, file.as_deref(), &scratch_dir, json),
+        Command::Quic {
+            size,
+            connections,
+            streams,
+            udp_payload_bytes_max,
+            cipher,
+            congestion,
+            stream_window_bytes,
+            connection_window_bytes,
+            bandwidth,
+            runtime,
+            server_threads,
+            pin,
+            wan,
+            json,
+        } => quic::parse_size(&size)
+            .map_err(|e| format!("--size: {e}"))
+            .and_then(|bytes| {
+                quic::run(quic::QuicArgs {
+                    bytes,
+                    connections,
+                    streams,
+                    udp_payload_bytes_max,
+                    cipher,
+                    congestion,
+                    stream_window_bytes,
+                    connection_window_bytes,
+                    bandwidth,
+                    runtime,
+                    server_threads,
+                    pin,
+                    wan,
+                    json,
+                })
+            }),
+        Command::QuicServe {
+            identity_dir,
+            trust,
+            threads,
+        } => quic::serve(&identity_dir, &trust, threads),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
