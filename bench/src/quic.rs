@@ -116,7 +116,8 @@ struct Report {
     server_threads: usize,
     elapsed_s: f64,
     gb_per_s: f64,
-    /// UDP payload bytes the client sent / (elapsed x 125e6): the share of a 1 Gbit/s link.
+    /// UDP payload bytes the client sent (QUIC headers, retransmissions and acks included),
+    /// in Gbit/s over the elapsed time.
     wire_gbit_per_s: f64,
     client_cpu_user_s: f64,
     client_cpu_sys_s: f64,
