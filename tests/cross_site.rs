@@ -462,6 +462,23 @@ fn speak_raw(sites: &Sites, bytes: Vec<u8>) -> String {
     })
 }
 
+/// An encoded Store hello naming `site`.
+fn store_hello(site: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    transport::frame::encode(
+        &transport::frame::Frame::Hello {
+            version_min: 1,
+            version_max: 1,
+            purpose: transport::frame::Purpose::Store,
+            site,
+            tier: "",
+            job: "j",
+        },
+        &mut out,
+    );
+    out
+}
+
 #[test]
 fn garbage_truncated_and_oversized_frames_close_the_stream_with_a_reason() {
     let mut sites = Sites::new();
@@ -477,51 +494,18 @@ fn garbage_truncated_and_oversized_frames_close_the_stream_with_a_reason() {
     assert!(answer.contains("exceeds its bound"), "{answer}");
 
     // A hello cut short.
-    let mut hello = Vec::new();
-    transport::frame::encode(
-        &transport::frame::Frame::Hello {
-            version_min: 1,
-            version_max: 1,
-            purpose: transport::frame::Purpose::Store,
-            site: "a",
-            tier: "",
-            job: "j",
-        },
-        &mut hello,
-    );
+    let mut hello = store_hello("a");
     hello.truncate(hello.len() - 3);
-    let answer = speak_raw(&sites, hello.clone());
+    let answer = speak_raw(&sites, hello);
     assert!(answer.contains("Error"), "{answer}");
 
     // A hello that claims to be another site than the certificate says.
-    let mut lying = Vec::new();
-    transport::frame::encode(
-        &transport::frame::Frame::Hello {
-            version_min: 1,
-            version_max: 1,
-            purpose: transport::frame::Purpose::Store,
-            site: "b",
-            tier: "",
-            job: "j",
-        },
-        &mut lying,
-    );
+    let lying = store_hello("b");
     let answer = speak_raw(&sites, lying);
     assert!(answer.contains("certificate"), "{answer}");
 
     // A chunk nobody asked for, after a proper hello.
-    let mut unasked = Vec::new();
-    transport::frame::encode(
-        &transport::frame::Frame::Hello {
-            version_min: 1,
-            version_max: 1,
-            purpose: transport::frame::Purpose::Store,
-            site: "a",
-            tier: "",
-            job: "j",
-        },
-        &mut unasked,
-    );
+    let mut unasked = store_hello("a");
     transport::frame::encode(
         &transport::frame::Frame::Chunk {
             id: [7; 32],

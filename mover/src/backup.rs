@@ -267,11 +267,7 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
         0.0
     };
     if let Some(e) = fatal {
-        job.state = JobState::Failed;
-        job.error = Some(e.to_string());
-        job.elapsed_s = started.elapsed().as_secs_f64();
-        record_job(site, &job);
-        return Err(e);
+        return Err(fail_job(site, &mut job, started, e));
     }
 
     for (entry, reason) in &changed {
@@ -328,13 +324,7 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
         });
         let wire = match wire {
             Ok(wire) => wire,
-            Err(e) => {
-                job.state = JobState::Failed;
-                job.error = Some(e.to_string());
-                job.elapsed_s = started.elapsed().as_secs_f64();
-                record_job(site, &job);
-                return Err(e);
-            }
+            Err(e) => return Err(fail_job(site, &mut job, started, e)),
         };
         job.wire_bytes_sent += wire.0;
         job.wire_bytes_received += wire.1;
@@ -400,6 +390,15 @@ fn add_stats(total: &mut WorkerStats, s: &WorkerStats) {
     t.raw_bytes_present += w.raw_bytes_present;
     t.wire_bytes_sent += w.wire_bytes_sent;
     t.wire_bytes_received += w.wire_bytes_received;
+}
+
+/// Marks the job failed with `e`, records it in the history and hands `e` back.
+fn fail_job(site: &Site, job: &mut Job, started: Instant, e: Error) -> Error {
+    job.state = JobState::Failed;
+    job.error = Some(e.to_string());
+    job.elapsed_s = started.elapsed().as_secs_f64();
+    record_job(site, job);
+    e
 }
 
 /// Keeps the job's final document in the site's history; a failure to do so is logged, not

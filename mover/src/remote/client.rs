@@ -157,7 +157,6 @@ pub struct RemoteChunks {
     site: String,
     chunks: tokio::sync::mpsc::Receiver<Result<Fetched>>,
     thread: Option<std::thread::JoinHandle<(u64, u64)>>,
-    scratch: Vec<u8>,
     pub wire_bytes: (u64, u64),
 }
 
@@ -193,7 +192,6 @@ impl RemoteChunks {
             site,
             chunks: rx,
             thread: Some(thread),
-            scratch: Vec::new(),
             wire_bytes: (0, 0),
         })
     }
@@ -212,17 +210,10 @@ impl RemoteChunks {
         }
         let codec = Codec::from_u8(fetched.codec)
             .ok_or_else(|| Error::peer(&self.site, "unknown codec"))?;
-        check_received(
-            id,
-            codec,
-            fetched.raw_len,
-            &fetched.payload,
-            &mut self.scratch,
-        )?;
-        out.clear();
-        match codec {
-            Codec::Raw => out.extend_from_slice(&fetched.payload),
-            Codec::Lz4 => out.extend_from_slice(&self.scratch[..fetched.raw_len as usize]),
+        // An lz4 payload is decompressed straight into `out`; a raw one is moved there.
+        check_received(id, codec, fetched.raw_len, &fetched.payload, out)?;
+        if codec == Codec::Raw {
+            *out = fetched.payload;
         }
         Ok(())
     }

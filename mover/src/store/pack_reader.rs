@@ -38,22 +38,7 @@ impl<'a> ChunkReader<'a> {
 
     /// Reads chunk `id` into `out`, verifying the record's header, xxh3 and BLAKE3.
     pub fn read(&mut self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
-        let location = self.locate(id)?;
-        let backend = self.backend_of(location.pack_id)?;
-        let len = RECORD_HEADER_BYTES + location.stored_len as usize;
-        let key = pack_key(location.pack_id);
-        backend.read_range(&key, location.offset, len, &mut self.record)?;
-        let header = RecordHeader::decode(&self.record[..RECORD_HEADER_BYTES])
-            .map_err(|e| Error::corrupt(format!("chunk {id} in {key}"), e.to_string()))?;
-        if header.id != *id || header.stored_len != location.stored_len {
-            return Err(Error::corrupt(
-                format!("chunk {id} in {key}"),
-                format!(
-                    "record at offset {} holds chunk {}",
-                    location.offset, header.id
-                ),
-            ));
-        }
+        let (header, key) = self.fetch_record(id)?;
         open_record(&header, &self.record[RECORD_HEADER_BYTES..], out)
             .map_err(|e| Error::corrupt(format!("chunk {id} in {key}"), e.to_string()))
     }
@@ -61,6 +46,19 @@ impl<'a> ChunkReader<'a> {
     /// Reads chunk `id`'s record as stored (compressed or raw) with its header and payload
     /// checksum verified, for a peer that checks the plaintext itself.
     pub fn read_stored(&mut self, id: &ChunkId) -> Result<(RecordHeader, &[u8])> {
+        let (header, key) = self.fetch_record(id)?;
+        let payload = &self.record[RECORD_HEADER_BYTES..];
+        if xxhash_rust::xxh3::xxh3_64(payload) != header.payload_xxh3 {
+            return Err(Error::corrupt(
+                format!("chunk {id} in {key}"),
+                "payload checksum (xxh3) mismatch",
+            ));
+        }
+        Ok((header, payload))
+    }
+
+    /// Reads `id`'s record into `self.record` and checks its header against the index.
+    fn fetch_record(&mut self, id: &ChunkId) -> Result<(RecordHeader, String)> {
         let location = self.locate(id)?;
         let backend = self.backend_of(location.pack_id)?;
         let len = RECORD_HEADER_BYTES + location.stored_len as usize;
@@ -75,11 +73,7 @@ impl<'a> ChunkReader<'a> {
                 location.offset, header.id
             )));
         }
-        let payload = &self.record[RECORD_HEADER_BYTES..];
-        if xxhash_rust::xxh3::xxh3_64(payload) != header.payload_xxh3 {
-            return Err(damaged("payload checksum (xxh3) mismatch".into()));
-        }
-        Ok((header, payload))
+        Ok((header, key))
     }
 
     fn backend_of(&mut self, pack_id: u64) -> Result<Arc<dyn Backend>> {
