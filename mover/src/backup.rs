@@ -24,7 +24,7 @@ use crate::constants::{RESULT_QUEUE_DEPTH, WORK_QUEUE_DEPTH};
 use crate::error::{Error, Result};
 use crate::format::hex;
 use crate::format::manifest::{EntryKind, Manifest, MANIFEST_VERSION};
-use crate::job::{Job, JobKind, JobState, Warning};
+use crate::job::{Job, JobControl, JobKind, JobState, Progress, Warning};
 use crate::peers::Link;
 use crate::remote::client::Control;
 use crate::scan::{self, ReuseMap};
@@ -37,6 +37,8 @@ pub struct BackupOptions<'a> {
     pub tier: Option<&'a str>,
     /// A peer site to back up to instead of this site (`--to SITE[:TIER]`).
     pub to: Option<&'a str>,
+    /// Set when the daemon runs the job: live progress and the stop flag.
+    pub control: Option<&'a JobControl>,
 }
 
 /// A small runtime on the control thread for its few peer round trips (parent lookup, commit).
@@ -64,7 +66,13 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
         .source
         .canonicalize()
         .map_err(|e| Error::io("resolve backup source", options.source, e))?;
-    let mut job = Job::new(JobKind::Backup, site.name(), source.display().to_string());
+    let control = options.control;
+    let mut job = Job::new(
+        JobKind::Backup,
+        site.name(),
+        source.display().to_string(),
+        control,
+    );
     // A cross-site backup stores nothing here: chunks, manifest and catalog row go to the peer.
     let remote = match options.to {
         Some(to) => {
@@ -175,6 +183,11 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
     job.files_reused = scanned.files_reused;
     job.directories = scanned.directories;
     job.warnings.append(&mut scanned.warnings);
+    control.total(job.bytes_total);
+    control.done(job.bytes_reused);
+    if let Err(e) = control.check() {
+        return Err(fail_job(site, &mut job, started, e));
+    }
 
     let shared = JobShared {
         index: &site.index,
@@ -186,6 +199,7 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
         pending: Mutex::new(HashSet::new()),
         buffered_noted: AtomicBool::new(false),
         remote,
+        control,
     };
     let cores = if site.config.pin_workers() {
         core_affinity::get_core_ids().unwrap_or_default()
@@ -219,9 +233,15 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
         }
         drop((work_rx, report_tx));
         for report in report_rx {
+            if control.check().is_err() {
+                // Workers stop at their next extent and seal what they hold; sealed packs
+                // are still committed below, so a re-run does not store them again.
+                shared.cancelled.store(true, Ordering::Relaxed);
+            }
             match report {
                 Report::Extent(done) => {
                     job.bytes_done += done.bytes_read;
+                    control.done(done.bytes_read);
                     if let Some(reason) = done.changed {
                         changed.entry(done.entry).or_insert(reason);
                     }
@@ -234,6 +254,7 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
                 }
                 Report::PackSealed(pack) => {
                     job.bytes_sent += pack.bytes;
+                    control.sent(pack.bytes);
                     if let Err(e) = site.index.commit_pack(&pack) {
                         shared.cancelled.store(true, Ordering::Relaxed);
                         fatal.get_or_insert(e);
@@ -267,6 +288,9 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
         0.0
     };
     if let Some(e) = fatal {
+        return Err(fail_job(site, &mut job, started, e));
+    }
+    if let Err(e) = control.check() {
         return Err(fail_job(site, &mut job, started, e));
     }
 
@@ -394,7 +418,10 @@ fn add_stats(total: &mut WorkerStats, s: &WorkerStats) {
 
 /// Marks the job failed with `e`, records it in the history and hands `e` back.
 fn fail_job(site: &Site, job: &mut Job, started: Instant, e: Error) -> Error {
-    job.state = JobState::Failed;
+    job.state = match e {
+        Error::Cancelled(_) => JobState::Cancelled,
+        _ => JobState::Failed,
+    };
     job.error = Some(e.to_string());
     job.elapsed_s = started.elapsed().as_secs_f64();
     record_job(site, job);

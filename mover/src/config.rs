@@ -24,6 +24,62 @@ pub struct Config {
     /// Sites we exchange data with, pinned by certificate fingerprint (`mover peer add`).
     #[serde(default)]
     pub peers: BTreeMap<String, PeerSection>,
+    #[serde(default)]
+    pub api: ApiSection,
+}
+
+/// Who may use the daemon's API socket and how many jobs it runs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    /// Permission bits of the socket file, as an octal string ("0660").
+    #[serde(default = "default_socket_mode")]
+    pub socket_mode: String,
+    /// Group owning the socket (name or number); members reach it through the file mode.
+    pub socket_group: Option<String>,
+    /// Callers (by SO_PEERCRED) allowed besides root and the daemon's own user.
+    #[serde(default)]
+    pub allowed_uids: Vec<u32>,
+    /// Callers whose primary or supplementary group is one of these are allowed too.
+    #[serde(default)]
+    pub allowed_gids: Vec<u32>,
+    /// Jobs running at once; more wait in the queue by priority, then submission order.
+    #[serde(default = "default_running_jobs_max")]
+    pub running_jobs_max: usize,
+    #[serde(default = "default_queued_jobs_max")]
+    pub queued_jobs_max: usize,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        ApiSection {
+            socket_mode: default_socket_mode(),
+            socket_group: None,
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
+            running_jobs_max: default_running_jobs_max(),
+            queued_jobs_max: default_queued_jobs_max(),
+        }
+    }
+}
+
+fn default_socket_mode() -> String {
+    "0660".into()
+}
+
+fn default_running_jobs_max() -> usize {
+    1
+}
+
+fn default_queued_jobs_max() -> usize {
+    constants::JOBS_QUEUED_MAX_DEFAULT
+}
+
+impl ApiSection {
+    pub fn socket_mode_bits(&self) -> Option<u32> {
+        let digits = self.socket_mode.trim_start_matches("0o");
+        u32::from_str_radix(digits, 8).ok().filter(|&m| m <= 0o777)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -134,6 +190,23 @@ impl Config {
         for (name, peer) in &self.peers {
             crate::peers::check(name, peer).map_err(|e| invalid(format!("[peers.{name}]: {e}")))?;
         }
+        if self.api.socket_mode_bits().is_none() {
+            return Err(invalid(format!(
+                "api.socket_mode = {:?}: expected octal permission bits such as \"0660\"",
+                self.api.socket_mode
+            )));
+        }
+        if self.api.running_jobs_max == 0 || self.api.running_jobs_max > 64 {
+            return Err(invalid(format!(
+                "api.running_jobs_max = {}: expected 1 to 64",
+                self.api.running_jobs_max
+            )));
+        }
+        if self.api.queued_jobs_max == 0 {
+            return Err(invalid(
+                "api.queued_jobs_max = 0: expected at least 1".into(),
+            ));
+        }
         if self.tiers.values().filter(|t| t.default).count() > 1 {
             return Err(invalid("more than one tier has default = true".into()));
         }
@@ -181,6 +254,14 @@ impl Config {
             .unwrap_or(constants::PACK_BYTES_TARGET_DEFAULT)
     }
 
+    /// The API socket: `site.socket`, else the default under /run/mover.
+    pub fn socket_path(&self) -> PathBuf {
+        self.site
+            .socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(constants::API_SOCKET_DEFAULT))
+    }
+
     pub fn pin_workers(&self) -> bool {
         self.engine.pin_workers.unwrap_or(true)
     }
@@ -205,7 +286,8 @@ pub fn template(site: &str, listen: Option<&str>, socket: Option<&Path>) -> Stri
     let socket_line = match socket {
         Some(path) => format!("socket = {:?}", path.display().to_string()),
         None => format!(
-            "# socket = \"/run/mover/{site}.sock\"   # API socket for the CLI and schedulers"
+            "# socket = {:?}   # API socket for the CLI and schedulers",
+            constants::API_SOCKET_DEFAULT
         ),
     };
     format!(
@@ -227,6 +309,16 @@ identity = "identity"   # key.pem (private, mode 0600) and cert.pem; `mover iden
 # io_memory_bytes = 0
 # read_buffer_bytes = 1048576  # one direct read, a multiple of 4096; default shrinks to fit many workers
 # pack_target_bytes = 134217728
+
+# The daemon's API socket (HTTP/1.1 + JSON; `curl --unix-socket`). Callers are checked by
+# their SO_PEERCRED uid/gid: root and the daemon's own user always, plus those listed here.
+[api]
+# socket_mode = "0660"
+# socket_group = "mover"
+# allowed_uids = []
+# allowed_gids = []
+# running_jobs_max = 1         # more wait in the queue by priority, then submission order
+# queued_jobs_max = 10000
 
 # Storage tiers of this site. Backups land in the default tier.
 [tiers.hot]

@@ -89,3 +89,25 @@ pub const FETCH_IDS_IN_FLIGHT: usize = 2048;
 
 const _: () = assert!(SHIP_BATCH_BYTES >= CHUNK_BYTES_MAX);
 const _: () = assert!(RECEIVE_UNACKED_BYTES_MAX >= 4 * (SHIP_BATCH_BYTES as u64));
+
+/// The API socket when neither the config nor the caller names one (`/run/mover` is where
+/// systemd's RuntimeDirectory=mover puts it).
+pub const API_SOCKET_DEFAULT: &str = "/run/mover/mover.sock";
+/// Largest request body the API reads (a job request is a few hundred bytes).
+pub const API_BODY_BYTES_MAX: usize = 64 * 1024;
+/// Largest request head (request line and headers) the API parses.
+pub const API_HEAD_BYTES_MAX: usize = 16 * 1024;
+/// Connections served at once; more wait in the listen backlog.
+pub const API_CONNECTIONS_MAX: usize = 256;
+/// A client must send a complete request head within this time.
+pub const API_HEAD_TIMEOUT_S: u64 = 10;
+/// Longest a `wait` request is held open before answering with the job as it stands.
+pub const API_WAIT_S_MAX: u64 = 3600;
+/// Jobs waiting in the queue; a submit beyond this is refused (503) rather than queued.
+pub const JOBS_QUEUED_MAX_DEFAULT: usize = 10_000;
+/// Finished jobs kept in the daemon's memory for `GET /v1/jobs` (all stay in the database).
+pub const JOBS_LISTED_MAX: usize = 1000;
+/// Longest idempotency key accepted.
+pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
+/// How long a draining daemon waits for running jobs to checkpoint before it exits anyway.
+pub const DRAIN_WAIT_S: u64 = 60;

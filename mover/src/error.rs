@@ -31,6 +31,10 @@ pub enum Error {
     Index(String),
     #[error("{0}")]
     Resource(String),
+    /// The job was asked to stop (cancelled, or the daemon is draining); what it committed so
+    /// far stays committed.
+    #[error("cancelled: {0}")]
+    Cancelled(String),
     /// A peer site could not be reached, refused us, or broke the protocol.
     #[error("peer {site}: {detail}")]
     Peer { site: String, detail: String },

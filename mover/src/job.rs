@@ -1,6 +1,8 @@
 //! The job document: what `--json` prints and what the catalog keeps for each job.
 
-use serde::Serialize;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct Warning {
@@ -8,15 +10,37 @@ pub struct Warning {
     pub reason: String,
 }
 
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "lowercase")]
 pub enum JobKind {
     Backup,
     Restore,
+    Replicate,
     Verify,
 }
 
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+impl JobKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            JobKind::Backup => "backup",
+            JobKind::Restore => "restore",
+            JobKind::Replicate => "replicate",
+            JobKind::Verify => "verify",
+        }
+    }
+
+    /// The one-letter prefix of job ids.
+    pub fn letter(self) -> &'static str {
+        match self {
+            JobKind::Backup => "b",
+            JobKind::Restore => "r",
+            JobKind::Replicate => "p",
+            JobKind::Verify => "v",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
     Queued,
@@ -24,6 +48,123 @@ pub enum JobState {
     Done,
     Failed,
     Cancelled,
+}
+
+impl JobState {
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Done | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+/// The live side of a job the daemon runs: the engine updates the progress counters as it
+/// goes and checks the stop flag between units of work (an extent, a chunk, a file).
+#[derive(Debug, Default)]
+pub struct JobControl {
+    /// The job id the daemon assigned (the engine's document carries it).
+    pub id: String,
+    pub bytes_total: AtomicU64,
+    pub bytes_done: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    stop: AtomicBool,
+    /// Why it was stopped: true = the daemon is draining (the job resumes at the next start),
+    /// false = cancelled by a caller.
+    draining: AtomicBool,
+}
+
+impl JobControl {
+    pub fn new(id: &str) -> JobControl {
+        JobControl {
+            id: id.to_string(),
+            ..JobControl::default()
+        }
+    }
+
+    pub fn cancel(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    pub fn interrupt_for_shutdown(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    pub fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// `Err(Cancelled)` once a stop was asked for.
+    pub fn check(&self) -> crate::Result<()> {
+        if self.stop_requested() {
+            Err(crate::Error::Cancelled(if self.is_draining() {
+                "the daemon is stopping; the job resumes when it starts again".into()
+            } else {
+                "cancelled on request".into()
+            }))
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn add_done(&self, bytes: u64) {
+        self.bytes_done.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn add_sent(&self, bytes: u64) {
+        self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn set_total(&self, bytes: u64) {
+        self.bytes_total.store(bytes, Ordering::Relaxed);
+    }
+}
+
+/// Progress hooks for engine code that may or may not run under the daemon.
+pub trait Progress {
+    fn done(&self, bytes: u64);
+    fn sent(&self, bytes: u64);
+    fn total(&self, bytes: u64);
+    fn check(&self) -> crate::Result<()>;
+}
+
+impl Progress for Option<&JobControl> {
+    fn done(&self, bytes: u64) {
+        if let Some(c) = self {
+            c.add_done(bytes)
+        }
+    }
+    fn sent(&self, bytes: u64) {
+        if let Some(c) = self {
+            c.add_sent(bytes)
+        }
+    }
+    fn total(&self, bytes: u64) {
+        if let Some(c) = self {
+            c.set_total(bytes)
+        }
+    }
+    fn check(&self) -> crate::Result<()> {
+        match self {
+            Some(c) => c.check(),
+            None => Ok(()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -68,20 +209,20 @@ pub struct Job {
 }
 
 impl Job {
-    pub fn new(kind: JobKind, site: &str, path: String) -> Job {
+    /// A job document; `control` (a job the daemon runs) gives it the daemon's id.
+    pub fn new(kind: JobKind, site: &str, path: String, control: Option<&JobControl>) -> Job {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        let id = format!(
-            "{}-{:x}-{:04x}",
-            match kind {
-                JobKind::Backup => "b",
-                JobKind::Restore => "r",
-                JobKind::Verify => "v",
-            },
-            now.as_secs(),
-            rand::random::<u16>()
-        );
+        let id = match control {
+            Some(c) => c.id.clone(),
+            None => format!(
+                "{}-{:x}-{:08x}",
+                kind.letter(),
+                now.as_secs(),
+                rand::random::<u32>()
+            ),
+        };
         Job {
             id,
             kind,

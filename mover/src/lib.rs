@@ -9,6 +9,8 @@
 //! - [`restore`] and [`verify`] read snapshots back, checking every chunk.
 //! - [`constants`] holds every limit; [`format`] every on-disk encoding.
 
+pub mod api;
+pub mod audit;
 pub mod backup;
 pub mod buffers;
 pub mod chunker;
@@ -18,9 +20,12 @@ pub mod daemon;
 pub mod error;
 pub mod format;
 pub mod job;
+pub mod jobs;
+pub mod metrics;
 pub mod peers;
 pub mod quickstart;
 pub mod remote;
+pub mod replicate;
 pub mod restore;
 pub mod sample;
 pub mod scan;

@@ -65,8 +65,9 @@ pub struct Link {
 
 impl Link {
     pub fn from_config(site: &Site, name: &str) -> Result<Link> {
-        let peer = site.config.peers.get(name).ok_or_else(|| {
-            let known: Vec<&str> = site.config.peers.keys().map(String::as_str).collect();
+        let peers = site.peers();
+        let peer = peers.get(name).ok_or_else(|| {
+            let known: Vec<&str> = peers.keys().map(String::as_str).collect();
             Error::NotFound(format!(
                 "site {name:?} is not a configured peer (known: {}); add it with `mover peer add {name} HOST:PORT FINGERPRINT`",
                 if known.is_empty() { "none".to_string() } else { known.join(", ") }

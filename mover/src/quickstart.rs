@@ -124,6 +124,7 @@ pub fn run(
     let first = crate::backup::run(
         &site,
         &crate::backup::BackupOptions {
+            control: None,
             source: &data_dir,
             to: None,
             tier: None,
@@ -145,6 +146,7 @@ pub fn run(
     let second = crate::backup::run(
         &site,
         &crate::backup::BackupOptions {
+            control: None,
             source: &data_dir,
             to: None,
             tier: None,
@@ -159,6 +161,8 @@ pub fn run(
     let restored = crate::restore::run(
         &site,
         &crate::restore::RestoreOptions {
+            control: None,
+            resume: false,
             spec: &snapshot,
             target: &restore_dir,
             from: None,
@@ -193,6 +197,7 @@ pub fn run(
     let dr_copy = crate::backup::run(
         &site,
         &crate::backup::BackupOptions {
+            control: None,
             source: &data_dir,
             to: Some("dr"),
             tier: None,
@@ -210,6 +215,8 @@ pub fn run(
     let dr_restored = crate::restore::run(
         &site,
         &crate::restore::RestoreOptions {
+            control: None,
+            resume: false,
             spec: dr_copy
                 .snapshot
                 .as_deref()

@@ -17,7 +17,7 @@ use crate::backup::path_text;
 use crate::error::{Error, Result};
 use crate::format::manifest::{check_relative_path, Entry, EntryKind, Manifest};
 use crate::format::ChunkId;
-use crate::job::{Job, JobKind, JobState};
+use crate::job::{Job, JobControl, JobKind, JobState, Progress};
 use crate::peers::Link;
 use crate::remote::client::{Control, RemoteChunks};
 use crate::site::Site;
@@ -29,6 +29,11 @@ pub struct RestoreOptions<'a> {
     pub target: &'a Path,
     /// Read the snapshot from this peer site instead of this one (`--from SITE`).
     pub from: Option<&'a str>,
+    /// Set when the daemon runs the job: live progress and the stop flag.
+    pub control: Option<&'a JobControl>,
+    /// A resumed job (the daemon restarted mid-restore): the target holds what the previous
+    /// attempt wrote, so it may be non-empty; finished files are kept, the rest rewritten.
+    pub resume: bool,
 }
 
 /// Where chunks come from: this site's packs, or a peer streaming them in restore order.
@@ -59,10 +64,12 @@ pub fn parse_spec(spec: &str) -> (&str, Option<&str>) {
 pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
     let started = Instant::now();
     let (snapshot, subpath) = parse_spec(options.spec);
+    let control = options.control;
     let mut job = Job::new(
         JobKind::Restore,
         site.name(),
         options.target.display().to_string(),
+        control,
     );
     let peer = match options.from {
         Some(from) => Some((
@@ -107,7 +114,7 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
 
     let selected = select(&manifest, subpath)?;
     check_entries(&manifest, &selected)?;
-    prepare_target(options.target)?;
+    prepare_target(options.target, options.resume)?;
     let target = options
         .target
         .canonicalize()
@@ -117,6 +124,7 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
             job.bytes_total += size;
         }
     }
+    control.total(job.bytes_total);
 
     let mut chunks = match peer {
         None => ChunkSource::Local(site.chunk_reader()),
@@ -134,6 +142,10 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
         restored_files: HashMap::new(),
         chunk: Vec::new(),
         is_root: unsafe { libc::geteuid() } == 0,
+        // Skipping a finished file must not skip its chunks in a peer's ordered stream.
+        resume: options.resume,
+        skip_finished: options.resume && options.from.is_none(),
+        control,
         job: &mut job,
     };
     let outcome = restorer.restore(&selected, &mut chunks);
@@ -151,7 +163,10 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
             Ok(job)
         }
         Err(e) => {
-            job.state = JobState::Failed;
+            job.state = match e {
+                Error::Cancelled(_) => JobState::Cancelled,
+                _ => JobState::Failed,
+            };
             job.error = Some(e.to_string());
             crate::backup::record_job(site, &job);
             Err(e)
@@ -291,10 +306,10 @@ fn check_entries(manifest: &Manifest, selected: &[usize]) -> Result<()> {
     Ok(())
 }
 
-fn prepare_target(target: &Path) -> Result<()> {
+fn prepare_target(target: &Path, resume: bool) -> Result<()> {
     match std::fs::read_dir(target) {
         Ok(mut listing) => {
-            if listing.next().is_some() {
+            if listing.next().is_some() && !resume {
                 return Err(Error::Refused(format!(
                     "restore target {} is not empty: expected a new or empty directory (restore never overwrites)",
                     target.display()
@@ -309,6 +324,13 @@ fn prepare_target(target: &Path) -> Result<()> {
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Existing {
+    None,
+    Directory,
+    Finished,
+}
+
 struct Restorer<'a> {
     target: PathBuf,
     manifest: &'a Manifest,
@@ -317,6 +339,9 @@ struct Restorer<'a> {
     restored_files: HashMap<Vec<u8>, PathBuf>,
     chunk: Vec<u8>,
     is_root: bool,
+    resume: bool,
+    skip_finished: bool,
+    control: Option<&'a JobControl>,
     job: &'a mut Job,
 }
 
@@ -324,11 +349,25 @@ impl Restorer<'_> {
     fn restore(&mut self, selected: &[usize], reader: &mut ChunkSource) -> Result<()> {
         let mut directories = Vec::new();
         for &i in selected {
+            self.control.check()?;
             let entry = &self.manifest.entries[i];
             let path = self.prepare_parent(entry)?;
+            let exists = match self.resume {
+                true => self.clear_for_resume(entry, &path)?,
+                false => Existing::None,
+            };
+            if exists == Existing::Finished {
+                if let EntryKind::File { size, .. } = &entry.kind {
+                    self.job.bytes_done += size;
+                    self.control.done(*size);
+                    self.job.files += 1;
+                }
+                self.restored_files.insert(entry.path.clone(), path);
+                continue;
+            }
             match &entry.kind {
                 EntryKind::Directory => {
-                    if !entry.path.is_empty() {
+                    if !entry.path.is_empty() && exists != Existing::Directory {
                         std::fs::create_dir(&path)
                             .map_err(|e| Error::io("create directory", &path, e))?;
                     }
@@ -430,12 +469,46 @@ impl Restorer<'_> {
                 at += chunk.len as u64;
                 self.job.bytes_done += chunk.len as u64;
                 self.job.bytes_read += chunk.len as u64;
+                self.control.done(chunk.len as u64);
             }
         }
         drop(file);
         self.set_metadata(entry, path, false)?;
         self.job.files += 1;
         Ok(())
+    }
+
+    /// A resumed restore meets what the previous attempt wrote (it started on an empty
+    /// target, so everything there is its own): a directory is kept, a file whose size and
+    /// mtime are final (set only after its last byte) is finished, anything else is removed.
+    fn clear_for_resume(&self, entry: &Entry, path: &Path) -> Result<Existing> {
+        let meta = match std::fs::symlink_metadata(path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Existing::None),
+            Err(e) => return Err(Error::io("inspect", path, e)),
+        };
+        if entry.path.is_empty() || meta.is_dir() {
+            return match entry.kind {
+                EntryKind::Directory => Ok(Existing::Directory),
+                _ => Err(Error::Refused(format!(
+                    "resuming the restore: {} is a directory, the snapshot has a file there",
+                    path.display()
+                ))),
+            };
+        }
+        if let EntryKind::File { size, .. } = &entry.kind {
+            use std::os::unix::fs::MetadataExt;
+            let mtime_ns = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+            if self.skip_finished
+                && meta.is_file()
+                && meta.len() == *size
+                && mtime_ns == entry.mtime_ns
+            {
+                return Ok(Existing::Finished);
+            }
+        }
+        std::fs::remove_file(path).map_err(|e| Error::io("remove partly restored", path, e))?;
+        Ok(Existing::None)
     }
 
     fn path_of(&self, rel: &[u8]) -> PathBuf {

@@ -29,6 +29,8 @@ pub struct Site {
     pub index: Index,
     pub tiers: HashMap<String, Arc<dyn Backend>>,
     pub metadata: LocalDir,
+    /// The peers jobs may use: `config.peers` at open, replaced when a daemon reloads.
+    pub peers: std::sync::RwLock<std::collections::BTreeMap<String, crate::config::PeerSection>>,
 }
 
 pub struct InitOptions<'a> {
@@ -156,12 +158,18 @@ impl Site {
         }
         let index = Index::open(&dir.join(INDEX_FILE_NAME))?;
         Ok(Site {
+            peers: std::sync::RwLock::new(config.peers.clone()),
             metadata: LocalDir::new(&dir),
             dir,
             config,
             index,
             tiers,
         })
+    }
+
+    /// A copy of the current peers (reloads replace them).
+    pub fn peers(&self) -> std::collections::BTreeMap<String, crate::config::PeerSection> {
+        self.peers.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn name(&self) -> &str {

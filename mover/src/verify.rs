@@ -31,11 +31,22 @@ pub struct VerifyReport {
 
 /// Verifies one snapshot, or every snapshot of the site when `snapshot` is None.
 pub fn run(site: &Site, snapshot: Option<&str>) -> Result<VerifyReport> {
+    run_with(site, snapshot, None)
+}
+
+/// `run` with the daemon's progress counters and stop flag.
+pub fn run_with(
+    site: &Site,
+    snapshot: Option<&str>,
+    control: Option<&crate::job::JobControl>,
+) -> Result<VerifyReport> {
+    use crate::job::Progress;
     let started = std::time::Instant::now();
     let infos = match snapshot {
         Some(wanted) => vec![site.index.find_snapshot(wanted)?],
         None => site.index.snapshots()?,
     };
+    control.total(infos.iter().map(|i| i.bytes).sum());
     let mut report = VerifyReport::default();
     let mut checked: HashSet<ChunkId> = HashSet::new();
     let mut reader = site.chunk_reader();
@@ -75,7 +86,9 @@ pub fn run(site: &Site, snapshot: Option<&str>) -> Result<VerifyReport> {
                 continue;
             };
             report.files += 1;
+            control.check()?;
             for chunk in extents.iter().flat_map(|e| &e.chunks) {
+                control.done(chunk.len as u64);
                 if !checked.insert(chunk.id) {
                     continue;
                 }

@@ -81,6 +81,8 @@ pub struct JobShared<'a> {
     pub buffered_noted: AtomicBool,
     /// Set for a cross-site backup: new chunks go to this peer instead of a local pack.
     pub remote: Option<RemoteTarget>,
+    /// The daemon's view of the job (progress of shipped bytes).
+    pub control: Option<&'a crate::job::JobControl>,
 }
 
 /// Where a cross-site backup ships to.
@@ -421,9 +423,13 @@ impl<'a> Worker<'a> {
             // The destination decides what is new; this copy into the batch is the second
             // user-space copy of a shipped byte (quinn encrypts from it without another).
             self.stats.memcpy_bytes += payload.len() as u64;
+            let before = shipper.stats.payload_bytes_sent;
             shipper
                 .offer(id.0, codec as u8, len as u32, payload)
                 .await?;
+            if let Some(control) = self.shared.control {
+                control.add_sent(shipper.stats.payload_bytes_sent - before);
+            }
             return Ok(chunk_ref);
         }
         let header = RecordHeader::new(id, codec, len, payload);

@@ -6,6 +6,10 @@
 //! - `snapshots`: snapshot id (hex) → snapshot summary (JSON): the catalog; a snapshot exists
 //!   for readers exactly when its row does.
 //! - `jobs`:      job id → job document (JSON), for the job history.
+//! - `queue`:     job id → the daemon's job record (JSON): request, state, priority; the
+//!   persistent queue and journal of `mover daemon`.
+//! - `idempotency`: idempotency key → job id, so a retried submit finds its first job.
+//! - `meta`:      counters (`job_seq`, the last job sequence number handed out).
 //!
 //! Writers commit with redb's default durability (fsync on commit), so a row that is readable
 //! after a crash was durable before the commit returned.
@@ -21,6 +25,9 @@ const CHUNKS: TableDefinition<[u8; 32], (u64, u64, u32, u32, u8)> = TableDefinit
 const PACKS: TableDefinition<u64, &str> = TableDefinition::new("packs");
 const SNAPSHOTS: TableDefinition<&str, &str> = TableDefinition::new("snapshots");
 const JOBS: TableDefinition<&str, &str> = TableDefinition::new("jobs");
+const QUEUE: TableDefinition<&str, &str> = TableDefinition::new("queue");
+const IDEMPOTENCY: TableDefinition<&str, &str> = TableDefinition::new("idempotency");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Where one chunk is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +83,9 @@ impl Index {
         txn.open_table(PACKS)?;
         txn.open_table(SNAPSHOTS)?;
         txn.open_table(JOBS)?;
+        txn.open_table(QUEUE)?;
+        txn.open_table(IDEMPOTENCY)?;
+        txn.open_table(META)?;
         txn.commit()?;
         Ok(Index { db })
     }
@@ -194,6 +204,67 @@ impl Index {
         txn.open_table(JOBS)?.insert(id, json)?;
         txn.commit()?;
         Ok(())
+    }
+
+    /// Adds a job to the persistent queue in one transaction: a job already submitted under
+    /// `key` is returned instead (`false`), otherwise `make(seq)` builds the new record from
+    /// the next sequence number and it is stored with the key (`true`). Durable on return.
+    pub fn submit_job(
+        &self,
+        key: Option<&str>,
+        make: impl FnOnce(u64) -> (String, String),
+    ) -> Result<(String, bool)> {
+        let txn = self.db.begin_write()?;
+        let outcome = {
+            let mut queue = txn.open_table(QUEUE)?;
+            let mut keys = txn.open_table(IDEMPOTENCY)?;
+            let existing = match key {
+                Some(key) => keys.get(key)?.map(|id| id.value().to_string()),
+                None => None,
+            };
+            match existing.and_then(|id| {
+                queue
+                    .get(id.as_str())
+                    .ok()
+                    .flatten()
+                    .map(|r| r.value().to_string())
+            }) {
+                Some(record) => (record, false),
+                None => {
+                    let mut meta = txn.open_table(META)?;
+                    let seq = meta.get("job_seq")?.map_or(0, |v| v.value()) + 1;
+                    meta.insert("job_seq", seq)?;
+                    let (id, record) = make(seq);
+                    queue.insert(id.as_str(), record.as_str())?;
+                    if let Some(key) = key {
+                        keys.insert(key, id.as_str())?;
+                    }
+                    (record, true)
+                }
+            }
+        };
+        txn.commit()?;
+        Ok(outcome)
+    }
+
+    /// Rewrites a job's record (a state change); durable on return.
+    pub fn put_queue_record(&self, id: &str, record: &str) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(QUEUE)?.insert(id, record)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Every job record of the queue and journal (JSON), in no particular order.
+    pub fn queue_records(&self) -> Result<Vec<String>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(QUEUE)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (_, value) = row?;
+            out.push(value.value().to_string());
+        }
+        Ok(out)
     }
 
     pub fn chunk_count(&self) -> Result<u64> {

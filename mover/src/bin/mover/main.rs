@@ -1,9 +1,16 @@
-//! The `mover` command line: parses arguments, opens the site, calls the engine, prints.
+//! The `mover` command line. Job commands talk to the daemon over its API socket; with
+//! `--site-dir DIR` (or `$MOVER_SITE_DIR`) they run in-process on that site instead.
 //!
-//! Exit codes: 0 success; 1 the command failed (one line on stderr says why); 2 bad usage;
-//! 3 `verify` found damage.
+//! Exit codes (a scheduler acts on them):
+//! 0 done; 1 failed (the job, or the command: one line on stderr says why); 2 bad usage;
+//! 3 damage found (`verify` in-process, `audit --verify`); 4 the job was cancelled;
+//! 5 refused by the daemon (not allowed, bad request, no such job); 6 daemon unreachable or
+//! unavailable (not running, stopping, queue full: retry later); 7 `wait --timeout` expired.
 
-use std::path::PathBuf;
+mod client;
+mod report;
+
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
@@ -11,11 +18,21 @@ use clap::{Parser, Subcommand};
 
 use mover::site::{self, Site};
 
+pub mod exit {
+    pub const FAILED: u8 = 1;
+    pub const DAMAGE: u8 = 3;
+    pub const CANCELLED: u8 = 4;
+    pub const REFUSED: u8 = 5;
+    pub const UNREACHABLE: u8 = 6;
+    pub const TIMED_OUT: u8 = 7;
+}
+
 #[derive(Parser)]
 #[command(
     name = "mover",
     version,
-    about = "Moves and protects AI/HPC data across sites and tiers"
+    about = "Moves and protects AI/HPC data across sites and tiers",
+    after_help = "Exit codes: 0 done, 1 failed, 2 usage, 3 damage found, 4 cancelled, 5 refused by the daemon, 6 daemon unreachable or unavailable, 7 wait timed out."
 )]
 struct Cli {
     /// Print one JSON document on stdout instead of text.
@@ -24,8 +41,25 @@ struct Cli {
     /// Run in-process on the site in DIR, without a daemon (default: $MOVER_SITE_DIR).
     #[arg(long, global = true, value_name = "DIR")]
     site_dir: Option<PathBuf>,
+    /// The daemon's API socket (default: $MOVER_SOCKET, else /run/mover/mover.sock).
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Flags every submitted job takes.
+#[derive(clap::Args, Clone)]
+struct Submit {
+    /// Wait for the job to end (progress on a terminal); the exit code says how it ended.
+    #[arg(long)]
+    wait: bool,
+    /// Higher runs first (-1000 to 1000; default 0).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    priority: i32,
+    /// A retried submit with the same key returns the first job instead of adding one.
+    #[arg(long, value_name = "KEY")]
+    idempotency_key: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -58,9 +92,8 @@ enum Command {
         /// Back up to a peer site instead: only chunks it lacks cross the link.
         #[arg(long, value_name = "SITE[:TIER]")]
         to: Option<String>,
-        /// Wait for the job to finish (in --site-dir mode jobs always run to completion).
-        #[arg(long)]
-        wait: bool,
+        #[command(flatten)]
+        submit: Submit,
     },
     /// Restore SNAPSHOT[:SUBPATH] into a new or empty directory.
     Restore {
@@ -71,24 +104,69 @@ enum Command {
         /// Read the snapshot from this peer site.
         #[arg(long, value_name = "SITE")]
         from: Option<String>,
-        #[arg(long)]
-        wait: bool,
+        #[command(flatten)]
+        submit: Submit,
     },
+    /// Copy SNAPSHOT of this site to a peer site now (only chunks it lacks cross the link).
+    Replicate {
+        snapshot: String,
+        #[arg(long, value_name = "SITE[:TIER]")]
+        to: String,
+        #[command(flatten)]
+        submit: Submit,
+    },
+    /// List the daemon's jobs.
+    Jobs {
+        /// Only jobs in this state: queued, running, done, failed, cancelled.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Show one job.
+    Status { job: String },
+    /// Wait for a job to end; the exit code says how it ended.
+    Wait {
+        job: String,
+        /// Give up after this many seconds (exit code 7).
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<f64>,
+    },
+    /// Cancel a queued or running job.
+    Cancel { job: String },
     /// Trust between sites: `mover peer add NAME HOST:PORT FINGERPRINT`.
     Peer {
         #[command(subcommand)]
         action: PeerAction,
     },
-    /// Run the site's daemon in the foreground: serves peers over QUIC (SIGTERM stops it,
-    /// SIGHUP reloads the peers).
+    /// Run the site's daemon in the foreground: peers over QUIC, jobs over the API socket
+    /// (SIGTERM drains and stops, SIGHUP reloads peers and API access).
     Daemon {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
     /// List snapshots.
     Snapshots,
+    /// This site and its peers.
+    Sites,
     /// Read every chunk of SNAPSHOT (default: all snapshots) back and check it.
-    Verify { snapshot: Option<String> },
+    Verify {
+        snapshot: Option<String>,
+        #[command(flatten)]
+        submit: Submit,
+    },
+    /// Show the audit log; --verify checks its hash chain (exit 3 if a line was edited or
+    /// removed).
+    Audit {
+        #[arg(long)]
+        verify: bool,
+        /// Only the last N entries.
+        #[arg(long, value_name = "N")]
+        last: Option<usize>,
+        /// The site's mover.toml (alternative to --site-dir).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// First run: a site, a sample data set, backup, restore, verify, report.
     Quickstart {
         /// Data to back up (default: a generated sample AI data set).
@@ -169,7 +247,132 @@ fn print_json(value: &impl serde::Serialize) {
     );
 }
 
+/// The site directory of an in-process run, if one was asked for.
+fn local_site(cli_dir: &Option<PathBuf>) -> Option<PathBuf> {
+    site_dir(cli_dir).ok()
+}
+
+fn session(cli: &Cli) -> anyhow::Result<client::Session> {
+    let socket = mover::api::client::socket_path(cli.socket.as_deref());
+    Ok(client::Session {
+        client: mover::api::client::Client::new(socket)?,
+        json: cli.json,
+    })
+}
+
+/// Prints a failed daemon command's reason and turns it into its exit code.
+fn outcome(result: client::Outcome) -> ExitCode {
+    match result {
+        Ok(code) => code,
+        Err(failed) => {
+            eprintln!("mover: {}", failed.message);
+            ExitCode::from(failed.code)
+        }
+    }
+}
+
+/// An absolute path for the daemon, which does not share our working directory.
+fn absolute(path: &Path) -> anyhow::Result<String> {
+    let path = if path.exists() {
+        path.canonicalize()
+            .with_context(|| format!("resolve {}", path.display()))?
+    } else {
+        std::path::absolute(path).with_context(|| format!("resolve {}", path.display()))?
+    };
+    path.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| anyhow::anyhow!("{}: the API takes UTF-8 paths", path.display()))
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let local = local_site(&cli.site_dir);
+    match &cli.command {
+        Command::Backup {
+            path,
+            tier,
+            to,
+            submit,
+        } if local.is_none() => {
+            let request = client::request(
+                "backup",
+                &[
+                    ("path", Some(absolute(path)?)),
+                    ("tier", tier.clone()),
+                    ("to", to.clone()),
+                ],
+                submit.priority,
+                submit.idempotency_key.as_deref(),
+            );
+            return Ok(outcome(session(&cli)?.submit(request, submit.wait)));
+        }
+        Command::Restore {
+            spec,
+            to,
+            from,
+            submit,
+        } if local.is_none() => {
+            let request = client::request(
+                "restore",
+                &[
+                    ("snapshot", Some(spec.clone())),
+                    ("to", Some(absolute(to)?)),
+                    ("from", from.clone()),
+                ],
+                submit.priority,
+                submit.idempotency_key.as_deref(),
+            );
+            return Ok(outcome(session(&cli)?.submit(request, submit.wait)));
+        }
+        Command::Replicate {
+            snapshot,
+            to,
+            submit,
+        } if local.is_none() => {
+            let request = client::request(
+                "replicate",
+                &[
+                    ("snapshot", Some(snapshot.clone())),
+                    ("to", Some(to.clone())),
+                ],
+                submit.priority,
+                submit.idempotency_key.as_deref(),
+            );
+            return Ok(outcome(session(&cli)?.submit(request, submit.wait)));
+        }
+        Command::Verify { snapshot, submit } if local.is_none() => {
+            let request = client::request(
+                "verify",
+                &[("snapshot", snapshot.clone())],
+                submit.priority,
+                submit.idempotency_key.as_deref(),
+            );
+            return Ok(outcome(session(&cli)?.submit(request, submit.wait)));
+        }
+        Command::Jobs { state, limit } => {
+            return Ok(outcome(session(&cli)?.jobs(state.as_deref(), *limit)));
+        }
+        Command::Status { job } => return Ok(outcome(session(&cli)?.status(job))),
+        Command::Wait { job, timeout } => {
+            let timeout = timeout.map(std::time::Duration::from_secs_f64);
+            return Ok(outcome(session(&cli)?.follow(job, timeout)));
+        }
+        Command::Cancel { job } => return Ok(outcome(session(&cli)?.cancel(job))),
+        Command::Snapshots if local.is_none() => {
+            return Ok(outcome(
+                session(&cli)?.show("/v1/snapshots", |v| report::snapshots_value(v)),
+            ));
+        }
+        Command::Sites if local.is_none() => {
+            return Ok(outcome(
+                session(&cli)?.show("/v1/sites", |v| report::sites(v)),
+            ));
+        }
+        _ => {}
+    }
+    run_local(cli)
+}
+
+fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Init {
             site,
@@ -210,16 +413,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{} {fingerprint}", config.site.name);
             }
         }
-        Command::Backup {
-            path,
-            tier,
-            to,
-            wait: _,
-        } => {
+        Command::Backup { path, tier, to, .. } => {
             let site = Site::open(&site_dir(&cli.site_dir)?)?;
             let job = mover::backup::run(
                 &site,
                 &mover::backup::BackupOptions {
+                    control: None,
                     source: path,
                     tier: tier.as_deref(),
                     to: to.as_deref(),
@@ -250,16 +449,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Restore {
-            spec,
-            to,
-            from,
-            wait: _,
-        } => {
+        Command::Restore { spec, to, from, .. } => {
             let site = Site::open(&site_dir(&cli.site_dir)?)?;
             let job = mover::restore::run(
                 &site,
                 &mover::restore::RestoreOptions {
+                    control: None,
+                    resume: false,
                     spec,
                     target: to,
                     from: from.as_deref(),
@@ -320,15 +516,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Daemon { config } => {
             let json = cli.json;
             let site_name = mover::config::Config::load(config)?.site.name;
-            mover::daemon::run_foreground(config, |address| {
-                // One line on stdout once peers can connect (tests and scripts wait for it).
+            mover::daemon::run_foreground(config, |ready| {
+                // One line on stdout once peers and callers can connect (tests and scripts
+                // wait for it).
+                let peers = ready.peers.map(|a| a.to_string());
+                let socket = ready.socket.as_ref().map(|p| p.display().to_string());
                 if json {
                     println!(
                         "{}",
-                        serde_json::json!({"site": site_name, "listening": address.to_string()})
+                        serde_json::json!({"site": site_name, "listening": peers, "socket": socket})
                     );
                 } else {
-                    println!("mover daemon: site {site_name} listening on {address}");
+                    println!(
+                        "mover daemon: site {site_name} listening on {}, api on {}",
+                        peers.as_deref().unwrap_or("(no peers: site.listen unset)"),
+                        socket.as_deref().unwrap_or("-")
+                    );
                 }
                 use std::io::Write;
                 let _ = std::io::stdout().flush();
@@ -339,27 +542,99 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let snapshots = site.index.snapshots()?;
             if cli.json {
                 print_json(&snapshots);
-            } else if snapshots.is_empty() {
-                println!("no snapshots");
+            } else {
+                report::snapshots_value(&serde_json::to_value(&snapshots)?);
+            }
+        }
+        Command::Sites => {
+            let dir = site_dir(&cli.site_dir)?;
+            let config = mover::config::Config::load(&dir.join(mover::config::CONFIG_FILE_NAME))?;
+            let fingerprint = site::fingerprint_of(&dir.join(&config.site.identity)).ok();
+            let mut sites = vec![serde_json::json!({
+                "site": config.site.name, "local": true, "listen": config.site.listen,
+                "fingerprint": fingerprint,
+            })];
+            for (name, p) in &config.peers {
+                sites.push(serde_json::json!({
+                    "site": name, "local": false, "address": p.address,
+                    "fingerprint": p.fingerprint, "bandwidth": p.bandwidth,
+                }));
+            }
+            let sites = serde_json::Value::Array(sites);
+            if cli.json {
+                print_json(&sites);
+            } else {
+                report::sites(&sites);
+            }
+        }
+        Command::Replicate { snapshot, to, .. } => {
+            let site = Site::open(&site_dir(&cli.site_dir)?)?;
+            let job = mover::replicate::run(
+                &site,
+                &mover::replicate::ReplicateOptions {
+                    spec: snapshot,
+                    to,
+                    control: None,
+                },
+            )?;
+            if cli.json {
+                print_json(&job);
             } else {
                 println!(
-                    "{:<12}  {:<20}  {:<5}  {:>8}  {:>12}  source",
-                    "id", "time", "tier", "files", "bytes"
+                    "replicated {} to {to}: {} chunks ({:.3} GB) sent, {:.3} GB on the wire",
+                    job.snapshot.as_deref().unwrap_or("-"),
+                    job.chunks_new,
+                    job.bytes_sent as f64 / 1e9,
+                    job.wire_bytes_sent as f64 / 1e9
                 );
-                for s in &snapshots {
+            }
+        }
+        Command::Audit {
+            verify,
+            last,
+            config,
+        } => {
+            let path = config_path(config, &cli.site_dir)?;
+            let dir = path.parent().unwrap_or(Path::new("."));
+            let log = dir.join(mover::daemon::AUDIT_FILE_NAME);
+            if *verify {
+                let result = mover::audit::verify(&log)?;
+                if cli.json {
+                    print_json(&result);
+                } else {
+                    for problem in &result.problems {
+                        println!("{}: {problem}", log.display());
+                    }
                     println!(
-                        "{:<12}  {:<20}  {:<5}  {:>8}  {:>12}  {}",
-                        &s.id[..12],
-                        s.time,
-                        s.tier,
-                        s.files,
-                        s.bytes,
-                        s.source
+                        "{}: {} entries, {}",
+                        log.display(),
+                        result.entries,
+                        if result.intact { "intact" } else { "TAMPERED" }
                     );
+                }
+                if !result.intact {
+                    eprintln!(
+                        "mover: audit log {} was edited or cut: {}",
+                        log.display(),
+                        result.problems.first().map(String::as_str).unwrap_or("")
+                    );
+                    return Ok(ExitCode::from(exit::DAMAGE));
+                }
+            } else {
+                let entries = mover::audit::read(&log, *last)?;
+                if cli.json {
+                    print_json(&entries);
+                } else {
+                    for e in &entries {
+                        println!(
+                            "{:>6} {} uid={} pid={} {} {} {}",
+                            e.seq, e.time, e.uid, e.pid, e.action, e.target, e.result
+                        );
+                    }
                 }
             }
         }
-        Command::Verify { snapshot } => {
+        Command::Verify { snapshot, .. } => {
             let site = Site::open(&site_dir(&cli.site_dir)?)?;
             let report = mover::verify::run(&site, snapshot.as_deref())?;
             if cli.json {
@@ -393,7 +668,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         d.reason
                     );
                 }
-                return Ok(ExitCode::from(3));
+                return Ok(ExitCode::from(exit::DAMAGE));
             }
         }
         Command::Quickstart { path, dir } => {
@@ -408,9 +683,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&report);
             } else {
-                print_quickstart(&report);
+                report::quickstart(&report);
             }
         }
+        Command::Jobs { .. }
+        | Command::Status { .. }
+        | Command::Wait { .. }
+        | Command::Cancel { .. } => unreachable!("handled by run() through the daemon"),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -419,54 +698,4 @@ fn print_warnings(warnings: &[mover::job::Warning]) {
     for w in warnings {
         eprintln!("warning: {}: {}", w.path, w.reason);
     }
-}
-
-fn print_quickstart(r: &mover::quickstart::QuickstartReport) {
-    println!();
-    println!("quickstart report");
-    println!(
-        "  data        {} ({} files, {:.0} MB)",
-        r.data,
-        r.files,
-        r.bytes_total as f64 / 1e6
-    );
-    println!(
-        "  backup      {:.2} GB/s ({:.2} s)",
-        r.backup_gb_per_s, r.backup_s
-    );
-    println!(
-        "  dedup       {:.2}x   compression {:.2}x   stored {:.0} MB",
-        r.dedup_ratio,
-        r.compression_ratio,
-        r.bytes_stored as f64 / 1e6
-    );
-    println!(
-        "  unchanged   re-backup in {:.3} s, {} bytes read",
-        r.second_backup_s, r.second_backup_bytes_read
-    );
-    println!(
-        "  restore     {:.2} GB/s ({:.2} s), verified {} chunks, identical: {}",
-        r.restore_gb_per_s, r.restore_s, r.verify_chunks, r.identical
-    );
-    println!(
-        "  DR copy     {:.2} GB/s ({:.2} s) to site dr, {:.0} MB on the wire",
-        r.dr_backup_gb_per_s,
-        r.dr_backup_s,
-        r.dr_wire_bytes as f64 / 1e6
-    );
-    println!(
-        "  DR restore  {:.2} s, {:.0} MB on the wire, verified {} chunks at dr, identical: {}",
-        r.dr_restore_s,
-        r.dr_restore_wire_bytes as f64 / 1e6,
-        r.dr_verify_chunks,
-        r.dr_identical
-    );
-    println!("  snapshot    {}", r.snapshot);
-    println!("  sites       {} and {}", r.site, r.dr_site);
-    println!();
-    println!("next: mover snapshots --site-dir {}", r.site);
-    println!(
-        "      mover daemon --config {}/mover.toml   (then backup --to dr, restore --from dr)",
-        r.dr_site
-    );
 }

@@ -1,0 +1,225 @@
+//! The API socket: creation, caller checks and the HTTP/1.1 connections.
+//!
+//! The socket is bound under a temporary name, given its mode and group, then renamed into
+//! place, so there is no instant at which it exists with looser permissions. Each accepted
+//! connection is checked against `[api]` by SO_PEERCRED (uid, gid and the process's
+//! supplementary groups); a refused caller still gets HTTP answers (403 with the reason), and
+//! the refusal is audited once per connection.
+
+use std::convert::Infallible;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+
+use super::routes::{self, Api};
+use super::Caller;
+use crate::config::ApiSection;
+use crate::constants::{API_CONNECTIONS_MAX, API_HEAD_BYTES_MAX, API_HEAD_TIMEOUT_S};
+use crate::error::{Error, Result};
+
+/// Who may call, reloadable on SIGHUP.
+pub struct Access {
+    section: RwLock<ApiSection>,
+    daemon_uid: u32,
+}
+
+impl Access {
+    pub fn new(section: ApiSection) -> Access {
+        Access {
+            section: RwLock::new(section),
+            // SAFETY: geteuid has no preconditions.
+            daemon_uid: unsafe { libc::geteuid() },
+        }
+    }
+
+    pub fn replace(&self, section: ApiSection) {
+        *self.section.write().unwrap_or_else(|e| e.into_inner()) = section;
+    }
+
+    /// `Err(reason)` for a caller the config does not allow.
+    pub fn check(&self, caller: &Caller) -> std::result::Result<(), String> {
+        if caller.uid == 0 || caller.uid == self.daemon_uid {
+            return Ok(());
+        }
+        let section = self.section.read().unwrap_or_else(|e| e.into_inner());
+        if section.allowed_uids.contains(&caller.uid) {
+            return Ok(());
+        }
+        if !section.allowed_gids.is_empty() {
+            let mut groups = supplementary_groups(caller.pid);
+            groups.push(caller.gid);
+            if groups.iter().any(|g| section.allowed_gids.contains(g)) {
+                return Ok(());
+            }
+        }
+        Err(format!(
+            "uid {} (gid {}) may not use this daemon: expected root, uid {}, or a uid/gid listed in [api] allowed_uids/allowed_gids",
+            caller.uid, caller.gid, self.daemon_uid
+        ))
+    }
+}
+
+/// The caller process's supplementary groups (SO_PEERCRED carries only the primary one).
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Binds the socket at `path` with the configured mode and group.
+pub fn bind(path: &Path, section: &ApiSection) -> Result<std::os::unix::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io("create socket directory", dir, e))?;
+        }
+    }
+    if path.exists() {
+        // A live daemon answers; a stale socket file from a killed one does not.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(Error::Refused(format!(
+                "{}: another daemon is listening on this socket",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path).map_err(|e| Error::io("remove stale socket", path, e))?;
+    }
+    let temp: PathBuf = {
+        let mut name = path.as_os_str().to_owned();
+        name.push(format!(".{}.tmp", std::process::id()));
+        name.into()
+    };
+    let _ = std::fs::remove_file(&temp);
+    let listener = std::os::unix::net::UnixListener::bind(&temp)
+        .map_err(|e| Error::io("bind API socket", &temp, e))?;
+    let mode = section.socket_mode_bits().unwrap_or(0o660);
+    let prepared = (|| {
+        if let Some(group) = &section.socket_group {
+            let gid = group_id(group)?;
+            std::os::unix::fs::chown(&temp, None, Some(gid))
+                .map_err(|e| Error::io("chown API socket", &temp, e))?;
+        }
+        std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::io("chmod API socket", &temp, e))?;
+        std::fs::rename(&temp, path).map_err(|e| Error::io("place API socket", path, e))
+    })();
+    if let Err(e) = prepared {
+        let _ = std::fs::remove_file(&temp);
+        return Err(e);
+    }
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io("configure API socket", path, e))?;
+    Ok(listener)
+}
+
+fn group_id(group: &str) -> Result<u32> {
+    if let Ok(gid) = group.parse() {
+        return Ok(gid);
+    }
+    let name = std::ffi::CString::new(group)
+        .map_err(|_| Error::Site(format!("api.socket_group {group:?}: not a group name")))?;
+    // SAFETY: a valid C string; getgrnam returns a pointer into static storage (or null),
+    // read at once on this thread.
+    let entry = unsafe { libc::getgrnam(name.as_ptr()) };
+    if entry.is_null() {
+        return Err(Error::Site(format!(
+            "api.socket_group {group:?}: no such group on this machine"
+        )));
+    }
+    // SAFETY: non-null pointer from getgrnam.
+    Ok(unsafe { (*entry).gr_gid })
+}
+
+/// Serves the API until `shutdown` resolves; then stops accepting and removes the socket.
+pub async fn serve(
+    listener: std::os::unix::net::UnixListener,
+    path: PathBuf,
+    api: Arc<Api>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let listener = match tokio::net::UnixListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(socket = %path.display(), error = %e, "API socket unusable");
+            return;
+        }
+    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(API_CONNECTIONS_MAX));
+    tokio::pin!(shutdown);
+    loop {
+        // Beyond the connection limit, callers wait in the listen backlog.
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => permit.expect("semaphore never closed"),
+            _ = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting an API connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let caller = match stream.peer_cred() {
+            Ok(cred) => Caller {
+                uid: cred.uid(),
+                gid: cred.gid(),
+                pid: cred.pid().unwrap_or(0),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "no peer credentials on an API connection; closing it");
+                continue;
+            }
+        };
+        let api = api.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let refusal = api.access.check(&caller).err();
+            let audited = Arc::new(AtomicBool::new(false));
+            let service = service_fn(move |request| {
+                let (api, refusal, audited) = (api.clone(), refusal.clone(), audited.clone());
+                async move {
+                    let response = match refusal {
+                        Some(reason) => {
+                            if !audited.swap(true, Ordering::Relaxed) {
+                                api.refused(&caller, &request, &reason);
+                            }
+                            routes::refuse(&api, &request, &reason)
+                        }
+                        None => routes::handle(&api, caller, request).await,
+                    };
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(API_HEAD_TIMEOUT_S))
+                .max_buf_size(API_HEAD_BYTES_MAX)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = connection.await {
+                tracing::debug!(uid = caller.uid, error = %e, "API connection ended with an error");
+            }
+        });
+    }
+    let _ = std::fs::remove_file(&path);
+    tracing::info!(socket = %path.display(), "API socket closed");
+}

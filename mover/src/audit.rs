@@ -1,0 +1,701 @@
+//! The daemon's audit log: who did what, when, with what result, as append-only JSON lines.
+//!
+//! Why a chain: the log is evidence, so changing it should not go unnoticed. Every entry carries
+//! `prev`, the BLAKE3 hash of the previous line's exact bytes, so editing or removing any line
+//! breaks the next line's `prev` (or the `seq` run). Removing lines from the end leaves a valid
+//! shorter chain, so a small head file beside the log (`audit.log.head`, one line
+//! `{"seq":N,"hash":"<hex>"}`) records the last sequence number and line hash after every append.
+//!
+//! What it protects against: accidental damage, a torn write, and an editor who changes,
+//! inserts or deletes lines without rewriting everything after them and the head. What it does
+//! not: anyone who can write both files can rebuild the whole chain and the head consistently,
+//! and that is not detected (there is no key and no external anchor). It is tamper-evident
+//! against partial edits, not tamper-proof.
+//!
+//! Durability: each line is one `write` on an `O_APPEND` descriptor, then `fdatasync`; the head
+//! is replaced atomically afterwards. A crash between the two leaves the head one entry behind,
+//! which [`verify`] accepts and [`AuditLog::open`] repairs. A torn last line is never truncated
+//! silently: `open` refuses with the file and offset, so a person decides.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::{Error, Result};
+
+/// The longest line read back: entries are a few hundred bytes; the bound keeps `verify` from
+/// allocating without limit on a hostile file. `append` refuses entries longer than this.
+pub const MAX_LINE: usize = 1 << 20;
+/// `prev` of the first entry.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// How much of the log's tail `open` reads first to find the last line (doubled while needed).
+const TAIL_WINDOW: u64 = 64 << 10;
+/// Stop listing problems after this many.
+const MAX_PROBLEMS: usize = 100;
+
+/// Who did something: the caller's credentials from SO_PEERCRED, or the daemon itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Who {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: i32,
+}
+
+impl Who {
+    pub fn this_process() -> Who {
+        // SAFETY: getuid, getgid and getpid take no arguments and cannot fail.
+        unsafe {
+            Who {
+                uid: libc::getuid(),
+                gid: libc::getgid(),
+                pid: libc::getpid(),
+            }
+        }
+    }
+}
+
+/// One line of the log. Field order is the serialised order, so a line's bytes are stable.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    pub seq: u64,
+    pub time: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: i32,
+    pub action: String,
+    pub target: String,
+    pub result: String,
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub detail: serde_json::Value,
+    pub prev: String,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Head {
+    seq: u64,
+    hash: String,
+}
+
+struct State {
+    file: File,
+    seq: u64,
+    hash: String,
+    len: u64,
+    /// Set when a failed append could not be undone: the file's tail is unknown.
+    broken: Option<String>,
+}
+
+/// An open audit log; `append` is safe from many threads.
+pub struct AuditLog {
+    path: PathBuf,
+    head: PathBuf,
+    state: Mutex<State>,
+}
+
+fn line_hash(line: &[u8]) -> String {
+    blake3::hash(line).to_hex().to_string()
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// The head file that goes with a log: `<log>.head`.
+pub fn head_path(log: &Path) -> PathBuf {
+    with_suffix(log, ".head")
+}
+
+fn now_rfc3339_ms() -> String {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let s = crate::job::rfc3339(d.as_secs() as i64);
+    format!("{}.{:03}Z", &s[..s.len() - 1], d.subsec_millis())
+}
+
+fn corrupt_log(path: &Path, detail: String) -> Error {
+    Error::corrupt(format!("audit log {}", path.display()), detail)
+}
+
+fn read_head(path: &Path) -> Result<Option<Head>> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io("open", path, e)),
+    };
+    let mut text = String::new();
+    file.take(4096)
+        .read_to_string(&mut text)
+        .map_err(|e| Error::io("read", path, e))?;
+    let head: Head = serde_json::from_str(text.trim_end())
+        .map_err(|e| Error::corrupt(format!("audit head {}", path.display()), e.to_string()))?;
+    if head.hash.len() != 64 || (head.seq == 0 && head.hash != GENESIS) {
+        let detail = format!("bad hash {:?} for seq {}", head.hash, head.seq);
+        return Err(Error::corrupt(
+            format!("audit head {}", path.display()),
+            detail,
+        ));
+    }
+    Ok(Some(head))
+}
+
+/// Replaces the head atomically: temporary file, fsync, rename, directory fsync.
+fn write_head(path: &Path, seq: u64, hash: &str) -> Result<()> {
+    let tmp = with_suffix(path, ".tmp");
+    let mut body = serde_json::to_vec(&Head {
+        seq,
+        hash: hash.to_owned(),
+    })
+    .map_err(|e| Error::corrupt("audit head", e.to_string()))?;
+    body.push(b'\n');
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o640)
+        .open(&tmp)
+        .map_err(|e| Error::io("create", &tmp, e))?;
+    f.write_all(&body)
+        .map_err(|e| Error::io("write", &tmp, e))?;
+    f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("fsync", dir, e))
+}
+
+/// Finds the last line from the end of the file: (its offset, its bytes without '\n').
+fn last_line(file: &File, len: u64, path: &Path) -> Result<Option<(u64, Vec<u8>)>> {
+    if len == 0 {
+        return Ok(None);
+    }
+    let mut window = TAIL_WINDOW;
+    loop {
+        let start = len.saturating_sub(window);
+        let mut buf = vec![0u8; (len - start) as usize];
+        file.read_exact_at(&mut buf, start)
+            .map_err(|e| Error::io("read", path, e))?;
+        let terminated = buf.last() == Some(&b'\n');
+        let body = &buf[..buf.len() - terminated as usize];
+        let line_start = match body.iter().rposition(|&b| b == b'\n') {
+            Some(i) => Some(start + i as u64 + 1),
+            None if start == 0 => Some(0),
+            None => None,
+        };
+        if let Some(off) = line_start {
+            if !terminated {
+                let detail = format!(
+                    "the last line, at byte offset {off}, has no newline: a torn write (crash \
+                     or full disk); inspect it, then move the log and its head aside"
+                );
+                return Err(corrupt_log(path, detail));
+            }
+            let line = &body[(off - start) as usize..];
+            if line.len() > MAX_LINE {
+                break;
+            }
+            return Ok(Some((off, line.to_vec())));
+        }
+        if window > MAX_LINE as u64 {
+            break;
+        }
+        window *= 2;
+    }
+    let detail =
+        format!("the last line, ending at byte offset {len}, is longer than {MAX_LINE} bytes");
+    Err(corrupt_log(path, detail))
+}
+
+impl AuditLog {
+    /// Opens (creating with mode 0640 if absent) the log and continues its chain from the last
+    /// line, without verifying the whole file. A head that lags (crash after an append) is
+    /// rewritten; a torn or unparsable last line, a missing head, or a head that is ahead of
+    /// the log or disagrees with it is refused, so that evidence is not overwritten.
+    pub fn open(path: &Path) -> Result<AuditLog> {
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o640)
+            .open(path)
+            .map_err(|e| Error::io("open", path, e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io("stat", path, e))?
+            .len();
+        let (seq, hash, prev) = match last_line(&file, len, path)? {
+            None => (0, GENESIS.to_owned(), String::new()),
+            Some((off, line)) => {
+                let entry: Entry = serde_json::from_slice(&line).map_err(|e| {
+                    corrupt_log(path, format!("the last line, at byte offset {off}: {e}"))
+                })?;
+                (entry.seq, line_hash(&line), entry.prev)
+            }
+        };
+        let head = head_path(path);
+        let mismatch = |what: String| {
+            corrupt_log(
+                path,
+                format!(
+                    "{what}; verify the log, then move it and {} aside to start anew",
+                    head.display()
+                ),
+            )
+        };
+        match read_head(&head)? {
+            None if seq == 0 => write_head(&head, 0, GENESIS)?,
+            None => {
+                return Err(mismatch(format!(
+                    "head file missing, log has {seq} entries"
+                )))
+            }
+            Some(h) if h.seq > seq => {
+                return Err(mismatch(format!(
+                    "head says {} entries, log has {seq} (lines removed from the end)",
+                    h.seq
+                )))
+            }
+            Some(h) if h.seq == seq && h.hash != hash => {
+                return Err(mismatch("last line hash differs from the head's".into()))
+            }
+            Some(h) if h.seq + 1 == seq && h.hash != prev => {
+                return Err(mismatch("last line does not follow the head's hash".into()))
+            }
+            Some(h) if h.seq < seq => write_head(&head, seq, &hash)?,
+            Some(_) => {}
+        }
+        Ok(AuditLog {
+            path: path.to_path_buf(),
+            head,
+            state: Mutex::new(State {
+                file,
+                seq,
+                hash,
+                len,
+                broken: None,
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends one entry (next seq, time now, prev = hash of the last line): one write of the
+    /// line and its newline, fdatasync, then the head. Returns the entry written.
+    pub fn append(
+        &self,
+        who: Who,
+        action: &str,
+        target: &str,
+        result: &str,
+        detail: serde_json::Value,
+    ) -> Result<Entry> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = &st.broken {
+            return Err(Error::Refused(format!(
+                "audit log {}: {why}",
+                self.path.display()
+            )));
+        }
+        let entry = Entry {
+            seq: st.seq + 1,
+            time: now_rfc3339_ms(),
+            uid: who.uid,
+            gid: who.gid,
+            pid: who.pid,
+            action: action.to_owned(),
+            target: target.to_owned(),
+            result: result.to_owned(),
+            detail,
+            prev: st.hash.clone(),
+        };
+        let mut line =
+            serde_json::to_vec(&entry).map_err(|e| Error::corrupt("audit entry", e.to_string()))?;
+        if line.len() > MAX_LINE {
+            return Err(Error::Refused(format!(
+                "audit entry of {} bytes is longer than {MAX_LINE}",
+                line.len()
+            )));
+        }
+        let hash = line_hash(&line);
+        line.push(b'\n');
+        if let Err(e) = st.file.write_all(&line) {
+            // Undo a partial line so the chain stays parsable; if that fails, stop appending.
+            if let Err(t) = st.file.set_len(st.len) {
+                st.broken = Some(format!("a failed append could not be undone: {t}"));
+            }
+            return Err(Error::io("append", &self.path, e));
+        }
+        st.seq = entry.seq;
+        st.hash = hash;
+        st.len += line.len() as u64;
+        st.file
+            .sync_data()
+            .map_err(|e| Error::io("fdatasync", &self.path, e))?;
+        write_head(&self.head, st.seq, &st.hash)?;
+        Ok(entry)
+    }
+}
+
+/// Outcome of checking a whole log.
+#[derive(Debug, serde::Serialize)]
+pub struct Verification {
+    pub path: String,
+    pub entries: u64,
+    pub intact: bool,
+    /// One line per problem, first problem first, each naming the line number (1-based).
+    pub problems: Vec<String>,
+}
+
+/// Reads one line (without its '\n') into `buf`, keeping at most `MAX_LINE + 1` bytes of it.
+/// Returns None at end of file, else whether the line was newline-terminated.
+fn read_line_bounded<R: BufRead>(r: &mut R, buf: &mut Vec<u8>) -> std::io::Result<Option<bool>> {
+    buf.clear();
+    let mut any = false;
+    loop {
+        let avail = match r.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if avail.is_empty() {
+            return Ok(any.then_some(false));
+        }
+        any = true;
+        let nl = avail.iter().position(|&b| b == b'\n');
+        let chunk = &avail[..nl.unwrap_or(avail.len())];
+        let room = (MAX_LINE + 1).saturating_sub(buf.len());
+        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        let used = chunk.len() + nl.is_some() as usize;
+        r.consume(used);
+        if nl.is_some() {
+            return Ok(Some(true));
+        }
+    }
+}
+
+fn open_reader(path: &Path) -> Result<BufReader<File>> {
+    let f = File::open(path).map_err(|e| Error::io("open", path, e))?;
+    Ok(BufReader::with_capacity(64 << 10, f))
+}
+
+/// Checks every line (a JSON [`Entry`], seq consecutive from 1, `prev` chained), then the head:
+/// the line with the head's seq must exist and hash to the head's hash; lines beyond it are
+/// accepted (a crash between an append and its head update).
+pub fn verify(path: &Path) -> Result<Verification> {
+    let head_file = head_path(path);
+    // The head first: an append racing this check only adds lines beyond it.
+    let head = read_head(&head_file);
+    let mut reader = open_reader(path)?;
+    let mut problems = Vec::new();
+    let mut more = false;
+    let mut note = |p: String| {
+        if problems.len() < MAX_PROBLEMS {
+            problems.push(p);
+        } else {
+            more = true;
+        }
+    };
+    let (mut n, mut expected, mut last_seq) = (0u64, 1u64, 0u64);
+    let mut prev_hash = GENESIS.to_owned();
+    let mut head_line: Option<(u64, String)> = None;
+    let head_seq = head.as_ref().ok().and_then(|h| h.as_ref().map(|h| h.seq));
+    let mut buf = Vec::new();
+    while let Some(terminated) =
+        read_line_bounded(&mut reader, &mut buf).map_err(|e| Error::io("read", path, e))?
+    {
+        n += 1;
+        if buf.len() > MAX_LINE {
+            note(format!("line {n}: longer than {MAX_LINE} bytes"));
+            prev_hash.clear();
+            expected += 1;
+            continue;
+        }
+        if !terminated {
+            note(format!(
+                "line {n}: no newline at the end of the file (a torn write)"
+            ));
+        }
+        let hash = line_hash(&buf);
+        match serde_json::from_slice::<Entry>(&buf) {
+            Err(e) => {
+                note(format!("line {n}: not a JSON audit entry: {e}"));
+                expected += 1;
+            }
+            Ok(entry) => {
+                if entry.seq != expected {
+                    let why = if entry.seq > expected {
+                        "a line was removed"
+                    } else {
+                        "a line was repeated or moved"
+                    };
+                    note(format!(
+                        "line {n}: seq {}, expected {expected} ({why})",
+                        entry.seq
+                    ));
+                }
+                if entry.prev != prev_hash {
+                    note(if n == 1 {
+                        "line 1: prev hash is not the first entry's (lines removed from the start)"
+                            .to_owned()
+                    } else {
+                        format!(
+                            "line {n}: prev hash does not match line {} (line {} edited, or a \
+                             line removed before line {n})",
+                            n - 1,
+                            n - 1
+                        )
+                    });
+                }
+                if Some(entry.seq) == head_seq {
+                    head_line = Some((n, hash.clone()));
+                }
+                expected = entry.seq + 1;
+                last_seq = entry.seq;
+            }
+        }
+        prev_hash = hash;
+    }
+    match head {
+        Err(e) => note(format!("head: {e}")),
+        Ok(None) if n > 0 => note(format!("head: {} is missing", head_file.display())),
+        Ok(None) => {}
+        Ok(Some(h)) if h.seq > last_seq => note(format!(
+            "head says {} entries ending in {}, log has {last_seq} (lines removed from the end)",
+            h.seq, h.hash
+        )),
+        Ok(Some(h)) if h.seq == 0 => {}
+        Ok(Some(h)) => match head_line {
+            None => note(format!("head: no line has seq {}", h.seq)),
+            Some((_, hash)) if hash == h.hash => {}
+            Some(_) if h.seq == last_seq => {
+                note("head: last line hash differs (last line edited)".into())
+            }
+            Some((line, _)) => note(format!(
+                "head: line {line} (seq {}) hash differs (line {line} edited)",
+                h.seq
+            )),
+        },
+    }
+    if more {
+        problems.push(format!(
+            "(more problems not listed after the first {MAX_PROBLEMS})"
+        ));
+    }
+    Ok(Verification {
+        path: path.display().to_string(),
+        entries: n,
+        intact: problems.is_empty(),
+        problems,
+    })
+}
+
+/// All entries, oldest first; `last = Some(n)` keeps the last n. A missing log has none.
+/// Does not check the chain (that is [`verify`]); an unparsable line is an error.
+pub fn read(path: &Path, last: Option<usize>) -> Result<Vec<Entry>> {
+    let mut reader = match open_reader(path) {
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Vec::new())
+        }
+        r => r?,
+    };
+    let mut out = VecDeque::new();
+    let (mut n, mut buf) = (0u64, Vec::new());
+    while read_line_bounded(&mut reader, &mut buf)
+        .map_err(|e| Error::io("read", path, e))?
+        .is_some()
+    {
+        n += 1;
+        if buf.len() > MAX_LINE {
+            return Err(corrupt_log(
+                path,
+                format!("line {n}: longer than {MAX_LINE} bytes"),
+            ));
+        }
+        let entry: Entry = serde_json::from_slice(&buf)
+            .map_err(|e| corrupt_log(path, format!("line {n}: not a JSON audit entry: {e}")))?;
+        out.push_back(entry);
+        if last.is_some_and(|k| out.len() > k) {
+            out.pop_front();
+        }
+    }
+    Ok(out.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn add(log: &AuditLog, target: &str) -> Entry {
+        let root = Who {
+            uid: 0,
+            gid: 0,
+            pid: 1,
+        };
+        let null = serde_json::Value::Null;
+        log.append(root, "job.submit", target, "ok", null).unwrap()
+    }
+
+    fn log_with(n: u64) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path).unwrap();
+        (0..n).for_each(|i| drop(add(&log, &format!("job-{i}"))));
+        (dir, path)
+    }
+
+    fn rewrite(path: &Path, f: impl FnOnce(&mut Vec<String>)) {
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        f(&mut lines);
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(path, text).unwrap();
+    }
+
+    fn problems(path: &Path) -> Vec<String> {
+        let v = verify(path).unwrap();
+        assert_eq!(v.intact, v.problems.is_empty());
+        v.problems
+    }
+
+    #[test]
+    fn concurrent_appends_chain() {
+        let (_dir, path) = log_with(0);
+        let log = Arc::new(AuditLog::open(&path).unwrap());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let log = Arc::clone(&log);
+                std::thread::spawn(move || {
+                    for i in 0..5 {
+                        let d = serde_json::json!({ "thread": t, "i": i });
+                        log.append(Who::this_process(), "job.done", "", "done", d)
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        let v = verify(&path).unwrap();
+        assert!(v.intact, "{:?}", v.problems);
+        assert_eq!(v.entries, 20);
+        let entries = read(&path, None).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut prev = GENESIS.to_owned();
+        for ((i, e), line) in entries.iter().enumerate().zip(text.lines()) {
+            assert_eq!(e.seq, i as u64 + 1);
+            assert_eq!(e.prev, prev);
+            assert_eq!(e.time.len(), 24, "{}", e.time);
+            prev = line_hash(line.as_bytes());
+        }
+        let tail: Vec<u64> = read(&path, Some(3))
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(tail, [18, 19, 20]);
+    }
+
+    #[test]
+    fn reopen_continues_chain() {
+        let (_dir, path) = log_with(3);
+        let log = AuditLog::open(&path).unwrap();
+        assert_eq!(add(&log, "").seq, 4);
+        assert!(problems(&path).is_empty());
+        assert_eq!(read(&path, None).unwrap().len(), 4);
+    }
+
+    #[test]
+    fn edited_middle_line_names_next_line() {
+        let (_dir, path) = log_with(5);
+        rewrite(&path, |l| l[2] = l[2].replace("\"uid\":0", "\"uid\":1"));
+        let p = problems(&path);
+        assert!(
+            p[0].starts_with("line 4: prev hash does not match line 3"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn removed_and_edited_lines_detected() {
+        let (_dir, path) = log_with(5);
+        let orig = std::fs::read_to_string(&path).unwrap();
+        rewrite(&path, |l| drop(l.remove(2)));
+        let p = problems(&path);
+        assert!(p[0].starts_with("line 3: seq 4, expected 3"), "{p:?}");
+        std::fs::write(&path, &orig).unwrap();
+        rewrite(&path, |l| drop(l.pop()));
+        let p = problems(&path);
+        assert!(
+            p[0].starts_with("head says 5 entries") && p[0].contains("log has 4"),
+            "{p:?}"
+        );
+        assert!(
+            AuditLog::open(&path).is_err(),
+            "open must not paper over a truncation"
+        );
+        std::fs::write(&path, &orig).unwrap();
+        rewrite(&path, |l| l[4] = l[4].replace("job-4", "job-9"));
+        assert_eq!(
+            problems(&path),
+            ["head: last line hash differs (last line edited)"]
+        );
+        std::fs::write(&path, orig.replace("\"ok\",", "\"ok\",\"x\":1,")).unwrap();
+        assert!(problems(&path)[0].contains("line 1: not a JSON audit entry: unknown field"));
+    }
+
+    #[test]
+    fn torn_last_line_refused() {
+        let (_dir, path) = log_with(3);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"seq\":4,\"ti").unwrap();
+        let err = AuditLog::open(&path).err().expect("refused").to_string();
+        let named = err.contains(&path.display().to_string());
+        assert!(named && err.contains("byte offset"), "{err}");
+        let p = problems(&path);
+        assert!(p[0].starts_with("line 4: no newline"), "{p:?}");
+        assert!(p[1].starts_with("line 4: not a JSON audit entry"), "{p:?}");
+    }
+
+    #[test]
+    fn overlong_line_bounded() {
+        let (_dir, path) = log_with(2);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&vec![b'x'; MAX_LINE + 10]).unwrap();
+        f.write_all(b"\n").unwrap();
+        assert!(problems(&path)[0].starts_with("line 3: longer than"));
+        let err = AuditLog::open(&path).err().expect("refused").to_string();
+        assert!(err.contains("longer than"), "{err}");
+    }
+
+    #[test]
+    fn lines_beyond_head_accepted_and_repaired() {
+        let (_dir, path) = log_with(3);
+        let head = head_path(&path);
+        let old_head = std::fs::read(&head).unwrap();
+        let log = AuditLog::open(&path).unwrap();
+        add(&log, "job-3");
+        drop(log);
+        std::fs::write(&head, &old_head).unwrap();
+        assert!(problems(&path).is_empty());
+        AuditLog::open(&path).unwrap();
+        let h = read_head(&head).unwrap().unwrap();
+        assert_eq!(h.seq, 4);
+        assert!(problems(&path).is_empty());
+        std::fs::remove_file(&head).unwrap();
+        assert!(problems(&path)[0].contains("is missing"));
+    }
+}

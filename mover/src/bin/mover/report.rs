@@ -1,0 +1,90 @@
+//! Text reports of in-process runs.
+
+pub fn quickstart(r: &mover::quickstart::QuickstartReport) {
+    println!();
+    println!("quickstart report");
+    println!(
+        "  data        {} ({} files, {:.0} MB)",
+        r.data,
+        r.files,
+        r.bytes_total as f64 / 1e6
+    );
+    println!(
+        "  backup      {:.2} GB/s ({:.2} s)",
+        r.backup_gb_per_s, r.backup_s
+    );
+    println!(
+        "  dedup       {:.2}x   compression {:.2}x   stored {:.0} MB",
+        r.dedup_ratio,
+        r.compression_ratio,
+        r.bytes_stored as f64 / 1e6
+    );
+    println!(
+        "  unchanged   re-backup in {:.3} s, {} bytes read",
+        r.second_backup_s, r.second_backup_bytes_read
+    );
+    println!(
+        "  restore     {:.2} GB/s ({:.2} s), verified {} chunks, identical: {}",
+        r.restore_gb_per_s, r.restore_s, r.verify_chunks, r.identical
+    );
+    println!(
+        "  DR copy     {:.2} GB/s ({:.2} s) to site dr, {:.0} MB on the wire",
+        r.dr_backup_gb_per_s,
+        r.dr_backup_s,
+        r.dr_wire_bytes as f64 / 1e6
+    );
+    println!(
+        "  DR restore  {:.2} s, {:.0} MB on the wire, verified {} chunks at dr, identical: {}",
+        r.dr_restore_s,
+        r.dr_restore_wire_bytes as f64 / 1e6,
+        r.dr_verify_chunks,
+        r.dr_identical
+    );
+    println!("  snapshot    {}", r.snapshot);
+    println!("  sites       {} and {}", r.site, r.dr_site);
+    println!();
+    println!("next: mover snapshots --site-dir {}", r.site);
+    println!(
+        "      mover daemon --config {}/mover.toml   (then backup --to dr, restore --from dr)",
+        r.dr_site
+    );
+}
+
+pub fn snapshots_value(list: &serde_json::Value) {
+    let snapshots = list.as_array().cloned().unwrap_or_default();
+    if snapshots.is_empty() {
+        println!("no snapshots");
+        return;
+    }
+    println!(
+        "{:<12}  {:<20}  {:<5}  {:>8}  {:>12}  source",
+        "id", "time", "tier", "files", "bytes"
+    );
+    for s in &snapshots {
+        let id = s["id"].as_str().unwrap_or("");
+        println!(
+            "{:<12}  {:<20}  {:<5}  {:>8}  {:>12}  {}",
+            &id[..12.min(id.len())],
+            s["time"].as_str().unwrap_or(""),
+            s["tier"].as_str().unwrap_or(""),
+            s["files"].as_u64().unwrap_or(0),
+            s["bytes"].as_u64().unwrap_or(0),
+            s["source"].as_str().unwrap_or("")
+        );
+    }
+}
+
+pub fn sites(list: &serde_json::Value) {
+    for s in list.as_array().cloned().unwrap_or_default() {
+        let local = s["local"].as_bool().unwrap_or(false);
+        println!(
+            "{:<16} {:<6} {:<24} {}",
+            s["site"].as_str().unwrap_or(""),
+            if local { "local" } else { "peer" },
+            s[if local { "listen" } else { "address" }]
+                .as_str()
+                .unwrap_or("-"),
+            s["fingerprint"].as_str().unwrap_or("")
+        );
+    }
+}

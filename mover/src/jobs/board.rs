@@ -1,0 +1,675 @@
+//! The job board: the daemon's persistent queue and the threads that run its jobs.
+//!
+//! Every state change is written to the `queue` table (redb, fsync on commit) before anyone
+//! is told about it, so the table is the journal: a daemon killed with -9 finds jobs still
+//! marked `running` at the next start, puts them back in the queue and runs them again. The
+//! engine makes that cheap: a re-run backup deduplicates against every pack the killed run
+//! committed (locally) or every chunk the peer acknowledged (cross-site), and a resumed
+//! restore keeps the files it had finished.
+//!
+//! Jobs run on their own threads (a backup then starts its pinned workers); at most
+//! `api.running_jobs_max` at once, chosen by priority, then submission order. Waiters (the
+//! API's `wait`) watch a generation counter bumped on every change.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::audit::{AuditLog, Who};
+use crate::error::{Error, Result};
+use crate::job::{JobControl, JobKind, JobState};
+use crate::metrics::{self, names};
+use crate::site::Site;
+
+use super::{now_unix_ms, time_text, JobRecord, JobRequest};
+
+/// Why a submit was not queued.
+#[derive(Debug)]
+pub enum SubmitError {
+    /// The request is wrong (400).
+    Invalid(String),
+    /// The daemon cannot take it now: draining or the queue is full (503).
+    Unavailable(String),
+    /// The database failed (500).
+    Internal(String),
+}
+
+struct Running {
+    control: Arc<JobControl>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+struct State {
+    records: HashMap<String, JobRecord>,
+    running: HashMap<String, Running>,
+    draining: bool,
+}
+
+pub struct Board {
+    site: Arc<Site>,
+    audit: Arc<AuditLog>,
+    state: Mutex<State>,
+    /// Serialises record writes so the table always ends with a record's latest state.
+    persist_lock: Mutex<()>,
+    changed: tokio::sync::watch::Sender<u64>,
+    running_max: usize,
+    queued_max: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Board {
+    /// Loads the queue; jobs a previous daemon left running are queued again (they resume),
+    /// then the queue starts.
+    pub fn open(site: Arc<Site>, audit: Arc<AuditLog>) -> Result<Arc<Board>> {
+        let mut records = HashMap::new();
+        let mut resumed = Vec::new();
+        for text in site.index.queue_records()? {
+            let mut record: JobRecord = serde_json::from_str(&text)
+                .map_err(|e| Error::corrupt("job queue row", e.to_string()))?;
+            if record.state == JobState::Running {
+                record.state = JobState::Queued;
+                resumed.push(record.id.clone());
+            }
+            records.insert(record.id.clone(), record);
+        }
+        let api = &site.config.api;
+        let board = Arc::new(Board {
+            running_max: api.running_jobs_max,
+            queued_max: api.queued_jobs_max,
+            site,
+            audit,
+            state: Mutex::new(State {
+                records,
+                running: HashMap::new(),
+                draining: false,
+            }),
+            persist_lock: Mutex::new(()),
+            changed: tokio::sync::watch::channel(0).0,
+        });
+        for id in &resumed {
+            tracing::info!(job = %id, "resuming a job the previous daemon left running");
+            board.persist(id)?;
+        }
+        board.schedule();
+        Ok(board)
+    }
+
+    /// Queues a job (or returns the one submitted earlier under the same idempotency key:
+    /// `false`). Durable before it returns.
+    pub fn submit(
+        self: &Arc<Self>,
+        request: JobRequest,
+        caller: Who,
+    ) -> std::result::Result<(JobRecord, bool), SubmitError> {
+        request
+            .check(&self.site.config, &self.site.peers())
+            .map_err(SubmitError::Invalid)?;
+        {
+            let state = lock(&self.state);
+            if state.draining {
+                return Err(SubmitError::Unavailable(
+                    "the daemon is stopping; submit again once it is back".into(),
+                ));
+            }
+            let queued = state
+                .records
+                .values()
+                .filter(|r| r.state == JobState::Queued)
+                .count();
+            if queued >= self.queued_max {
+                return Err(SubmitError::Unavailable(format!(
+                    "the queue is full ({queued} jobs waiting, api.queued_jobs_max); try later"
+                )));
+            }
+        }
+        let submitted = now_unix_ms();
+        let make = |seq: u64| {
+            let record = JobRecord {
+                id: format!("{}-{seq}", request.kind.letter()),
+                kind: request.kind,
+                state: JobState::Queued,
+                priority: request.priority,
+                seq,
+                bytes_total: 0,
+                bytes_done: 0,
+                bytes_sent: 0,
+                snapshot: None,
+                error: None,
+                idempotency_key: request.idempotency_key.clone(),
+                request: request.clone(),
+                caller,
+                submitted: time_text(submitted),
+                submitted_unix_ms: submitted,
+                started: None,
+                started_unix_ms: None,
+                finished: None,
+                finished_unix_ms: None,
+                attempts: 0,
+                cancel_requested: false,
+                result: None,
+            };
+            let json = serde_json::to_string(&record).expect("record serialises");
+            (record.id, json)
+        };
+        let (json, created) = self
+            .site
+            .index
+            .submit_job(request.idempotency_key.as_deref(), make)
+            .map_err(|e| SubmitError::Internal(e.to_string()))?;
+        let stored: JobRecord = serde_json::from_str(&json)
+            .map_err(|e| SubmitError::Internal(format!("job queue row: {e}")))?;
+        if !created {
+            // The live record (it may have moved on since it was queued).
+            return Ok((self.get(&stored.id).unwrap_or(stored), false));
+        }
+        lock(&self.state)
+            .records
+            .insert(stored.id.clone(), stored.clone());
+        self.audit_event(
+            caller,
+            "job.submit",
+            &stored.id,
+            "ok",
+            serde_json::to_value(&stored.request).unwrap_or_default(),
+        );
+        self.bump();
+        self.schedule();
+        Ok((self.get(&stored.id).unwrap_or(stored), true))
+    }
+
+    /// A job as it stands, progress included.
+    pub fn get(&self, id: &str) -> Option<JobRecord> {
+        let state = lock(&self.state);
+        let mut record = state.records.get(id)?.clone();
+        if let Some(running) = state.running.get(id) {
+            fill_progress(&mut record, &running.control);
+        }
+        Some(record)
+    }
+
+    /// All jobs (oldest first), optionally only those in `state`; at most `limit`, the newest.
+    pub fn list(&self, only: Option<JobState>, limit: usize) -> Vec<JobRecord> {
+        let state = lock(&self.state);
+        let mut out: Vec<JobRecord> = state
+            .records
+            .values()
+            .filter(|r| only.is_none_or(|s| r.state == s))
+            .cloned()
+            .collect();
+        for record in &mut out {
+            if let Some(running) = state.running.get(&record.id) {
+                fill_progress(record, &running.control);
+            }
+        }
+        out.sort_by_key(|r| r.seq);
+        let skip = out.len().saturating_sub(limit);
+        out.drain(..skip);
+        out
+    }
+
+    pub fn counts(&self) -> HashMap<JobState, usize> {
+        let mut counts = HashMap::new();
+        for r in lock(&self.state).records.values() {
+            *counts.entry(r.state).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Cancels a queued job at once, or asks a running one to stop (it ends `cancelled`
+    /// once the engine reaches its next check). `Err` names why nothing changed.
+    pub fn cancel(&self, id: &str, caller: Who) -> std::result::Result<JobRecord, CancelError> {
+        let outcome = {
+            let mut state = lock(&self.state);
+            let State {
+                records, running, ..
+            } = &mut *state;
+            let record = records.get_mut(id).ok_or(CancelError::NotFound)?;
+            match record.state {
+                JobState::Queued => {
+                    let now = now_unix_ms();
+                    record.state = JobState::Cancelled;
+                    record.finished = Some(time_text(now));
+                    record.finished_unix_ms = Some(now);
+                    record.error = Some("cancelled before it started".into());
+                    Ok(())
+                }
+                JobState::Running => {
+                    record.cancel_requested = true;
+                    if let Some(r) = running.get(id) {
+                        r.control.cancel();
+                    }
+                    Ok(())
+                }
+                other => Err(CancelError::Finished(other)),
+            }
+        };
+        outcome?;
+        if let Err(e) = self.persist(id) {
+            tracing::error!(job = %id, error = %e, "could not record the cancel");
+        }
+        self.audit_event(caller, "job.cancel", id, "ok", serde_json::Value::Null);
+        self.bump();
+        Ok(self.get(id).expect("present above"))
+    }
+
+    /// A receiver that changes whenever any job does (for waiting without polling).
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// SIGTERM: stops taking jobs, asks running ones to checkpoint (they stop at their next
+    /// check, leaving what they committed; they resume at the next start) and waits for them
+    /// up to `limit`. Returns the jobs still running when it gave up.
+    pub fn drain(&self, limit: Duration) -> Vec<String> {
+        let threads: Vec<(String, std::thread::JoinHandle<()>)> = {
+            let mut state = lock(&self.state);
+            state.draining = true;
+            for r in state.running.values() {
+                r.control.interrupt_for_shutdown();
+            }
+            Vec::new()
+        };
+        drop(threads);
+        let deadline = Instant::now() + limit;
+        loop {
+            let left: Vec<String> = lock(&self.state).running.keys().cloned().collect();
+            if left.is_empty() || Instant::now() >= deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts queued jobs while there is room: highest priority first, then oldest.
+    fn schedule(self: &Arc<Self>) {
+        loop {
+            let started = {
+                let mut state = lock(&self.state);
+                if state.draining || state.running.len() >= self.running_max {
+                    return;
+                }
+                let Some(id) = state
+                    .records
+                    .values()
+                    .filter(|r| r.state == JobState::Queued)
+                    .min_by_key(|r| (-(r.priority as i64), r.seq))
+                    .map(|r| r.id.clone())
+                else {
+                    return;
+                };
+                let record = state.records.get_mut(&id).expect("just found");
+                let now = now_unix_ms();
+                record.state = JobState::Running;
+                record.attempts += 1;
+                record.started = Some(time_text(now));
+                record.started_unix_ms = Some(now);
+                metrics::global().observe(
+                    names::JOB_QUEUE_WAIT,
+                    &[],
+                    now.saturating_sub(record.submitted_unix_ms) as f64 / 1e3,
+                );
+                let control = Arc::new(JobControl::new(&id));
+                let board = self.clone();
+                let (record, thread_control) = (record.clone(), control.clone());
+                let thread = std::thread::Builder::new()
+                    .name(format!("mover-job-{id}"))
+                    .spawn(move || board.run(record, thread_control));
+                match thread {
+                    Ok(thread) => {
+                        state
+                            .running
+                            .insert(id.clone(), Running { control, thread });
+                        id
+                    }
+                    Err(e) => {
+                        let record = state.records.get_mut(&id).expect("just found");
+                        record.state = JobState::Failed;
+                        record.error = Some(format!("could not start a job thread: {e}"));
+                        id
+                    }
+                }
+            };
+            if let Err(e) = self.persist(&started) {
+                tracing::error!(job = %started, error = %e, "could not record the job start");
+            }
+            self.bump();
+        }
+    }
+
+    /// A job's thread: runs the engine, then records the outcome and starts the next job.
+    fn run(self: Arc<Self>, record: JobRecord, control: Arc<JobControl>) {
+        // The thread is registered in `running` by `schedule` under the lock this waits for,
+        // so the bookkeeping below always finds it.
+        drop(lock(&self.state));
+        tracing::info!(job = %record.id, kind = record.kind.name(), attempt = record.attempts, "job started");
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            execute(&self.site, &record, &control)
+        }))
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(Error::Resource(format!("internal error (panic): {what}")))
+        });
+        let now = now_unix_ms();
+        let final_record = {
+            let mut state = lock(&self.state);
+            state.running.remove(&record.id);
+            let Some(r) = state.records.get_mut(&record.id) else {
+                return;
+            };
+            fill_progress(r, &control);
+            match outcome {
+                Ok(done) => {
+                    r.state = done.state;
+                    r.snapshot = done.snapshot;
+                    r.error = done.error;
+                    r.result = Some(done.result);
+                    if let Some((total, done, sent)) = done.bytes {
+                        (r.bytes_total, r.bytes_done, r.bytes_sent) = (total, done, sent);
+                    }
+                }
+                Err(Error::Cancelled(_)) if control.is_draining() => {
+                    // Checkpointed: what it committed stays; it runs again at the next start.
+                    r.state = JobState::Queued;
+                }
+                Err(e) => {
+                    r.state = match e {
+                        Error::Cancelled(_) => JobState::Cancelled,
+                        _ => JobState::Failed,
+                    };
+                    r.error = Some(e.to_string());
+                }
+            }
+            if r.state.is_terminal() {
+                r.finished = Some(time_text(now));
+                r.finished_unix_ms = Some(now);
+            }
+            r.clone()
+        };
+        if let Err(e) = self.persist(&record.id) {
+            tracing::error!(job = %record.id, error = %e, "could not record the job's end");
+        }
+        let elapsed = final_record
+            .started_unix_ms
+            .map_or(0.0, |s| now.saturating_sub(s) as f64 / 1e3);
+        match final_record.state {
+            JobState::Queued => {
+                tracing::info!(job = %record.id, "job interrupted by shutdown; it resumes at the next start")
+            }
+            JobState::Done => tracing::info!(job = %record.id, elapsed_s = elapsed, "job done"),
+            state => tracing::warn!(
+                job = %record.id,
+                state = state.name(),
+                error = final_record.error.as_deref().unwrap_or(""),
+                "job ended"
+            ),
+        }
+        if final_record.state.is_terminal() {
+            record_metrics(&self.site, &final_record);
+            self.audit_event(
+                Who::this_process(),
+                "job.end",
+                &record.id,
+                final_record.state.name(),
+                serde_json::json!({"error": final_record.error, "snapshot": final_record.snapshot}),
+            );
+        }
+        self.bump();
+        self.schedule();
+        self.forget_old();
+    }
+
+    /// Keeps the in-memory list bounded; finished jobs beyond it stay in the database.
+    fn forget_old(&self) {
+        let mut state = lock(&self.state);
+        let finished = state
+            .records
+            .values()
+            .filter(|r| r.state.is_terminal())
+            .count();
+        if finished <= crate::constants::JOBS_LISTED_MAX {
+            return;
+        }
+        let mut old: Vec<(u64, String)> = state
+            .records
+            .values()
+            .filter(|r| r.state.is_terminal())
+            .map(|r| (r.seq, r.id.clone()))
+            .collect();
+        old.sort();
+        for (_, id) in old
+            .into_iter()
+            .take(finished - crate::constants::JOBS_LISTED_MAX)
+        {
+            state.records.remove(&id);
+        }
+    }
+
+    fn persist(&self, id: &str) -> Result<()> {
+        let _order = lock(&self.persist_lock);
+        let json = {
+            let state = lock(&self.state);
+            match state.records.get(id) {
+                Some(r) => serde_json::to_string(r).expect("record serialises"),
+                None => return Ok(()),
+            }
+        };
+        self.site.index.put_queue_record(id, &json)
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    pub fn audit_event(
+        &self,
+        who: Who,
+        action: &str,
+        target: &str,
+        result: &str,
+        detail: serde_json::Value,
+    ) {
+        if let Err(e) = self.audit.append(who, action, target, result, detail) {
+            tracing::error!(action, target, error = %e, "could not append to the audit log");
+        }
+    }
+
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    pub fn site(&self) -> &Arc<Site> {
+        &self.site
+    }
+
+    pub fn running_ids(&self) -> Vec<String> {
+        lock(&self.state).running.keys().cloned().collect()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        lock(&self.state).draining
+    }
+
+    pub fn is_running(&self, id: &str) -> bool {
+        lock(&self.state).running.contains_key(id)
+    }
+
+    /// The thread of a running job (tests and drain).
+    pub fn thread_finished(&self, id: &str) -> bool {
+        lock(&self.state)
+            .running
+            .get(id)
+            .is_none_or(|r| r.thread.is_finished())
+    }
+}
+
+#[derive(Debug)]
+pub enum CancelError {
+    NotFound,
+    Finished(JobState),
+}
+
+fn fill_progress(record: &mut JobRecord, control: &JobControl) {
+    record.bytes_total = control.bytes_total.load(Ordering::Relaxed);
+    record.bytes_done = control.bytes_done.load(Ordering::Relaxed);
+    record.bytes_sent = control.bytes_sent.load(Ordering::Relaxed);
+}
+
+/// What a finished engine run hands back.
+struct Outcome {
+    state: JobState,
+    snapshot: Option<String>,
+    error: Option<String>,
+    result: serde_json::Value,
+    bytes: Option<(u64, u64, u64)>,
+}
+
+fn from_job(job: crate::job::Job) -> Outcome {
+    Outcome {
+        state: job.state,
+        snapshot: job.snapshot.clone(),
+        error: job.error.clone(),
+        bytes: Some((job.bytes_total, job.bytes_done, job.bytes_sent)),
+        result: serde_json::to_value(&job).unwrap_or_default(),
+    }
+}
+
+fn execute(site: &Site, record: &JobRecord, control: &JobControl) -> Result<Outcome> {
+    let r = &record.request;
+    let text = |v: &Option<String>| v.clone().unwrap_or_default();
+    match r.kind {
+        JobKind::Backup => {
+            let path = text(&r.path);
+            crate::backup::run(
+                site,
+                &crate::backup::BackupOptions {
+                    source: std::path::Path::new(&path),
+                    tier: r.tier.as_deref(),
+                    to: r.to.as_deref(),
+                    control: Some(control),
+                },
+            )
+            .map(from_job)
+        }
+        JobKind::Restore => {
+            let (spec, target) = (text(&r.snapshot), text(&r.to));
+            crate::restore::run(
+                site,
+                &crate::restore::RestoreOptions {
+                    spec: &spec,
+                    target: std::path::Path::new(&target),
+                    from: r.from.as_deref(),
+                    control: Some(control),
+                    resume: record.attempts > 1,
+                },
+            )
+            .map(from_job)
+        }
+        JobKind::Replicate => {
+            let (spec, to) = (text(&r.snapshot), text(&r.to));
+            crate::replicate::run(
+                site,
+                &crate::replicate::ReplicateOptions {
+                    spec: &spec,
+                    to: &to,
+                    control: Some(control),
+                },
+            )
+            .map(from_job)
+        }
+        JobKind::Verify => {
+            let report = crate::verify::run_with(site, r.snapshot.as_deref(), Some(control))?;
+            let error = report.damage.first().map(|d| {
+                format!(
+                    "{} damaged chunk(s); first: snapshot {} file {:?}: {}",
+                    report.damage.len(),
+                    &d.snapshot[..12.min(d.snapshot.len())],
+                    d.path,
+                    d.reason
+                )
+            });
+            Ok(Outcome {
+                state: if error.is_some() {
+                    JobState::Failed
+                } else {
+                    JobState::Done
+                },
+                snapshot: r.snapshot.clone(),
+                error,
+                bytes: Some((
+                    control.bytes_total.load(Ordering::Relaxed),
+                    report.bytes_checked,
+                    0,
+                )),
+                result: serde_json::to_value(&report).unwrap_or_default(),
+            })
+        }
+    }
+}
+
+/// Adds a finished job's bytes to the per-site, tier and link counters.
+fn record_metrics(site: &Site, record: &JobRecord) {
+    let m = metrics::global();
+    let name = site.name();
+    m.add(
+        names::JOBS_FINISHED,
+        &[("kind", record.kind.name()), ("state", record.state.name())],
+        1,
+    );
+    let Some(result) = &record.result else {
+        return;
+    };
+    let get = |k: &str| result.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    match record.kind {
+        JobKind::Backup | JobKind::Replicate => {
+            m.add(names::BYTES_READ, &[("site", name)], get("bytes_read"));
+            let tier = result.get("tier").and_then(|v| v.as_str()).unwrap_or("");
+            let dedup = get("bytes_total").saturating_sub(get("bytes_new"));
+            match result.get("destination").and_then(|v| v.as_str()) {
+                Some(peer) => {
+                    let link = format!("{name}->{peer}");
+                    let labels = [("site", name), ("link", link.as_str())];
+                    m.add(names::BYTES_SENT, &labels, get("bytes_sent"));
+                    m.add(names::WIRE_BYTES_SENT, &labels, get("wire_bytes_sent"));
+                    m.add(
+                        names::WIRE_BYTES_RECEIVED,
+                        &labels,
+                        get("wire_bytes_received"),
+                    );
+                    let dest_tier = format!("{peer}:{tier}");
+                    m.add(
+                        names::BYTES_DEDUPLICATED,
+                        &[("site", name), ("tier", dest_tier.as_str())],
+                        dedup,
+                    );
+                }
+                None => {
+                    let labels = [("site", name), ("tier", tier)];
+                    m.add(names::BYTES_STORED, &labels, get("bytes_sent"));
+                    m.add(names::BYTES_DEDUPLICATED, &labels, dedup);
+                }
+            }
+        }
+        JobKind::Restore => {
+            m.add(names::BYTES_RESTORED, &[("site", name)], get("bytes_done"));
+            if let Some(peer) = result.get("destination").and_then(|v| v.as_str()) {
+                let link = format!("{peer}->{name}");
+                let labels = [("site", name), ("link", link.as_str())];
+                m.add(names::WIRE_BYTES_SENT, &labels, get("wire_bytes_sent"));
+                m.add(
+                    names::WIRE_BYTES_RECEIVED,
+                    &labels,
+                    get("wire_bytes_received"),
+                );
+            }
+        }
+        JobKind::Verify => {}
+    }
+}
