@@ -55,6 +55,7 @@ impl Sites {
         let a = root.join("site-a");
         let b = root.join("site-b");
         run_json(mover().args(["init", "--site", "a", "--dir"]).arg(&a));
+        // b's daemon also serves the API; its own socket keeps parallel tests apart.
         run_json(
             mover()
                 .args([
@@ -65,7 +66,9 @@ impl Sites {
                     &format!("127.0.0.1:{b_port}"),
                     "--dir",
                 ])
-                .arg(&b),
+                .arg(&b)
+                .arg("--socket")
+                .arg(b.join("api.sock")),
         );
         peer_add(&a, "b", &format!("127.0.0.1:{b_port}"), &fingerprint(&b));
         peer_add(&b, "a", "127.0.0.1:9", &fingerprint(&a));

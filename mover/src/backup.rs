@@ -255,7 +255,10 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
                 Report::PackSealed(pack) => {
                     job.bytes_sent += pack.bytes;
                     control.sent(pack.bytes);
-                    if let Err(e) = site.index.commit_pack(&pack) {
+                    let committing = Instant::now();
+                    let committed = site.index.commit_pack(&pack);
+                    worker::stage("index_commit", committing);
+                    if let Err(e) = committed {
                         shared.cancelled.store(true, Ordering::Relaxed);
                         fatal.get_or_insert(e);
                     }

@@ -376,7 +376,9 @@ impl Restorer<'_> {
                     self.job.directories += 1;
                 }
                 EntryKind::File { .. } => {
+                    let started = std::time::Instant::now();
                     self.write_file(reader, entry, &path)?;
+                    crate::worker::stage("restore_file", started);
                     self.restored_files.insert(entry.path.clone(), path);
                 }
                 EntryKind::Symlink { target } => {

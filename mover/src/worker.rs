@@ -221,7 +221,10 @@ impl<'a> Worker<'a> {
             if self.shared.cancelled.load(Ordering::Relaxed) {
                 continue;
             }
-            let report = match self.extent(&item).await {
+            let started = std::time::Instant::now();
+            let outcome = self.extent(&item).await;
+            stage("extent", started);
+            let report = match outcome {
                 Ok(done) => Report::Extent(done),
                 Err(ExtentError::DirectRefused) => unreachable!("extent() retries buffered"),
                 Err(ExtentError::Skip(reason)) => Report::Skipped {
@@ -245,7 +248,9 @@ impl<'a> Worker<'a> {
     fn seal_pack(&mut self, reports: &Sender<Report>) -> Result<()> {
         if let Some(pack) = self.pack.take() {
             if !pack.is_empty() {
+                let started = std::time::Instant::now();
                 let sealed = pack.seal()?;
+                stage("pack_seal", started);
                 let _ = reports.send(Report::PackSealed(sealed));
             }
         }
@@ -478,4 +483,13 @@ fn changed_since_scan(item: &WorkItem) -> Option<String> {
             "vanished during backup ({e}): the snapshot holds the bytes read before"
         )),
     }
+}
+
+/// Records how long one unit of a pipeline stage took (per extent or pack, never per byte).
+pub fn stage(name: &'static str, started: std::time::Instant) {
+    crate::metrics::global().observe(
+        crate::metrics::names::STAGE_SECONDS,
+        &[("stage", name)],
+        started.elapsed().as_secs_f64(),
+    );
 }

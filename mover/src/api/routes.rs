@@ -209,16 +209,17 @@ async fn submit(api: &Api, caller: Caller, request: Request<Incoming>) -> Reply 
             )
         }
     };
-    let job: JobRequest =
-        match serde_json::from_slice(&body) {
-            Ok(job) => job,
-            Err(e) => return error(
+    let job: JobRequest = match serde_json::from_slice(&body) {
+        Ok(job) => job,
+        Err(e) => {
+            return error(
                 StatusCode::BAD_REQUEST,
                 format!(
                     "job request: {e} (expected a JSON object with `kind` and the job's arguments)"
                 ),
-            ),
-        };
+            )
+        }
+    };
     match api.board.submit(job, caller.who()) {
         Ok((record, true)) => reply(StatusCode::CREATED, &json!(record)),
         Ok((record, false)) => reply(StatusCode::OK, &json!(record)),

@@ -90,9 +90,14 @@ pub async fn accept_loop(
             continue;
         };
         let (site, trust) = (site.clone(), trust.clone());
+        let open = || (PEER_CONNECTIONS_MAX - slots.available_permits()) as f64;
+        crate::metrics::global().set(crate::metrics::names::PEER_CONNECTIONS, &[], open());
+        let gauge_slots = slots.clone();
         tokio::spawn(async move {
             connection(site, trust, incoming).await;
             drop(slot);
+            let open = (PEER_CONNECTIONS_MAX - gauge_slots.available_permits()) as f64;
+            crate::metrics::global().set(crate::metrics::names::PEER_CONNECTIONS, &[], open);
         });
     }
     endpoint.close(0u32.into(), b"daemon shutting down");
@@ -218,8 +223,12 @@ fn seal_and_commit(site: &Site, pack: &mut Option<PackWriter>) -> Result<u64, Er
         return Ok(0);
     }
     tokio::task::block_in_place(|| {
+        let started = std::time::Instant::now();
         let sealed = writer.seal()?;
+        crate::worker::stage("pack_seal", started);
+        let committing = std::time::Instant::now();
         site.index.commit_pack(&sealed)?;
+        crate::worker::stage("index_commit", committing);
         Ok(sealed.bytes)
     })
 }
@@ -311,6 +320,12 @@ async fn store(
         tracing::error!(peer = %peer, job = %job, error = %e, "could not keep the chunks received before the stream ended");
     }
     tracing::info!(peer = %peer, job = %job, tier = %tier, chunks, bytes, "store stream ended");
+    let link = format!("{peer}->{}", site.name());
+    crate::metrics::global().add(
+        crate::metrics::names::BYTES_RECEIVED,
+        &[("site", site.name()), ("link", &link), ("tier", tier)],
+        bytes,
+    );
     outcome
 }
 
