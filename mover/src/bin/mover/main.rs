@@ -359,13 +359,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cancel { job } => return Ok(outcome(session(&cli)?.cancel(job))),
         Command::Snapshots if local.is_none() => {
             return Ok(outcome(
-                session(&cli)?.show("/v1/snapshots", |v| report::snapshots_value(v)),
+                session(&cli)?.show("/v1/snapshots", report::snapshots_value),
             ));
         }
         Command::Sites if local.is_none() => {
-            return Ok(outcome(
-                session(&cli)?.show("/v1/sites", |v| report::sites(v)),
-            ));
+            return Ok(outcome(session(&cli)?.show("/v1/sites", report::sites)));
         }
         _ => {}
     }
@@ -597,42 +595,7 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
             let path = config_path(config, &cli.site_dir)?;
             let dir = path.parent().unwrap_or(Path::new("."));
             let log = dir.join(mover::daemon::AUDIT_FILE_NAME);
-            if *verify {
-                let result = mover::audit::verify(&log)?;
-                if cli.json {
-                    print_json(&result);
-                } else {
-                    for problem in &result.problems {
-                        println!("{}: {problem}", log.display());
-                    }
-                    println!(
-                        "{}: {} entries, {}",
-                        log.display(),
-                        result.entries,
-                        if result.intact { "intact" } else { "TAMPERED" }
-                    );
-                }
-                if !result.intact {
-                    eprintln!(
-                        "mover: audit log {} was edited or cut: {}",
-                        log.display(),
-                        result.problems.first().map(String::as_str).unwrap_or("")
-                    );
-                    return Ok(ExitCode::from(exit::DAMAGE));
-                }
-            } else {
-                let entries = mover::audit::read(&log, *last)?;
-                if cli.json {
-                    print_json(&entries);
-                } else {
-                    for e in &entries {
-                        println!(
-                            "{:>6} {} uid={} pid={} {} {} {}",
-                            e.seq, e.time, e.uid, e.pid, e.action, e.target, e.result
-                        );
-                    }
-                }
-            }
+            return report::audit(&log, *verify, *last, cli.json);
         }
         Command::Verify { snapshot, .. } => {
             let site = Site::open(&site_dir(&cli.site_dir)?)?;

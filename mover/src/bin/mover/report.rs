@@ -88,3 +88,50 @@ pub fn sites(list: &serde_json::Value) {
         );
     }
 }
+
+/// `mover audit [--verify]`: shows the log, or checks its hash chain (exit 3 if broken).
+pub fn audit(
+    log: &std::path::Path,
+    verify: bool,
+    last: Option<usize>,
+    json: bool,
+) -> anyhow::Result<std::process::ExitCode> {
+    use std::process::ExitCode;
+    if verify {
+        let result = mover::audit::verify(log)?;
+        if json {
+            crate::print_json(&result);
+        } else {
+            for problem in &result.problems {
+                println!("{}: {problem}", log.display());
+            }
+            println!(
+                "{}: {} entries, {}",
+                log.display(),
+                result.entries,
+                if result.intact { "intact" } else { "TAMPERED" }
+            );
+        }
+        if !result.intact {
+            eprintln!(
+                "mover: audit log {} was edited or cut: {}",
+                log.display(),
+                result.problems.first().map(String::as_str).unwrap_or("")
+            );
+            return Ok(ExitCode::from(crate::exit::DAMAGE));
+        }
+    } else {
+        let entries = mover::audit::read(log, last)?;
+        if json {
+            crate::print_json(&entries);
+        } else {
+            for e in &entries {
+                println!(
+                    "{:>6} {} uid={} pid={} {} {} {}",
+                    e.seq, e.time, e.uid, e.pid, e.action, e.target, e.result
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
