@@ -548,3 +548,43 @@ fn a_bandwidth_cap_holds_the_sender_to_its_rate() {
         "24 MiB capped at 16 MB/s took only {elapsed} s: {job}"
     );
 }
+
+#[test]
+fn replicate_copies_a_local_snapshot_under_the_same_id_and_only_what_the_peer_lacks() {
+    let mut sites = Sites::new();
+    sites.start_daemon();
+    let data = data_set(&sites.root);
+    let local = backup(&sites.a, &data);
+    let snapshot = snapshot_id(&local);
+    let replicate = |spec: &str| {
+        run_json(
+            mover()
+                .args(["replicate", spec, "--to", "b", "--site-dir"])
+                .arg(&sites.a),
+        )
+    };
+    let first = replicate(&snapshot);
+    assert_eq!(first["state"], "done", "{first}");
+    assert_eq!(first["snapshot"], snapshot.as_str(), "{first}");
+    assert!(first["chunks_new"].as_u64().unwrap() > 0, "{first}");
+    // The same snapshot id now restores from b, byte-exact.
+    let restored = sites.root.join("from-b");
+    sites.restore_from_b(&snapshot, &restored);
+    assert_same_tree(&data, &restored);
+    // Again: the peer has every chunk, so none crosses the link.
+    let again = replicate("latest");
+    assert_eq!(again["chunks_new"], 0, "{again}");
+    assert_eq!(again["bytes_sent"], 0, "{again}");
+    // A subtree is not a replica.
+    let sub = run(mover()
+        .args([
+            "replicate",
+            &format!("{snapshot}:ckpt"),
+            "--to",
+            "b",
+            "--site-dir",
+        ])
+        .arg(&sites.a));
+    assert!(!sub.status.success());
+    assert!(stderr(&sub).contains("whole snapshot"), "{}", stderr(&sub));
+}

@@ -12,7 +12,7 @@ use serde_json::Value;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Nothing listens on the socket (or we may not open it).
-    #[error("daemon unreachable at {}: {source} (is `mover daemon` running? pass --socket or set MOVER_SOCKET)", socket.display())]
+    #[error("daemon unreachable at {}: {source} (is `mover daemon` running? pass --socket PATH or set MOVER_SOCKET; or run in-process with --site-dir DIR)", socket.display())]
     Unreachable {
         socket: PathBuf,
         source: std::io::Error,
