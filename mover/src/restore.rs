@@ -119,6 +119,10 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
         .target
         .canonicalize()
         .map_err(|e| Error::io("resolve", options.target, e))?;
+    let marker = match control {
+        Some(_) => Some(claim_target(&target, &job.id, options.resume)?),
+        None => None,
+    };
     for &i in &selected {
         if let EntryKind::File { size, .. } = &manifest.entries[i].kind {
             job.bytes_total += size;
@@ -145,6 +149,7 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
         // Skipping a finished file must not skip its chunks in a peer's ordered stream.
         resume: options.resume,
         skip_finished: options.resume && options.from.is_none(),
+        marker,
         control,
         job: &mut job,
     };
@@ -306,6 +311,31 @@ fn check_entries(manifest: &Manifest, selected: &[usize]) -> Result<()> {
     Ok(())
 }
 
+/// Name of the file a daemon-run restore keeps in its target while it writes: it says whose
+/// partial tree this is, so only that job resumes into it (and a user sees it is partial).
+pub const RESTORE_MARKER: &str = ".mover-restore-in-progress";
+
+/// Marks `target` as being restored by `job`. A resumed job only continues into a target
+/// holding its own marker (or an empty one): it never deletes files it did not write.
+fn claim_target(target: &Path, job: &str, resume: bool) -> Result<PathBuf> {
+    let marker = target.join(RESTORE_MARKER);
+    if resume {
+        let ours = std::fs::read_to_string(&marker).is_ok_and(|id| id.trim() == job);
+        let empty = std::fs::read_dir(target)
+            .map_err(|e| Error::io("read directory", target, e))?
+            .next()
+            .is_none();
+        if !ours && !empty {
+            return Err(Error::Refused(format!(
+                "restore target {} is not empty and holds no partial restore of job {job}: expected a new or empty directory",
+                target.display()
+            )));
+        }
+    }
+    std::fs::write(&marker, format!("{job}\n")).map_err(|e| Error::io("create", &marker, e))?;
+    Ok(marker)
+}
+
 fn prepare_target(target: &Path, resume: bool) -> Result<()> {
     match std::fs::read_dir(target) {
         Ok(mut listing) => {
@@ -341,6 +371,8 @@ struct Restorer<'a> {
     is_root: bool,
     resume: bool,
     skip_finished: bool,
+    /// The daemon's "restore in progress" file, removed once every entry is written.
+    marker: Option<PathBuf>,
     control: Option<&'a JobControl>,
     job: &'a mut Job,
 }
@@ -412,6 +444,9 @@ impl Restorer<'_> {
                     }
                 }
             }
+        }
+        if let Some(marker) = &self.marker {
+            std::fs::remove_file(marker).map_err(|e| Error::io("remove", marker, e))?;
         }
         // Directories last, deepest first: writing into a directory changes its mtime, and a
         // read-only mode would stop us writing into it.

@@ -35,9 +35,10 @@ pub enum SubmitError {
     Internal(String),
 }
 
+/// A running job; its thread removes it when the job ends (the handle is not joined: a
+/// drain waits for this map to empty, bounded by its time limit).
 struct Running {
     control: Arc<JobControl>,
-    thread: std::thread::JoinHandle<()>,
 }
 
 struct State {
@@ -265,15 +266,13 @@ impl Board {
     /// check, leaving what they committed; they resume at the next start) and waits for them
     /// up to `limit`. Returns the jobs still running when it gave up.
     pub fn drain(&self, limit: Duration) -> Vec<String> {
-        let threads: Vec<(String, std::thread::JoinHandle<()>)> = {
+        {
             let mut state = lock(&self.state);
             state.draining = true;
             for r in state.running.values() {
                 r.control.interrupt_for_shutdown();
             }
-            Vec::new()
-        };
-        drop(threads);
+        }
         let deadline = Instant::now() + limit;
         loop {
             let left: Vec<String> = lock(&self.state).running.keys().cloned().collect();
@@ -319,16 +318,16 @@ impl Board {
                     .name(format!("mover-job-{id}"))
                     .spawn(move || board.run(record, thread_control));
                 match thread {
-                    Ok(thread) => {
-                        state
-                            .running
-                            .insert(id.clone(), Running { control, thread });
+                    Ok(_detached) => {
+                        state.running.insert(id.clone(), Running { control });
                         id
                     }
                     Err(e) => {
                         let record = state.records.get_mut(&id).expect("just found");
                         record.state = JobState::Failed;
                         record.error = Some(format!("could not start a job thread: {e}"));
+                        record.finished = Some(time_text(now));
+                        record.finished_unix_ms = Some(now);
                         id
                     }
                 }
@@ -489,24 +488,8 @@ impl Board {
         &self.site
     }
 
-    pub fn running_ids(&self) -> Vec<String> {
-        lock(&self.state).running.keys().cloned().collect()
-    }
-
     pub fn is_draining(&self) -> bool {
         lock(&self.state).draining
-    }
-
-    pub fn is_running(&self, id: &str) -> bool {
-        lock(&self.state).running.contains_key(id)
-    }
-
-    /// The thread of a running job (tests and drain).
-    pub fn thread_finished(&self, id: &str) -> bool {
-        lock(&self.state)
-            .running
-            .get(id)
-            .is_none_or(|r| r.thread.is_finished())
     }
 }
 
