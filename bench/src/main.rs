@@ -11,8 +11,13 @@
 //! `mover-bench quic` measures raw quinn stream throughput, memory to memory between two
 //! processes, with the transport settings mover uses between sites (see `quic.rs`).
 //!
+//! `mover-bench api` loads a running daemon's API socket from a process of its own: requests
+//! per second and latency over keep-alive connections, and submit-to-running latency of jobs
+//! (see `api.rs`; `bench/api.sh` sets up a site and daemon for it).
+//!
 //! GB/s means 1e9 bytes per second. Latencies are per chunk (per read for io_uring).
 
+mod api;
 mod quic;
 mod stages;
 mod uring;
@@ -100,6 +105,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Load a running daemon's API socket: req/s and latency of GET /v1/jobs/{id} and
+    /// GET /v1/status over keep-alive connections, then submit-to-running latency of small
+    /// verify jobs.
+    Api {
+        /// The daemon's API socket (site.socket in its mover.toml; default: $MOVER_SOCKET).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Client threads, each with one keep-alive connection.
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+        /// Length of the request run (0 leaves it out).
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Verify jobs to submit one after another, timing each to `running` (0 leaves it
+        /// out). Each verifies every snapshot: keep the site's catalog small.
+        #[arg(long, default_value_t = 0)]
+        submits: usize,
+        /// Pause between the GETs that watch a submitted job for `running`.
+        #[arg(long, default_value_t = 100)]
+        poll_us: u64,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
     /// The server end of `quic` (started by it).
     #[command(hide = true)]
     QuicServe {
@@ -171,6 +200,23 @@ fn main() -> ExitCode {
                     json,
                 })
             }),
+        Command::Api {
+            socket,
+            connections,
+            seconds,
+            submits,
+            poll_us,
+            json,
+        } => api::socket_path(socket).and_then(|socket| {
+            api::run(api::ApiArgs {
+                socket,
+                connections,
+                seconds,
+                submits,
+                poll_us,
+                json,
+            })
+        }),
         Command::QuicServe {
             identity_dir,
             trust,

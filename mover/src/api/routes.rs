@@ -220,7 +220,8 @@ async fn submit(api: &Api, caller: Caller, request: Request<Incoming>) -> Reply 
             )
         }
     };
-    match api.board.submit(job, caller.who()) {
+    // The submit commits to the database and the audit log (fsyncs): off the async threads.
+    match tokio::task::block_in_place(|| api.board.submit(job, caller.who())) {
         Ok((record, true)) => reply(StatusCode::CREATED, &json!(record)),
         Ok((record, false)) => reply(StatusCode::OK, &json!(record)),
         Err(SubmitError::Invalid(reason)) => error(StatusCode::BAD_REQUEST, reason),
@@ -274,7 +275,7 @@ fn get(api: &Api, id: &str) -> Reply {
 }
 
 fn cancel(api: &Api, caller: Caller, id: &str) -> Reply {
-    match api.board.cancel(id, caller.who()) {
+    match tokio::task::block_in_place(|| api.board.cancel(id, caller.who())) {
         Ok(record) => reply(StatusCode::ACCEPTED, &json!(record)),
         Err(CancelError::NotFound) => no_job(id),
         Err(CancelError::Finished(state)) => error(

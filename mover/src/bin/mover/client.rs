@@ -68,9 +68,14 @@ impl Session {
         let started = Instant::now();
         let bar = (!self.json && std::io::stderr().is_terminal()).then(|| progress_bar(id));
         let mut last_line = Instant::now();
-        let step = if bar.is_some() { 0.25 } else { 10.0 };
+        let step: f64 = if bar.is_some() { 0.25 } else { 10.0 };
         let record = loop {
-            let path = format!("/v1/jobs/{id}/wait?timeout={step}");
+            // Never wait past the caller's own timeout.
+            let step = match timeout {
+                Some(t) => step.min(t.saturating_sub(started.elapsed()).as_secs_f64()),
+                None => step,
+            };
+            let path = format!("/v1/jobs/{id}/wait?timeout={step:.3}");
             let record = self.client.get(&path)?;
             let state = record["state"].as_str().unwrap_or("");
             if let Some(bar) = &bar {
