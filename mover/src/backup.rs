@@ -421,10 +421,7 @@ fn add_stats(total: &mut WorkerStats, s: &WorkerStats) {
 
 /// Marks the job failed with `e`, records it in the history and hands `e` back.
 fn fail_job(site: &Site, job: &mut Job, started: Instant, e: Error) -> Error {
-    job.state = match e {
-        Error::Cancelled(_) => JobState::Cancelled,
-        _ => JobState::Failed,
-    };
+    job.state = JobState::after(&e);
     job.error = Some(e.to_string());
     job.elapsed_s = started.elapsed().as_secs_f64();
     record_job(site, job);

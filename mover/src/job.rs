@@ -51,6 +51,22 @@ pub enum JobState {
 }
 
 impl JobState {
+    pub const ALL: [JobState; 5] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Done,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+
+    /// How a job that stopped with `e` ended: cancelled (asked to stop) or failed.
+    pub fn after(e: &crate::Error) -> JobState {
+        match e {
+            crate::Error::Cancelled(_) => JobState::Cancelled,
+            _ => JobState::Failed,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             JobState::Queued => "queued",

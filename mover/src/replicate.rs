@@ -131,10 +131,7 @@ pub fn run(site: &Site, options: &ReplicateOptions) -> Result<Job> {
             Ok(job)
         }
         Err(e) => {
-            job.state = match e {
-                Error::Cancelled(_) => JobState::Cancelled,
-                _ => JobState::Failed,
-            };
+            job.state = JobState::after(&e);
             job.error = Some(e.to_string());
             crate::backup::record_job(site, &job);
             Err(e)

@@ -358,13 +358,7 @@ fn sites(api: &Api) -> Reply {
 fn job_counts(api: &Api) -> Value {
     let counts = api.board.counts();
     let mut out = serde_json::Map::new();
-    for state in [
-        JobState::Queued,
-        JobState::Running,
-        JobState::Done,
-        JobState::Failed,
-        JobState::Cancelled,
-    ] {
+    for state in JobState::ALL {
         out.insert(
             state.name().into(),
             json!(counts.get(&state).copied().unwrap_or(0)),
@@ -392,13 +386,7 @@ fn status(api: &Api) -> Reply {
 fn metrics_text(api: &Api) -> Reply {
     let m = metrics::global();
     let counts = api.board.counts();
-    for state in [
-        JobState::Queued,
-        JobState::Running,
-        JobState::Done,
-        JobState::Failed,
-        JobState::Cancelled,
-    ] {
+    for state in JobState::ALL {
         let n = counts.get(&state).copied().unwrap_or(0);
         m.set(names::JOBS, &[("state", state.name())], n as f64);
     }

@@ -379,10 +379,7 @@ impl Board {
                     r.state = JobState::Queued;
                 }
                 Err(e) => {
-                    r.state = match e {
-                        Error::Cancelled(_) => JobState::Cancelled,
-                        _ => JobState::Failed,
-                    };
+                    r.state = JobState::after(&e);
                     r.error = Some(e.to_string());
                 }
             }
