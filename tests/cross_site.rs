@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -85,24 +84,7 @@ impl Sites {
 
     /// Starts b's daemon and waits for its "listening" line.
     fn start_daemon(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.daemon_log)
-            .unwrap();
-        let mut child = mover()
-            .env("MOVER_LOG", "info")
-            .arg("daemon")
-            .arg("--config")
-            .arg(self.b.join("mover.toml"))
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let (child, line) = spawn_daemon(&self.b.join("mover.toml"), &self.daemon_log);
         assert!(
             line.contains(&format!("listening on 127.0.0.1:{}", self.b_port)),
             "daemon said {line:?}; log: {}",

@@ -23,7 +23,6 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
 
@@ -111,14 +110,6 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 /// The head file that goes with a log: `<log>.head`.
 pub fn head_path(log: &Path) -> PathBuf {
     with_suffix(log, ".head")
-}
-
-fn now_rfc3339_ms() -> String {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let s = crate::job::rfc3339(d.as_secs() as i64);
-    format!("{}.{:03}Z", &s[..s.len() - 1], d.subsec_millis())
 }
 
 fn corrupt_log(path: &Path, detail: String) -> Error {
@@ -312,7 +303,7 @@ impl AuditLog {
         }
         let entry = Entry {
             seq: st.seq + 1,
-            time: now_rfc3339_ms(),
+            time: crate::job::rfc3339_ms(crate::job::now_unix_ms()),
             uid: who.uid,
             gid: who.gid,
             pid: who.pid,

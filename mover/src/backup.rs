@@ -421,9 +421,15 @@ fn add_stats(total: &mut WorkerStats, s: &WorkerStats) {
 
 /// Marks the job failed with `e`, records it in the history and hands `e` back.
 fn fail_job(site: &Site, job: &mut Job, started: Instant, e: Error) -> Error {
+    job.elapsed_s = started.elapsed().as_secs_f64();
+    record_failure(site, job, e)
+}
+
+/// Ends `job` with `e` (failed, or cancelled when asked to stop), records it in the history
+/// and hands `e` back.
+pub fn record_failure(site: &Site, job: &mut Job, e: Error) -> Error {
     job.state = JobState::after(&e);
     job.error = Some(e.to_string());
-    job.elapsed_s = started.elapsed().as_secs_f64();
     record_job(site, job);
     e
 }

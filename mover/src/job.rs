@@ -281,6 +281,20 @@ impl Job {
     }
 }
 
+/// Milliseconds since the Unix epoch, now.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// UTC time as RFC 3339 with milliseconds (`2026-11-21T00:00:00.123Z`).
+pub fn rfc3339_ms(unix_ms: u64) -> String {
+    let base = rfc3339((unix_ms / 1000) as i64);
+    format!("{}.{:03}Z", base.trim_end_matches('Z'), unix_ms % 1000)
+}
+
 /// UTC time as RFC 3339 (civil-from-days, Howard Hinnant's algorithm).
 pub fn rfc3339(unix_s: i64) -> String {
     let days = unix_s.div_euclid(86_400);
@@ -309,5 +323,9 @@ mod tests {
         assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(super::rfc3339(1_795_219_200), "2026-11-21T00:00:00Z");
         assert_eq!(super::rfc3339(951_825_600), "2000-02-29T12:00:00Z");
+        assert_eq!(
+            super::rfc3339_ms(1_795_219_200_123),
+            "2026-11-21T00:00:00.123Z"
+        );
     }
 }

@@ -130,11 +130,6 @@ pub fn run(site: &Site, options: &ReplicateOptions) -> Result<Job> {
             crate::backup::record_job(site, &job);
             Ok(job)
         }
-        Err(e) => {
-            job.state = JobState::after(&e);
-            job.error = Some(e.to_string());
-            crate::backup::record_job(site, &job);
-            Err(e)
-        }
+        Err(e) => Err(crate::backup::record_failure(site, &mut job, e)),
     }
 }

@@ -103,3 +103,28 @@ pub fn workdir() -> tempfile::TempDir {
     std::fs::create_dir_all(&base).unwrap();
     tempfile::tempdir_in(base).unwrap()
 }
+
+/// Starts `mover daemon --config CONFIG` (stderr appended to LOG) and returns it with the
+/// line it prints on stdout once it serves.
+pub fn spawn_daemon(config: &Path, log: &Path) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut child = mover()
+        .env("MOVER_LOG", "info")
+        .arg("daemon")
+        .arg("--config")
+        .arg(config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (child, line)
+}

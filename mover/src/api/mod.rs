@@ -8,21 +8,3 @@
 pub mod client;
 pub mod routes;
 pub mod server;
-
-/// Who is calling, from the socket's peer credentials.
-#[derive(Clone, Copy, Debug)]
-pub struct Caller {
-    pub uid: u32,
-    pub gid: u32,
-    pub pid: i32,
-}
-
-impl Caller {
-    pub fn who(&self) -> crate::audit::Who {
-        crate::audit::Who {
-            uid: self.uid,
-            gid: self.gid,
-            pid: self.pid,
-        }
-    }
-}

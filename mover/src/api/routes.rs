@@ -23,7 +23,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 
 use super::server::Access;
-use super::Caller;
+use crate::audit::Who;
 use crate::constants::{API_BODY_BYTES_MAX, API_HEAD_TIMEOUT_S, API_WAIT_S_MAX};
 use crate::job::JobState;
 use crate::jobs::board::{CancelError, SubmitError};
@@ -56,7 +56,7 @@ impl Api {
     }
 
     /// Audits a refused caller (once per connection).
-    pub fn refused(&self, caller: &Caller, request: &Request<Incoming>, reason: &str) {
+    pub fn refused(&self, caller: &Who, request: &Request<Incoming>, reason: &str) {
         tracing::warn!(
             uid = caller.uid,
             gid = caller.gid,
@@ -65,7 +65,7 @@ impl Api {
         );
         metrics::global().add(names::API_REFUSED, &[("reason", "caller")], 1);
         self.board.audit_event(
-            caller.who(),
+            *caller,
             "request.refused",
             &format!("{} {}", request.method(), request.uri().path()),
             "refused",
@@ -90,8 +90,8 @@ fn error(status: StatusCode, reason: impl std::fmt::Display) -> Reply {
 }
 
 /// The answer to every request of a refused caller.
-pub fn refuse(_api: &Api, _request: &Request<Incoming>, reason: &str) -> Reply {
-    count(&Method::GET, StatusCode::FORBIDDEN);
+pub fn refuse(request: &Request<Incoming>, reason: &str) -> Reply {
+    count(request.method(), StatusCode::FORBIDDEN);
     error(StatusCode::FORBIDDEN, reason)
 }
 
@@ -103,7 +103,7 @@ fn count(method: &Method, status: StatusCode) {
     );
 }
 
-pub async fn handle(api: &Api, caller: Caller, request: Request<Incoming>) -> Reply {
+pub async fn handle(api: &Api, caller: Who, request: Request<Incoming>) -> Reply {
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_string();
@@ -119,23 +119,24 @@ pub async fn handle(api: &Api, caller: Caller, request: Request<Incoming>) -> Re
         (["v1", "sites"], &Method::GET) => ("sites", sites(api)),
         (["v1", "status"], &Method::GET) => ("status", status(api)),
         (["metrics"], &Method::GET) => ("metrics", metrics_text(api)),
-        (known, _) if allowed(known).is_some() => {
-            let mut r = error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                format!("{method} {path}: expected {}", allowed(known).unwrap_or("")),
-            );
-            if let Ok(v) = HeaderValue::from_str(allowed(known).unwrap_or("")) {
-                r.headers_mut().insert(ALLOW, v);
+        (known, _) => match allowed(known) {
+            Some(methods) => {
+                let mut r = error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!("{method} {path}: expected {methods}"),
+                );
+                r.headers_mut()
+                    .insert(ALLOW, HeaderValue::from_static(methods));
+                ("other", r)
             }
-            ("other", r)
-        }
-        _ => (
-            "other",
-            error(
-                StatusCode::NOT_FOUND,
-                format!("{method} {path}: no such endpoint (see the README's API section)"),
+            None => (
+                "other",
+                error(
+                    StatusCode::NOT_FOUND,
+                    format!("{method} {path}: no such endpoint (see the README's API section)"),
+                ),
             ),
-        ),
+        },
     };
     count(&method, response.status());
     metrics::global().observe(
@@ -167,7 +168,7 @@ fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-async fn submit(api: &Api, caller: Caller, request: Request<Incoming>) -> Reply {
+async fn submit(api: &Api, caller: Who, request: Request<Incoming>) -> Reply {
     let declared = request
         .headers()
         .get(CONTENT_LENGTH)
@@ -221,7 +222,7 @@ async fn submit(api: &Api, caller: Caller, request: Request<Incoming>) -> Reply 
         }
     };
     // The submit commits to the database and the audit log (fsyncs): off the async threads.
-    match tokio::task::block_in_place(|| api.board.submit(job, caller.who())) {
+    match tokio::task::block_in_place(|| api.board.submit(job, caller)) {
         Ok((record, true)) => reply(StatusCode::CREATED, &json!(record)),
         Ok((record, false)) => reply(StatusCode::OK, &json!(record)),
         Err(SubmitError::Invalid(reason)) => error(StatusCode::BAD_REQUEST, reason),
@@ -274,8 +275,8 @@ fn get(api: &Api, id: &str) -> Reply {
     }
 }
 
-fn cancel(api: &Api, caller: Caller, id: &str) -> Reply {
-    match tokio::task::block_in_place(|| api.board.cancel(id, caller.who())) {
+fn cancel(api: &Api, caller: Who, id: &str) -> Reply {
+    match tokio::task::block_in_place(|| api.board.cancel(id, caller)) {
         Ok(record) => reply(StatusCode::ACCEPTED, &json!(record)),
         Err(CancelError::NotFound) => no_job(id),
         Err(CancelError::Finished(state)) => error(

@@ -18,7 +18,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 
 use super::routes::{self, Api};
-use super::Caller;
+use crate::audit::Who;
 use crate::config::ApiSection;
 use crate::constants::{API_CONNECTIONS_MAX, API_HEAD_BYTES_MAX, API_HEAD_TIMEOUT_S};
 use crate::error::{Error, Result};
@@ -43,7 +43,7 @@ impl Access {
     }
 
     /// `Err(reason)` for a caller the config does not allow.
-    pub fn check(&self, caller: &Caller) -> std::result::Result<(), String> {
+    pub fn check(&self, caller: &Who) -> std::result::Result<(), String> {
         if caller.uid == 0 || caller.uid == self.daemon_uid {
             return Ok(());
         }
@@ -180,7 +180,7 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let caller = match stream.peer_cred() {
-            Ok(cred) => Caller {
+            Ok(cred) => Who {
                 uid: cred.uid(),
                 gid: cred.gid(),
                 pid: cred.pid().unwrap_or(0),
@@ -203,7 +203,7 @@ pub async fn serve(
                             if !audited.swap(true, Ordering::Relaxed) {
                                 api.refused(&caller, &request, &reason);
                             }
-                            routes::refuse(&api, &request, &reason)
+                            routes::refuse(&request, &reason)
                         }
                         None => routes::handle(&api, caller, request).await,
                     };

@@ -22,7 +22,8 @@ use crate::job::{JobControl, JobKind, JobState};
 use crate::metrics::{self, names};
 use crate::site::Site;
 
-use super::{now_unix_ms, time_text, JobRecord, JobRequest};
+use super::{JobRecord, JobRequest};
+use crate::job::{now_unix_ms, rfc3339_ms as time_text};
 
 /// Why a submit was not queued.
 #[derive(Debug)]
@@ -475,10 +476,6 @@ impl Board {
         if let Err(e) = self.audit.append(who, action, target, result, detail) {
             tracing::error!(action, target, error = %e, "could not append to the audit log");
         }
-    }
-
-    pub fn audit(&self) -> &AuditLog {
-        &self.audit
     }
 
     pub fn site(&self) -> &Arc<Site> {

@@ -172,18 +172,6 @@ pub struct JobRecord {
     pub result: Option<serde_json::Value>,
 }
 
-pub fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
-}
-
-pub fn time_text(unix_ms: u64) -> String {
-    let base = crate::job::rfc3339((unix_ms / 1000) as i64);
-    format!("{}.{:03}Z", base.trim_end_matches('Z'), unix_ms % 1000)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,10 +215,5 @@ mod tests {
         assert!(parse(r#"{"kind":"teleport"}"#)
             .unwrap_err()
             .contains("unknown variant `teleport`"));
-    }
-
-    #[test]
-    fn time_text_has_milliseconds() {
-        assert_eq!(time_text(1_795_219_200_123), "2026-11-21T00:00:00.123Z");
     }
 }
