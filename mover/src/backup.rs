@@ -42,8 +42,13 @@ pub struct BackupOptions<'a> {
 }
 
 /// A small runtime on the control thread for its few peer round trips (parent lookup, commit).
+/// The runtime of a cross-site job's Control connection. One thread of its own keeps the
+/// connection turning (acks, keep-alives) while the workers ship, so the connection that
+/// fetched the parent manifest also commits the snapshot: no second handshake on the job's path.
 fn control_runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("mover-control")
         .enable_all()
         .build()
         .map_err(|e| Error::Resource(format!("starting a tokio runtime: {e}")))
@@ -131,18 +136,15 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
             .rev()
             .find(|s| s.source.as_bytes() == source_bytes.as_slice()),
     };
-    let remote_parent = match (&remote, &runtime) {
+    let (remote_parent, mut held_control) = match (&remote, &runtime) {
         (Some(remote), Some(runtime)) => runtime.block_on(async {
             let mut control = Control::open(&remote.link, &remote.credentials, &job.id).await?;
             let found = control.get_manifest(true, &source_bytes).await?;
-            let wire = control.close().await;
-            Ok::<_, Error>((found, wire))
+            Ok::<_, Error>((found, Some(control)))
         })?,
-        _ => (None, (0, 0)),
+        _ => (None, None),
     };
-    job.wire_bytes_sent += remote_parent.1 .0;
-    job.wire_bytes_received += remote_parent.1 .1;
-    let parent = if let Some((id, object)) = remote_parent.0 {
+    let parent = if let Some((id, object)) = remote_parent {
         match crate::format::manifest::decode(&object, Some(&id)) {
             Ok(manifest) => Some((id, manifest)),
             Err(e) => {
@@ -344,17 +346,27 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
         // The destination checks that it holds every chunk, stores the manifest durably, and
         // only then adds the catalog row.
         let encoded = crate::format::manifest::encode(&manifest)?;
-        let wire = runtime.block_on(async {
-            let mut control = Control::open(&remote.link, &remote.credentials, &job.id).await?;
+        let mut wire = (0, 0);
+        let committed = runtime.block_on(async {
+            let mut control = match held_control.take() {
+                Some(control) if control.is_open() => control,
+                stale => {
+                    if let Some(stale) = stale {
+                        wire = stale.close().await;
+                    }
+                    Control::open(&remote.link, &remote.credentials, &job.id).await?
+                }
+            };
             control.commit(encoded.id, &encoded.bytes).await?;
-            Ok::<_, Error>(control.close().await)
+            let (sent, received) = control.close().await;
+            wire = (wire.0 + sent, wire.1 + received);
+            Ok::<_, Error>(())
         });
-        let wire = match wire {
-            Ok(wire) => wire,
-            Err(e) => return Err(fail_job(site, &mut job, started, e)),
-        };
         job.wire_bytes_sent += wire.0;
         job.wire_bytes_received += wire.1;
+        if let Err(e) = committed {
+            return Err(fail_job(site, &mut job, started, e));
+        }
         job.snapshot = Some(hex(&encoded.id));
         job.state = JobState::Done;
         job.elapsed_s = started.elapsed().as_secs_f64();

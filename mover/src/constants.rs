@@ -70,11 +70,13 @@ const _: () = assert!(PACK_BYTES_TARGET_DEFAULT as usize > 2 * CHUNK_BYTES_MAX);
 const _: () = assert!(CHUNK_BYTES_MAX <= u32::MAX as usize);
 
 /// Cross-site shipping: a worker gathers new chunks into a batch of about this many bytes
-/// before asking the destination which it lacks (one Query of ≤ 1024 ids). Two batches may
-/// wait for answers while a third fills, which covers a 50 ms × 1 Gbit/s path (6 MB in
-/// flight) per worker. Sender memory per worker: ≤ (2 + 1) × (batch + one maximum chunk).
+/// before asking the destination which it lacks (one Query of ≤ 1024 ids). Four batches may
+/// wait for answers while a fifth fills: two already cover a 50 ms × 1 Gbit/s path (6 MB in
+/// flight) per worker in steady state, four keep the pipe full while BBR ramps up and after a
+/// loss (+3 points of that link, BENCHMARKS.md). Sender memory per worker:
+/// ≤ (4 + 1) × (batch + one maximum chunk).
 pub const SHIP_BATCH_BYTES: usize = 8 * 1024 * 1024;
-pub const SHIP_QUERIES_IN_FLIGHT: usize = 2;
+pub const SHIP_QUERIES_IN_FLIGHT: usize = 4;
 
 /// Credit a receiver grants each Store stream: chunk bytes sent and not yet acknowledged as
 /// durable. The receiver seals its pack at half of it, so an acknowledgement always comes

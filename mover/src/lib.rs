@@ -14,6 +14,7 @@ pub mod audit;
 pub mod backup;
 pub mod buffers;
 pub mod chunker;
+pub mod compress;
 pub mod config;
 pub mod constants;
 pub mod daemon;

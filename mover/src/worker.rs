@@ -19,11 +19,12 @@ use tokio_uring::buf::BoundedBuf;
 
 use crate::buffers::{align_up, is_aligned, AlignedBuf, PoolPlan};
 use crate::chunker::{cut_is_final, next_chunk_len};
-use crate::constants::{CHUNK_BYTES_MAX, COMPRESSION_SAVING_DIVISOR, IO_ALIGNMENT};
+use crate::compress::Compressor;
+use crate::constants::{CHUNK_BYTES_MAX, IO_ALIGNMENT};
 use crate::error::{Error, Result};
 use crate::format::manifest::ChunkRef;
 use crate::format::pack::RecordHeader;
-use crate::format::{ChunkId, Codec};
+use crate::format::ChunkId;
 use crate::remote::ship::Shipper;
 use crate::scan::WorkItem;
 use crate::store::index::{Index, SealedPack};
@@ -141,7 +142,7 @@ struct Worker<'a> {
     shared: &'a JobShared<'a>,
     pool: FixedBufPool<AlignedBuf>,
     window: Window,
-    compressed: Vec<u8>,
+    compressor: Compressor,
     pack: Option<PackWriter>,
     shipper: Option<Shipper>,
     stats: WorkerStats,
@@ -171,7 +172,7 @@ impl<'a> Worker<'a> {
                     ))
                 },
             )?,
-            compressed: vec![0u8; lz4_flex::block::get_maximum_output_size(CHUNK_BYTES_MAX)],
+            compressor: Compressor::new(),
             pack: None,
             shipper: None,
             stats: WorkerStats::default(),
@@ -417,13 +418,7 @@ impl<'a> Worker<'a> {
         {
             return Ok(chunk_ref);
         }
-        let compressed_len = lz4_flex::block::compress_into(data, &mut self.compressed)
-            .expect("output buffer sized for the worst case");
-        let (codec, payload) = if compressed_len < len - len / COMPRESSION_SAVING_DIVISOR {
-            (Codec::Lz4, &self.compressed[..compressed_len])
-        } else {
-            (Codec::Raw, data)
-        };
+        let (codec, payload) = self.compressor.compress(data);
         if let Some(shipper) = self.shipper.as_mut() {
             // The destination decides what is new; this copy into the batch is the second
             // user-space copy of a shipped byte (quinn encrypts from it without another).

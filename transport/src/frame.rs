@@ -403,19 +403,7 @@ pub fn decode(header: Header, payload: &[u8]) -> Result<Frame<'_>, FrameError> {
             let codec = c.u8()?;
             let raw_len = c.u32()?;
             let payload = c.take(c.bytes.len())?;
-            if raw_len == 0 || raw_len as usize > CHUNK_BYTES_MAX {
-                return Err(c.malformed("raw_len must be 1..=4 MiB"));
-            }
-            match codec {
-                0 if payload.len() != raw_len as usize => {
-                    return Err(c.malformed("raw chunk whose payload length is not raw_len"))
-                }
-                1 if payload.is_empty() || payload.len() > raw_len as usize => {
-                    return Err(c.malformed("compressed chunk larger than its plaintext"))
-                }
-                0 | 1 => {}
-                _ => return Err(c.malformed("unknown codec")),
-            }
+            check_chunk_fields(codec, raw_len, payload.len())?;
             Frame::Chunk {
                 id,
                 codec,
@@ -605,6 +593,33 @@ pub fn encode(frame: &Frame<'_>, out: &mut Vec<u8>) {
     let len = out.len() - start - FRAME_HEADER_BYTES;
     out[start] = kind;
     out[start + 4..start + 8].copy_from_slice(&(len as u32).to_le_bytes());
+}
+
+/// The type byte of a Chunk frame.
+pub const CHUNK_KIND: u8 = 5;
+
+/// The fixed fields of a Chunk frame (id, codec, raw_len) after its 8-byte header.
+pub const CHUNK_FIELDS_BYTES: usize = CHUNK_FIXED_BYTES;
+
+/// The rules a Chunk frame's fields obey, for decoders that read its payload separately.
+pub fn check_chunk_fields(codec: u8, raw_len: u32, payload_len: usize) -> Result<(), FrameError> {
+    let malformed = |detail| FrameError::Malformed {
+        kind: "Chunk",
+        detail,
+    };
+    if raw_len == 0 || raw_len as usize > CHUNK_BYTES_MAX {
+        return Err(malformed("raw_len must be 1..=4 MiB"));
+    }
+    match codec {
+        0 if payload_len != raw_len as usize => {
+            Err(malformed("raw chunk whose payload length is not raw_len"))
+        }
+        1 if payload_len == 0 || payload_len > raw_len as usize => {
+            Err(malformed("compressed chunk larger than its plaintext"))
+        }
+        0 | 1 => Ok(()),
+        _ => Err(malformed("unknown codec")),
+    }
 }
 
 /// Header of a Chunk frame, for senders that write the payload separately (no copy into one

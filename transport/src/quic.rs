@@ -58,21 +58,24 @@ impl std::str::FromStr for Congestion {
 const GSO_PAYLOAD_BYTES_MAX: u16 = 6500;
 
 impl LinkSettings {
-    /// Defaults for a link to `address`: loopback gets loopback's 64 KiB datagrams.
+    /// Defaults for a link to `address`: loopback gets loopback's 64 KiB datagrams and cubic;
+    /// anything else Ethernet's datagrams and BBR, since cubic moves under 1% of a long link
+    /// with 0.5% random loss (BENCHMARKS.md, WAN).
     pub fn for_address(address: &SocketAddr) -> LinkSettings {
+        let loopback = address.ip().is_loopback();
         LinkSettings {
-            udp_payload_bytes_max: if address.ip().is_loopback() {
-                65527
-            } else {
-                1452
-            },
+            udp_payload_bytes_max: if loopback { 65527 } else { 1452 },
             stream_window_bytes: 16 << 20,
             connection_window_bytes: 32 << 20,
             send_window_bytes: 32 << 20,
             socket_buffer_bytes: 32 << 20,
             cipher: Cipher::Aes128,
             idle_timeout: Duration::from_secs(10),
-            congestion: Congestion::Cubic,
+            congestion: if loopback {
+                Congestion::Cubic
+            } else {
+                Congestion::Bbr
+            },
         }
     }
 
@@ -227,6 +230,20 @@ pub async fn connect(
     Ok((endpoint, connection))
 }
 
+/// How long a closing side keeps its endpoint turning so the CONNECTION_CLOSE leaves the
+/// socket (one poll of the driver suffices; this bounds it on a busy core).
+const CLOSE_GRACE: Duration = Duration::from_millis(5);
+
+/// Closes a connection whose work is done and acknowledged at the application level, without
+/// waiting out the draining period. `Endpoint::wait_idle` lasts 3 PTO, which a busy loopback
+/// inflates to tens of milliseconds and a WAN to hundreds; on every job's path between its
+/// stages that was 10-25% of a loopback backup. A close lost here costs nothing but the peer's
+/// idle timeout: nothing unacknowledged is outstanding.
+pub async fn hang_up(endpoint: &Endpoint, connection: &quinn::Connection) {
+    connection.close(VarInt::from_u32(0), b"done");
+    let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
+}
+
 /// Why reading a frame failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -241,6 +258,9 @@ pub enum ReadError {
 /// Reads frames from a stream into one reusable buffer, never larger than the biggest frame.
 pub struct FrameReader {
     stream: quinn::RecvStream,
+    /// Grown to the largest frame seen and never shrunk: resizing it to each frame's length
+    /// zero-filled the difference whenever a chunk followed a smaller frame (about half of a
+    /// receiver's chunks), a pass over memory that the read then overwrote.
     buf: Vec<u8>,
 }
 
@@ -254,6 +274,58 @@ impl FrameReader {
 
     /// The next frame; the header is checked before its payload is read.
     pub async fn next(&mut self) -> Result<Frame<'_>, ReadError> {
+        let header = self.header().await?;
+        self.body(header).await
+    }
+
+    /// The next frame, with a Chunk's payload left in the pieces quinn received it in (no
+    /// copy, and owned, so it can be handed to another thread). Other frames as [`next`].
+    ///
+    /// [`next`]: FrameReader::next
+    pub async fn next_piecewise(&mut self) -> Result<Piecewise<'_>, ReadError> {
+        let header = self.header().await?;
+        if header.kind != frame::CHUNK_KIND {
+            return Ok(Piecewise::Frame(self.body(header).await?));
+        }
+        let Some(payload_len) = header.len.checked_sub(frame::CHUNK_FIELDS_BYTES) else {
+            return Err(FrameError::Malformed {
+                kind: "Chunk",
+                detail: "payload shorter than its fields",
+            }
+            .into());
+        };
+        let mut fields = [0u8; frame::CHUNK_FIELDS_BYTES];
+        self.stream
+            .read_exact(&mut fields)
+            .await
+            .map_err(inside_frame)?;
+        let id: [u8; 32] = fields[..32].try_into().expect("32 bytes");
+        let codec = fields[32];
+        let raw_len = u32::from_le_bytes(fields[33..37].try_into().expect("4 bytes"));
+        frame::check_chunk_fields(codec, raw_len, payload_len)?;
+        let mut pieces = Vec::new();
+        let mut left = payload_len;
+        while left > 0 {
+            let piece = self
+                .stream
+                .read_chunk(left, true)
+                .await
+                .map_err(|e| ReadError::Stream(e.to_string()))?
+                .ok_or_else(|| ReadError::Stream("stream ended inside a frame".into()))?;
+            debug_assert!(piece.bytes.len() <= left);
+            left -= piece.bytes.len();
+            pieces.push(piece.bytes);
+        }
+        Ok(Piecewise::Chunk(ChunkPieces {
+            id,
+            codec,
+            raw_len,
+            pieces,
+            len: payload_len,
+        }))
+    }
+
+    async fn header(&mut self) -> Result<Header, ReadError> {
         let mut header = [0u8; FRAME_HEADER_BYTES];
         match self.stream.read_exact(&mut header).await {
             Ok(()) => {}
@@ -271,23 +343,48 @@ impl FrameReader {
                 return Err(ReadError::Stream(e.to_string()))
             }
         }
-        let header = Header::decode(&header)?;
-        self.buf.resize(header.len, 0);
-        self.stream
-            .read_exact(&mut self.buf)
-            .await
-            .map_err(|e| match e {
-                quinn::ReadExactError::FinishedEarly(_) => {
-                    ReadError::Stream("stream ended inside a frame".into())
-                }
-                quinn::ReadExactError::ReadError(e) => ReadError::Stream(e.to_string()),
-            })?;
-        Ok(frame::decode(header, &self.buf)?)
+        Ok(Header::decode(&header)?)
+    }
+
+    async fn body(&mut self, header: Header) -> Result<Frame<'_>, ReadError> {
+        if self.buf.len() < header.len {
+            self.buf.resize(header.len, 0);
+        }
+        let body = &mut self.buf[..header.len];
+        self.stream.read_exact(body).await.map_err(inside_frame)?;
+        Ok(frame::decode(header, &self.buf[..header.len])?)
     }
 
     pub fn stop(&mut self, code: u32) {
         let _ = self.stream.stop(VarInt::from_u32(code));
     }
+}
+
+fn inside_frame(e: quinn::ReadExactError) -> ReadError {
+    match e {
+        quinn::ReadExactError::FinishedEarly(_) => {
+            ReadError::Stream("stream ended inside a frame".into())
+        }
+        quinn::ReadExactError::ReadError(e) => ReadError::Stream(e.to_string()),
+    }
+}
+
+/// What [`FrameReader::next_piecewise`] read.
+pub enum Piecewise<'a> {
+    Chunk(ChunkPieces),
+    Frame(Frame<'a>),
+}
+
+/// A Chunk frame whose payload stays in quinn's received buffers. Its fields passed
+/// [`frame::check_chunk_fields`]; `len` is the payload's length (≤ 4 MiB), the sum of the
+/// pieces' lengths.
+#[derive(Debug)]
+pub struct ChunkPieces {
+    pub id: [u8; 32],
+    pub codec: u8,
+    pub raw_len: u32,
+    pub pieces: Vec<bytes::Bytes>,
+    pub len: usize,
 }
 
 /// Encodes and writes frames; reuses one buffer for small frames.

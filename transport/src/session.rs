@@ -267,7 +267,7 @@ pub enum ReceiverInput<'a> {
 }
 
 /// The receiving side of a Store stream (after the Hello was accepted).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct StoreReceiver {
     next_query: u64,
     /// Ids asked for and not yet received, in the order they must arrive.
@@ -352,23 +352,7 @@ impl StoreReceiver {
                 raw_len,
                 payload,
             } => {
-                match self.wanted.front() {
-                    Some(next) if *next == id => {}
-                    Some(_) => {
-                        return Err(violation("chunk out of order: not the next one asked for"))
-                    }
-                    None => return Err(violation("chunk that was not asked for")),
-                }
-                let payload_bytes = payload.len() as u64;
-                if self.pending_bytes() + payload_bytes > self.unacked_bytes_max {
-                    return Err(violation(format!(
-                        "sender exceeded its credit of {} unacknowledged bytes",
-                        self.unacked_bytes_max
-                    )));
-                }
-                self.wanted.pop_front();
-                self.received_chunks += 1;
-                self.received_bytes += payload_bytes;
+                self.chunk_arrived(&id, payload.len())?;
                 Ok(ReceiverInput::Chunk {
                     id,
                     codec,
@@ -390,6 +374,27 @@ impl StoreReceiver {
         }
     }
 
+    /// A Chunk frame's fields arrived (its payload is read separately): it must be the next
+    /// chunk asked for and within the sender's credit.
+    pub fn chunk_arrived(&mut self, id: &[u8; 32], payload_len: usize) -> Result<(), SessionError> {
+        match self.wanted.front() {
+            Some(next) if next == id => {}
+            Some(_) => return Err(violation("chunk out of order: not the next one asked for")),
+            None => return Err(violation("chunk that was not asked for")),
+        }
+        let payload_bytes = payload_len as u64;
+        if self.pending_bytes() + payload_bytes > self.unacked_bytes_max {
+            return Err(violation(format!(
+                "sender exceeded its credit of {} unacknowledged bytes",
+                self.unacked_bytes_max
+            )));
+        }
+        self.wanted.pop_front();
+        self.received_chunks += 1;
+        self.received_bytes += payload_bytes;
+        Ok(())
+    }
+
     /// Records which ids of query `seq` we lack and returns the Missing bitmap.
     pub fn answer(&mut self, ids: IdList<'_>, wanted: &[bool]) -> Vec<u8> {
         assert_eq!(ids.len(), wanted.len());
@@ -407,12 +412,22 @@ impl StoreReceiver {
 
     /// Everything received so far is durable: the Ack to send.
     pub fn durable(&mut self) -> Frame<'static> {
-        self.durable_chunks = self.received_chunks;
-        self.durable_bytes = self.received_bytes;
+        self.durable_through(self.received_chunks, self.received_bytes, self.last_flush)
+    }
+
+    /// The first `chunks` chunks received (`bytes` of payload) are durable, and so is
+    /// everything before flush `flush_seq`: the Ack to send. For receivers that store behind
+    /// a queue, where what is durable trails what was received.
+    pub fn durable_through(&mut self, chunks: u64, bytes: u64, flush_seq: u64) -> Frame<'static> {
+        assert!(chunks <= self.received_chunks && bytes <= self.received_bytes);
+        assert!(chunks >= self.durable_chunks && bytes >= self.durable_bytes);
+        assert!(flush_seq <= self.last_flush);
+        self.durable_chunks = chunks;
+        self.durable_bytes = bytes;
         Frame::Ack {
-            chunks: self.durable_chunks,
-            bytes: self.durable_bytes,
-            flush_seq: self.last_flush,
+            chunks,
+            bytes,
+            flush_seq,
         }
     }
 }
@@ -605,6 +620,47 @@ mod tests {
         sender.handle(&ack).unwrap();
         assert!(sender.is_drained());
         assert_eq!(sender.acked(), (2, 20));
+    }
+
+    #[test]
+    fn a_receiver_storing_behind_a_queue_acks_what_is_durable_and_frees_credit() {
+        let credit = 2 * frame::FRAME_PAYLOAD_BYTES_MAX as u64;
+        let mut sender = welcomed(credit);
+        let mut receiver = StoreReceiver::new(credit);
+        let ids = [[1u8; 32], [2u8; 32], [3u8; 32]];
+        let seq = sender.query(3);
+        receiver
+            .handle(&Frame::Query {
+                seq,
+                ids: id_list(&ids),
+            })
+            .unwrap();
+        let bitmap = receiver.answer(id_list(&ids), &[true, true, true]);
+        sender
+            .handle(&Frame::Missing {
+                seq,
+                count: 3,
+                bitmap: &bitmap,
+            })
+            .unwrap();
+        let big = frame::CHUNK_BYTES_MAX;
+        for id in &ids[..2] {
+            sender.chunk_sent(big as u64);
+            receiver.chunk_arrived(id, big).unwrap();
+        }
+        // The third would exceed the credit until the first is durable.
+        assert!(receiver.clone().chunk_arrived(&ids[2], big).is_err());
+        let ack = receiver.durable_through(1, big as u64, 0);
+        sender.handle(&ack).unwrap();
+        assert_eq!(sender.acked(), (1, big as u64));
+        sender.chunk_sent(big as u64);
+        receiver.chunk_arrived(&ids[2], big).unwrap();
+        let flush = sender.flush();
+        receiver.handle(&Frame::Flush { seq: flush }).unwrap();
+        sender
+            .handle(&receiver.durable_through(3, 3 * big as u64, flush))
+            .unwrap();
+        assert!(sender.is_drained());
     }
 
     #[test]

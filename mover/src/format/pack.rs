@@ -72,6 +72,24 @@ impl RecordHeader {
         }
     }
 
+    /// The header of a record whose payload is the concatenation of `parts`.
+    pub fn of_parts(id: ChunkId, codec: Codec, raw_len: usize, parts: &[&[u8]]) -> RecordHeader {
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut stored_len = 0;
+        for part in parts {
+            hasher.update(part);
+            stored_len += part.len();
+        }
+        debug_assert!(raw_len <= CHUNK_BYTES_MAX && stored_len <= raw_len);
+        RecordHeader {
+            codec,
+            raw_len: raw_len as u32,
+            stored_len: stored_len as u32,
+            id,
+            payload_xxh3: hasher.digest(),
+        }
+    }
+
     pub fn encode(&self) -> [u8; RECORD_HEADER_BYTES] {
         let mut out = [0u8; RECORD_HEADER_BYTES];
         out[..4].copy_from_slice(RECORD_MAGIC);
@@ -300,6 +318,17 @@ mod tests {
             RecordHeader::new(ChunkId::of(data), codec, data.len(), &payload),
             payload,
         )
+    }
+
+    #[test]
+    fn a_header_of_parts_equals_the_header_of_their_concatenation() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let parts: Vec<&[u8]> = data.chunks(1452).collect();
+        let id = ChunkId::of(&data);
+        assert_eq!(
+            RecordHeader::of_parts(id, Codec::Raw, data.len(), &parts),
+            RecordHeader::new(id, Codec::Raw, data.len(), &data)
+        );
     }
 
     #[test]

@@ -137,9 +137,14 @@ impl Control {
     pub async fn close(mut self) -> (u64, u64) {
         self.writer.finish();
         let stats = self.connection.stats();
-        self.connection.close(0u32.into(), b"done");
-        self.endpoint.wait_idle().await;
+        transport::quic::hang_up(&self.endpoint, &self.connection).await;
         (stats.udp_tx.bytes, stats.udp_rx.bytes)
+    }
+
+    /// Whether the connection still stands (a Control held through a long job may have been
+    /// closed by a restarted peer or an idle timeout).
+    pub fn is_open(&self) -> bool {
+        self.connection.close_reason().is_none()
     }
 }
 
@@ -250,8 +255,7 @@ async fn fetch_all(
         let _ = tx.send(Err(e)).await;
     }
     let stats = connection.stats();
-    connection.close(0u32.into(), b"done");
-    endpoint.wait_idle().await;
+    transport::quic::hang_up(&endpoint, &connection).await;
     (stats.udp_tx.bytes, stats.udp_rx.bytes)
 }
 

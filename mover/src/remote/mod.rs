@@ -1,7 +1,8 @@
 //! Cross-site work over the peer transport: shipping chunks from pinned workers ([`ship`]),
 //! manifest lookup/commit and in-order chunk fetch for restores ([`client`]), and the daemon's
-//! side of all of it ([`serve`]).
+//! side of all of it ([`serve`], with the Store stream's receiving end in [`receive`]).
 
 pub mod client;
+mod receive;
 pub mod serve;
 pub mod ship;

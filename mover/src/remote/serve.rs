@@ -6,35 +6,34 @@
 //! Every peer frame goes through the bounded decoder and the sans-IO session; a stream that
 //! breaks the protocol is answered with an Error frame naming the reason and closed, and the
 //! daemon goes on serving everyone else. What a peer can make us hold in memory: per
-//! connection the QUIC receive window, per stream one frame (≤ 4 MiB + 37 B) and, on Control
-//! streams, one manifest (≤ 1 GiB, grown only as its parts arrive).
+//! connection the QUIC receive window, per stream one frame (≤ 4 MiB + 37 B; a Store stream
+//! a bounded queue of them, see [`super::receive`]) and, on Control streams, one manifest
+//! (≤ 1 GiB, grown only as its parts arrive).
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use transport::frame::{ErrorCode, Frame, Purpose, MANIFEST_PART_BYTES_MAX};
 use transport::quic::{FrameReader, FrameWriter, ReadError};
-use transport::session::{negotiate, ManifestAssembly, ReceiverInput, StoreReceiver};
+use transport::session::{negotiate, ManifestAssembly};
 use transport::tls::TrustStore;
 
 use crate::constants::{MANIFEST_BYTES_MAX, PEER_CONNECTIONS_MAX, RECEIVE_UNACKED_BYTES_MAX};
 use crate::error::Error;
 use crate::format::manifest::{self, EntryKind};
-use crate::format::pack::{check_received, RecordHeader};
-use crate::format::{hex, ChunkId, Codec};
+use crate::format::{hex, ChunkId};
 use crate::site::Site;
-use crate::store::pack_writer::PackWriter;
 use crate::store::{manifest_key, Backend, SnapshotInfo};
 
 /// Why a stream was closed: the code and reason go to the peer and into our log.
 #[derive(Debug)]
-struct Failure {
-    code: ErrorCode,
-    reason: String,
+pub(super) struct Failure {
+    pub(super) code: ErrorCode,
+    pub(super) reason: String,
 }
 
 impl Failure {
-    fn protocol(reason: impl std::fmt::Display) -> Failure {
+    pub(super) fn protocol(reason: impl std::fmt::Display) -> Failure {
         Failure {
             code: ErrorCode::Protocol,
             reason: reason.to_string(),
@@ -140,8 +139,10 @@ async fn connection(site: Arc<Site>, trust: TrustStore, incoming: quinn::Incomin
 
 async fn stream(site: Arc<Site>, peer: String, send: quinn::SendStream, recv: quinn::RecvStream) {
     let mut writer = FrameWriter::new(send);
-    let mut reader = FrameReader::new(recv);
-    let outcome = serve_stream(&site, &peer, &mut writer, &mut reader).await;
+    let reader = FrameReader::new(recv);
+    // The reader goes with the stream's service; dropping it (when that fails) stops the
+    // peer's side of the stream.
+    let outcome = serve_stream(&site, &peer, &mut writer, reader).await;
     match outcome {
         Ok(()) => writer.finish(),
         Err(failure) => {
@@ -153,16 +154,15 @@ async fn stream(site: Arc<Site>, peer: String, send: quinn::SendStream, recv: qu
                 })
                 .await;
             writer.finish();
-            reader.stop(failure.code as u32);
         }
     }
 }
 
 async fn serve_stream(
-    site: &Site,
+    site: &Arc<Site>,
     peer: &str,
     writer: &mut FrameWriter,
-    reader: &mut FrameReader,
+    mut reader: FrameReader,
 ) -> Result<(), Failure> {
     let (version, purpose, tier, job) = match reader.next().await? {
         Frame::Hello {
@@ -193,17 +193,24 @@ async fn serve_stream(
         }
         other => return Err(Failure::protocol(format!("expected Hello, got {other:?}"))),
     };
-    match purpose {
-        Purpose::Store => store(site, peer, writer, reader, version, &tier, &job).await,
+    let outcome = match purpose {
+        Purpose::Store => {
+            return super::receive::store(site.clone(), peer, writer, reader, version, &tier, &job)
+                .await
+        }
         Purpose::Control => {
             writer.send(&welcome(site, version)).await?;
-            control(site, peer, writer, reader, &job).await
+            control(site, peer, writer, &mut reader, &job).await
         }
         Purpose::Fetch => {
             writer.send(&welcome(site, version)).await?;
-            fetch(site, writer, reader).await
+            fetch(site, writer, &mut reader).await
         }
+    };
+    if let Err(failure) = &outcome {
+        reader.stop(failure.code as u32);
     }
+    outcome
 }
 
 fn welcome(site: &Site, version: u16) -> Frame<'_> {
@@ -212,121 +219,6 @@ fn welcome(site: &Site, version: u16) -> Frame<'_> {
         site: site.name(),
         unacked_bytes_max: RECEIVE_UNACKED_BYTES_MAX,
     }
-}
-
-/// Seals the open pack and commits its chunks: after this they are durable and findable.
-fn seal_and_commit(site: &Site, pack: &mut Option<PackWriter>) -> Result<u64, Error> {
-    let Some(writer) = pack.take() else {
-        return Ok(0);
-    };
-    if writer.is_empty() {
-        return Ok(0);
-    }
-    tokio::task::block_in_place(|| {
-        let started = std::time::Instant::now();
-        let sealed = writer.seal()?;
-        crate::worker::stage("pack_seal", started);
-        let committing = std::time::Instant::now();
-        site.index.commit_pack(&sealed)?;
-        crate::worker::stage("index_commit", committing);
-        Ok(sealed.bytes)
-    })
-}
-
-async fn store(
-    site: &Site,
-    peer: &str,
-    writer: &mut FrameWriter,
-    reader: &mut FrameReader,
-    version: u16,
-    tier: &str,
-    job: &str,
-) -> Result<(), Failure> {
-    let tier = if tier.is_empty() {
-        site.config.default_tier()
-    } else {
-        tier
-    };
-    let backend: Arc<dyn Backend> = site.tier(tier)?.clone();
-    let mut session = StoreReceiver::new(RECEIVE_UNACKED_BYTES_MAX);
-    writer.send(&session.welcome(version, site.name())).await?;
-    let pack_target = site.config.pack_target_bytes();
-    let mut pack: Option<PackWriter> = None;
-    let mut scratch = Vec::new();
-    let mut chunks = 0u64;
-    let mut bytes = 0u64;
-    let outcome: Result<(), Failure> = async {
-        loop {
-            let frame = match reader.next().await {
-                Ok(frame) => frame,
-                Err(ReadError::Finished) => return Ok(()),
-                Err(e) => return Err(e.into()),
-            };
-            if let Frame::Error { reason, .. } = frame {
-                return Err(Failure::protocol(format!("peer gave up: {reason}")));
-            }
-            match session.handle(&frame).map_err(Failure::protocol)? {
-                ReceiverInput::Query { seq, ids } => {
-                    let index = site.index.reader()?;
-                    let mut wanted = Vec::with_capacity(ids.len());
-                    for id in ids.iter() {
-                        wanted.push(!index.contains(&ChunkId(id))?);
-                    }
-                    let bitmap = session.answer(ids, &wanted);
-                    writer
-                        .send(&Frame::Missing {
-                            seq,
-                            count: ids.len() as u32,
-                            bitmap: &bitmap,
-                        })
-                        .await?;
-                }
-                ReceiverInput::Chunk {
-                    id,
-                    codec,
-                    raw_len,
-                    payload,
-                } => {
-                    let id = ChunkId(id);
-                    let codec =
-                        Codec::from_u8(codec).ok_or_else(|| Failure::protocol("unknown codec"))?;
-                    check_received(&id, codec, raw_len, payload, &mut scratch)?;
-                    let header = RecordHeader::new(id, codec, raw_len as usize, payload);
-                    if pack.is_none() {
-                        pack = Some(PackWriter::create(&backend, tier)?);
-                    }
-                    let open = pack.as_mut().expect("created above");
-                    open.append(&header, payload)?;
-                    chunks += 1;
-                    bytes += payload.len() as u64;
-                    if open.bytes() >= pack_target
-                        || session.pending_bytes() >= RECEIVE_UNACKED_BYTES_MAX / 2
-                    {
-                        seal_and_commit(site, &mut pack)?;
-                        writer.send(&session.durable()).await?;
-                    }
-                }
-                ReceiverInput::Flush { .. } => {
-                    seal_and_commit(site, &mut pack)?;
-                    writer.send(&session.durable()).await?;
-                }
-            }
-        }
-    }
-    .await;
-    // Chunks that arrived intact are kept even when the stream failed: they were verified,
-    // and a resumed job then finds them instead of sending them again.
-    if let Err(e) = seal_and_commit(site, &mut pack) {
-        tracing::error!(peer = %peer, job = %job, error = %e, "could not keep the chunks received before the stream ended");
-    }
-    tracing::info!(peer = %peer, job = %job, tier = %tier, chunks, bytes, "store stream ended");
-    let link = format!("{peer}->{}", site.name());
-    crate::metrics::global().add(
-        crate::metrics::names::BYTES_RECEIVED,
-        &[("site", site.name()), ("link", &link), ("tier", tier)],
-        bytes,
-    );
-    outcome
 }
 
 async fn control(

@@ -375,8 +375,7 @@ impl Shipper {
         self.stats.wire_bytes_sent = stats.udp_tx.bytes;
         self.stats.wire_bytes_received = stats.udp_rx.bytes;
         self.reader_task.abort();
-        self.connection.close(0u32.into(), b"done");
-        self.endpoint.wait_idle().await;
+        transport::quic::hang_up(&self.endpoint, &self.connection).await;
         Ok(self.stats)
     }
 }

@@ -43,8 +43,20 @@ impl PackWriter {
     }
 
     pub fn append(&mut self, header: &RecordHeader, payload: &[u8]) -> Result<()> {
-        debug_assert_eq!(payload.len(), header.stored_len as usize);
-        let offset = self.appender.append(&[&header.encode(), payload])?;
+        self.append_parts(header, &[payload])
+    }
+
+    /// Appends a record whose payload is the concatenation of `parts`.
+    pub fn append_parts(&mut self, header: &RecordHeader, parts: &[&[u8]]) -> Result<()> {
+        debug_assert_eq!(
+            parts.iter().map(|p| p.len()).sum::<usize>(),
+            header.stored_len as usize
+        );
+        let encoded = header.encode();
+        let mut all = Vec::with_capacity(parts.len() + 1);
+        all.push(&encoded[..]);
+        all.extend_from_slice(parts);
+        let offset = self.appender.append(&all)?;
         self.entries.push(FooterEntry {
             id: header.id,
             offset,
