@@ -54,6 +54,22 @@ fn control_runtime() -> Result<tokio::runtime::Runtime> {
         .map_err(|e| Error::Resource(format!("starting a tokio runtime: {e}")))
 }
 
+/// The Control connection a cross-site backup holds from its parent lookup to its commit.
+/// A job that stops on the way closes it here, so the peer is told at once instead of
+/// holding the connection until its idle timeout.
+struct HeldControl<'a> {
+    control: Option<Control>,
+    runtime: Option<&'a tokio::runtime::Runtime>,
+}
+
+impl Drop for HeldControl<'_> {
+    fn drop(&mut self) {
+        if let (Some(control), Some(runtime)) = (self.control.take(), self.runtime) {
+            runtime.block_on(control.close());
+        }
+    }
+}
+
 /// Splits `SITE[:TIER]`.
 pub fn parse_destination(to: &str) -> (&str, Option<&str>) {
     match to.split_once(':') {
@@ -136,13 +152,17 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
             .rev()
             .find(|s| s.source.as_bytes() == source_bytes.as_slice()),
     };
-    let (remote_parent, mut held_control) = match (&remote, &runtime) {
+    let (remote_parent, held) = match (&remote, &runtime) {
         (Some(remote), Some(runtime)) => runtime.block_on(async {
             let mut control = Control::open(&remote.link, &remote.credentials, &job.id).await?;
             let found = control.get_manifest(true, &source_bytes).await?;
             Ok::<_, Error>((found, Some(control)))
         })?,
         _ => (None, None),
+    };
+    let mut held_control = HeldControl {
+        control: held,
+        runtime: runtime.as_ref(),
     };
     let parent = if let Some((id, object)) = remote_parent {
         match crate::format::manifest::decode(&object, Some(&id)) {
@@ -348,7 +368,7 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
         let encoded = crate::format::manifest::encode(&manifest)?;
         let mut wire = (0, 0);
         let committed = runtime.block_on(async {
-            let mut control = match held_control.take() {
+            let mut control = match held_control.control.take() {
                 Some(control) if control.is_open() => control,
                 stale => {
                     if let Some(stale) = stale {

@@ -303,7 +303,12 @@ impl FrameReader {
         let codec = fields[32];
         let raw_len = u32::from_le_bytes(fields[33..37].try_into().expect("4 bytes"));
         frame::check_chunk_fields(codec, raw_len, payload_len)?;
+        // A piece keeps quinn's whole receive buffer alive, so small pieces are copied
+        // together: a peer sending a chunk as 1-byte STREAM frames would otherwise make us
+        // hold a datagram per byte. What a chunk holds is then ≤ its payload plus the
+        // buffers behind ≤ payload / PIECE_BYTES_KEPT large pieces.
         let mut pieces = Vec::new();
+        let mut small = bytes::BytesMut::new();
         let mut left = payload_len;
         while left > 0 {
             let piece = self
@@ -311,10 +316,24 @@ impl FrameReader {
                 .read_chunk(left, true)
                 .await
                 .map_err(|e| ReadError::Stream(e.to_string()))?
-                .ok_or_else(|| ReadError::Stream("stream ended inside a frame".into()))?;
-            debug_assert!(piece.bytes.len() <= left);
-            left -= piece.bytes.len();
-            pieces.push(piece.bytes);
+                .ok_or_else(|| ReadError::Stream("stream ended inside a frame".into()))?
+                .bytes;
+            debug_assert!(piece.len() <= left);
+            left -= piece.len();
+            if piece.len() >= PIECE_BYTES_KEPT {
+                if !small.is_empty() {
+                    pieces.push(small.split().freeze());
+                }
+                pieces.push(piece);
+            } else {
+                if small.capacity() == 0 {
+                    small.reserve(left + piece.len());
+                }
+                small.extend_from_slice(&piece);
+            }
+        }
+        if !small.is_empty() {
+            pieces.push(small.freeze());
         }
         Ok(Piecewise::Chunk(ChunkPieces {
             id,
@@ -360,6 +379,10 @@ impl FrameReader {
     }
 }
 
+/// Received pieces of a chunk at least this large are kept as quinn delivered them (loopback
+/// and jumbo paths); smaller ones (Ethernet-sized datagrams) are copied into one buffer.
+const PIECE_BYTES_KEPT: usize = 16 * 1024;
+
 fn inside_frame(e: quinn::ReadExactError) -> ReadError {
     match e {
         quinn::ReadExactError::FinishedEarly(_) => {
@@ -375,7 +398,8 @@ pub enum Piecewise<'a> {
     Frame(Frame<'a>),
 }
 
-/// A Chunk frame whose payload stays in quinn's received buffers. Its fields passed
+/// A Chunk frame whose payload stays in quinn's received buffers (small pieces copied
+/// together, see `PIECE_BYTES_KEPT`). Its fields passed
 /// [`frame::check_chunk_fields`]; `len` is the payload's length (≤ 4 MiB), the sum of the
 /// pieces' lengths.
 #[derive(Debug)]

@@ -10,7 +10,8 @@
 //! sender's congestion window (BENCHMARKS.md, "Cross-site").
 //!
 //! What a peer can make one Store stream hold: its QUIC stream window, plus
-//! `INBOUND_QUEUE + STORE_QUEUE_CHUNKS + 2` chunk frames (≤ 4 MiB + 37 B each) in flight
+//! `INBOUND_QUEUE + STORE_QUEUE_CHUNKS + 3` chunk frames (≤ 4 MiB + 37 B each, plus the
+//! receive buffers behind their large pieces, see `FrameReader::next_piecewise`) in flight
 //! between the three parts, plus the open pack's staging buffers.
 
 use std::sync::Arc;
@@ -35,7 +36,8 @@ const INBOUND_QUEUE: usize = 2;
 /// index commit, a few ms) at a few hundred MB/s; QUIC's window absorbs the rest.
 const STORE_QUEUE_CHUNKS: usize = 8;
 /// Below this average piece size a payload is gathered into one buffer before hashing:
-/// BLAKE3 is only fast when fed many 1 KiB blocks at once, and WAN datagrams carry ~1.4 KB.
+/// BLAKE3 is only fast when fed many 1 KiB blocks at once. (The reader already copies
+/// pieces under 16 KiB together; this catches a chunk of many pieces just above that.)
 const PIECE_BYTES_FOR_HASHING_IN_PLACE: usize = 16 * 1024;
 
 /// A frame as the stream's task needs it, owned.
