@@ -163,6 +163,7 @@ print(f"{label}: state {j['state']} bytes_total {j['bytes_total']} elapsed_s {j[
       f"client CPU {user + sys_:.2f} s (user {user:.2f} sys {sys_:.2f}) daemon CPU {d1 - d0:.2f} s machine busy {busy:.0f}%")
 PY
 if [[ -n ${WAN_ARGS:-} ]]; then
+    echo "relay CPU $(proc_cpu "$RPID") s"
     kill -TERM "$RPID" 2>/dev/null || true
     wait "$RPID" 2>/dev/null || true
     tail -n 1 "$R/relay.out"

@@ -304,10 +304,10 @@ pub fn run(args: QuicArgs) -> Result<(), String> {
         Some(rate) => {
             let rate =
                 transport::rate::parse_rate(rate).map_err(|e| format!("--bandwidth: {e}"))?;
-            let burst = (rate / 100).max(transport::frame::FRAME_PAYLOAD_BYTES_MAX as u64);
-            Some(Arc::new(Mutex::new(TokenBucket::new(
+            // As mover's peers.rs.
+            settings.start_at_rate(rate);
+            Some(Arc::new(Mutex::new(TokenBucket::for_link(
                 rate,
-                burst,
                 Instant::now(),
             ))))
         }

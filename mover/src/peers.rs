@@ -108,11 +108,9 @@ impl Link {
         let bucket = match &peer.bandwidth {
             Some(rate) => {
                 let rate = parse_rate(rate).map_err(|e| Error::peer(name, e))?;
-                // A burst of ~10 ms of the rate, at least one full chunk frame.
-                let burst = (rate / 100).max(transport::frame::FRAME_PAYLOAD_BYTES_MAX as u64);
-                Some(Arc::new(Mutex::new(TokenBucket::new(
+                settings.start_at_rate(rate);
+                Some(Arc::new(Mutex::new(TokenBucket::for_link(
                     rate,
-                    burst,
                     Instant::now(),
                 ))))
             }

@@ -97,18 +97,21 @@ pub fn run(site: &Site, options: &ReplicateOptions) -> Result<Job> {
         let mut shipper =
             Shipper::connect(&link, &credentials, tier.unwrap_or(""), &job_id).await?;
         let mut read = 0u64;
+        let mut reported = 0u64;
         for chunk in &chunks {
             control.check()?;
             let (header, payload) = reader.read_stored(chunk)?;
             read += payload.len() as u64;
-            let before = shipper.stats.payload_bytes_sent;
             shipper
                 .offer(chunk.0, header.codec as u8, header.raw_len, payload)
                 .await?;
-            control.sent(shipper.stats.payload_bytes_sent - before);
+            let sent = shipper.payload_bytes_sent();
+            control.sent(sent - reported);
+            reported = sent;
             control.done(header.raw_len as u64);
         }
         let stats = shipper.finish().await?;
+        control.sent(stats.payload_bytes_sent - reported);
         let mut commit = Control::open(&link, &credentials, &job_id).await?;
         commit.commit(encoded.id, &encoded.bytes).await?;
         let wire = commit.close().await;

@@ -145,6 +145,8 @@ struct Worker<'a> {
     compressor: Compressor,
     pack: Option<PackWriter>,
     shipper: Option<Shipper>,
+    /// Shipped payload bytes already added to the job's live progress.
+    sent_reported: u64,
     stats: WorkerStats,
 }
 
@@ -175,6 +177,7 @@ impl<'a> Worker<'a> {
             compressor: Compressor::new(),
             pack: None,
             shipper: None,
+            sent_reported: 0,
             stats: WorkerStats::default(),
         })
     }
@@ -195,8 +198,17 @@ impl<'a> Worker<'a> {
         self.seal_pack(reports)?;
         if let Some(shipper) = self.shipper.take() {
             self.stats.ship = shipper.finish().await?;
+            self.report_sent(self.stats.ship.payload_bytes_sent);
         }
         Ok(())
+    }
+
+    /// Tells the job's live progress about payload bytes shipped up to `sent` in all.
+    fn report_sent(&mut self, sent: u64) {
+        if let Some(control) = self.shared.control {
+            control.add_sent(sent - self.sent_reported);
+        }
+        self.sent_reported = sent;
     }
 
     /// The next extent. A remote worker must keep its runtime turning while it waits (quinn
@@ -423,13 +435,12 @@ impl<'a> Worker<'a> {
             // The destination decides what is new; this copy into the batch is the second
             // user-space copy of a shipped byte (quinn encrypts from it without another).
             self.stats.memcpy_bytes += payload.len() as u64;
-            let before = shipper.stats.payload_bytes_sent;
             shipper
                 .offer(id.0, codec as u8, len as u32, payload)
                 .await?;
-            if let Some(control) = self.shared.control {
-                control.add_sent(shipper.stats.payload_bytes_sent - before);
-            }
+            // The ship task sends while this worker reads; progress catches up here.
+            let sent = shipper.payload_bytes_sent();
+            self.report_sent(sent);
             return Ok(chunk_ref);
         }
         let header = RecordHeader::new(id, codec, len, payload);

@@ -203,6 +203,28 @@ fn rate_cap_spreads_a_burst() {
 }
 
 #[test]
+fn stats_every_interval_make_a_time_series() {
+    let server = echo_server();
+    let to = server.to_string();
+    let relay = Relay::start(&["--to", &to, "--stats-every-ms", "20"]);
+    let a = client(relay.addr);
+    let mut buf = vec![0u8; 2048];
+    for seq in 0..5 {
+        a.send(&datagram(seq, 1000)).unwrap();
+        a.recv(&mut buf).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    let out = relay.stop();
+    let samples: Vec<&str> = out.lines().filter(|l| l.starts_with("{\"t_s\":")).collect();
+    assert!(samples.len() >= 3, "one line per 20 ms: {out:?}");
+    let last = samples.last().unwrap();
+    assert_eq!(counter(last, "client_to_server", "forwarded_datagrams"), 5);
+    assert_eq!(counter(last, "server_to_client", "forwarded_bytes"), 5000);
+    // Without --json-stats no final object follows the series.
+    assert!(out.lines().all(|l| l.starts_with("{\"t_s\":")), "{out:?}");
+}
+
+#[test]
 fn bad_arguments_exit_2_with_one_line() {
     for (args, flag) in [
         (&["--to", "127.0.0.1:9", "--rate", "fast"][..], "--rate"),

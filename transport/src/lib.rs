@@ -7,9 +7,12 @@
 //! - [`session`]: the protocol rules as pure state (have/want, credit, acks, manifest parts),
 //!   in the shape of quinn-proto: frames in, decisions out, no sockets, no clocks.
 //! - [`rate`]: the sender's token bucket for per-link bandwidth caps.
+//! - [`bbr`]: quinn's BBR congestion controller with its start fixed (no ProbeRTT on the first
+//!   full-rate acknowledgement).
 //! - [`tls`] and [`quic`]: the glue. rustls with fingerprint-pinning verifiers on both sides
 //!   (mutual TLS), quinn endpoints with the settings measured to matter, framed stream I/O.
 
+pub mod bbr;
 pub mod frame;
 pub mod identity;
 pub mod quic;

@@ -29,7 +29,15 @@ pub struct LinkSettings {
     pub cipher: Cipher,
     pub idle_timeout: Duration,
     pub congestion: Congestion,
+    /// Congestion window to start from; None: quinn's (about ten datagrams).
+    pub initial_window_bytes: Option<u64>,
 }
+
+/// A link with a bandwidth cap starts its congestion window at this much time of the rate.
+/// Quinn's default of ten datagrams needs ~9 round trips of startup to fill 1 Gbit/s at 50 ms
+/// (~0.45 s at a fraction of the rate, BENCHMARKS.md run 4); the cap's token bucket, shared by
+/// the link's connections, keeps the larger start from sending faster than the rate.
+pub const INITIAL_WINDOW_TIME: Duration = Duration::from_millis(25);
 
 /// Congestion control. Cubic (quinn's default) reads loss as congestion, so a path with
 /// random loss (0.5% on a long WAN) caps it far below the link rate; BBR models bandwidth and
@@ -54,6 +62,10 @@ impl std::str::FromStr for Congestion {
     }
 }
 
+/// Quinn's own initial window for 1200-byte datagrams (14 720 bytes) rounded up: a start below
+/// it is ignored.
+const INITIAL_WINDOW_FLOOR: u64 = 16 * 1024;
+
 /// Above this payload size quinn's GSO batches exceed what one send may carry.
 const GSO_PAYLOAD_BYTES_MAX: u16 = 6500;
 
@@ -76,7 +88,15 @@ impl LinkSettings {
             } else {
                 Congestion::Bbr
             },
+            initial_window_bytes: None,
         }
+    }
+
+    /// For a link capped at `bytes_per_second`: the congestion window starts at
+    /// [`INITIAL_WINDOW_TIME`] of the rate (never below quinn's own start).
+    pub fn start_at_rate(&mut self, bytes_per_second: u64) {
+        let bytes = bytes_per_second as u128 * INITIAL_WINDOW_TIME.as_nanos() / 1_000_000_000;
+        self.initial_window_bytes = Some(bytes.min(u64::MAX as u128) as u64);
     }
 
     fn transport(&self) -> TransportConfig {
@@ -96,8 +116,26 @@ impl LinkSettings {
         mtu.upper_bound(self.udp_payload_bytes_max);
         t.mtu_discovery_config(Some(mtu));
         t.enable_segmentation_offload(self.udp_payload_bytes_max <= GSO_PAYLOAD_BYTES_MAX);
-        if self.congestion == Congestion::Bbr {
-            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        // Quinn's default start (about ten datagrams of the path's MTU) unless a larger one
+        // was asked for.
+        let initial_window = self
+            .initial_window_bytes
+            .filter(|&w| w > INITIAL_WINDOW_FLOOR);
+        match self.congestion {
+            Congestion::Bbr => {
+                let mut bbr = crate::bbr::BbrConfig::default();
+                if let Some(window) = initial_window {
+                    bbr.initial_window(window);
+                }
+                t.congestion_controller_factory(Arc::new(bbr));
+            }
+            Congestion::Cubic => {
+                if let Some(window) = initial_window {
+                    let mut cubic = quinn::congestion::CubicConfig::default();
+                    cubic.initial_window(window);
+                    t.congestion_controller_factory(Arc::new(cubic));
+                }
+            }
         }
         t
     }

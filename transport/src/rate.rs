@@ -24,6 +24,13 @@ impl TokenBucket {
         }
     }
 
+    /// The bucket of a link capped at `bytes_per_second`: a burst of ~10 ms of the rate, at
+    /// least one full chunk frame.
+    pub fn for_link(bytes_per_second: u64, now: Instant) -> TokenBucket {
+        let burst = (bytes_per_second / 100).max(crate::frame::FRAME_PAYLOAD_BYTES_MAX as u64);
+        TokenBucket::new(bytes_per_second, burst, now)
+    }
+
     pub fn bytes_per_second(&self) -> u64 {
         self.bytes_per_second
     }

@@ -3,14 +3,20 @@
 //!
 //! Runs on the worker's own thread and tokio-uring runtime (quinn drives its connection as a
 //! task on the same ring), so reading, chunking and shipping share one pinned core and no
-//! buffer crosses threads. A reader task applies the peer's frames to the sans-IO
-//! [`StoreSender`]; the worker awaits answers and credit through one `Notify`.
+//! buffer crosses threads. Three tasks: the worker closes batches ([`Shipper::offer`]); a
+//! ship task sends each batch's Query as soon as it is closed and ships the chunks the peer
+//! asked for, one at a time; a reader task applies the peer's frames to the sans-IO
+//! [`StoreSender`]. The ship task runs whenever the worker waits (for a disk read, or for
+//! room in the pipeline), so a read that takes long does not leave the link idle: with a
+//! bandwidth cap the chunks are handed to quinn at the link's rate, quinn holds almost
+//! nothing in reserve, and before this split every stall of the worker was a gap on the
+//! wire (BENCHMARKS.md, run 4).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::ops::Range;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::Notify;
@@ -46,29 +52,72 @@ struct Entry {
     range: Range<usize>,
 }
 
+/// A closed batch: the payloads back to back, and what each entry is.
+struct Batch {
+    bytes: Bytes,
+    entries: Vec<Entry>,
+}
+
+/// A batch whose Query is out: `wanted` once the peer answered, `next` the entry to ship.
+struct Queried {
+    batch: Batch,
+    wanted: Option<Vec<bool>>,
+    next: usize,
+}
+
 struct Shared {
     state: RefCell<StoreSender>,
     answers: RefCell<VecDeque<Vec<bool>>>,
     failure: RefCell<Option<String>>,
+    /// Wakes the ship task: an answer or credit came (reader), a batch was closed or the
+    /// worker finished (worker), or the reader failed.
     notify: Notify,
+    /// Closed batches not queried yet.
+    closed: RefCell<VecDeque<Batch>>,
+    /// Batches closed and not wholly shipped: what bounds this worker's memory.
+    held: Cell<usize>,
+    /// The worker closed its last batch.
+    done: Cell<bool>,
+    /// Wakes the worker: a batch was shipped (room in the pipeline), or the ship task failed.
+    room: Notify,
+    /// Batches already shipped. quinn holds slices of them until the peer acknowledges the
+    /// packets; once it lets go a batch buffer is reused, so the hot path does not fault in
+    /// fresh pages for every batch (that cost more kernel time than the sends).
+    spare: RefCell<Vec<Bytes>>,
+    stats: RefCell<ShipStats>,
+}
+
+impl Shared {
+    fn fail(&self, reason: String) {
+        self.failure.borrow_mut().get_or_insert(reason);
+        self.notify.notify_one();
+        self.room.notify_one();
+    }
+}
+
+/// Time the ship task spent blocked, by cause (reported at debug level at the end).
+#[derive(Default)]
+struct Waits {
+    /// For the peer's answer to the oldest query while nothing else could be shipped.
+    answer: Duration,
+    /// For credit (chunks the peer has not acknowledged as durable).
+    credit: Duration,
+    /// In the link's token bucket.
+    bucket: Duration,
+    /// Handing a chunk to quinn (its send buffer and the peer's flow-control window).
+    send: Duration,
 }
 
 pub struct Shipper {
     link: Link,
     endpoint: quinn::Endpoint,
     connection: quinn::Connection,
-    writer: FrameWriter,
     shared: Rc<Shared>,
     reader_task: tokio::task::JoinHandle<()>,
+    ship_task: Option<tokio::task::JoinHandle<Result<Waits, String>>>,
     batch: BytesMut,
     entries: Vec<Entry>,
-    outstanding: VecDeque<(Bytes, Vec<Entry>)>,
-    /// Batches already shipped. quinn holds slices of them until the peer acknowledges the
-    /// packets; once it lets go a batch buffer is reused, so the hot path does not fault in
-    /// fresh pages for every batch (that cost more kernel time than the sends).
-    spare: Vec<Bytes>,
     batches_allocated: u64,
-    pub stats: ShipStats,
 }
 
 /// Shipped batches kept for reuse; beyond this they are freed.
@@ -161,6 +210,12 @@ impl Shipper {
             answers: RefCell::new(VecDeque::new()),
             failure: RefCell::new(None),
             notify: Notify::new(),
+            closed: RefCell::new(VecDeque::new()),
+            held: Cell::new(0),
+            done: Cell::new(false),
+            room: Notify::new(),
+            spare: RefCell::new(Vec::new()),
+            stats: RefCell::new(ShipStats::default()),
         });
         let reader_shared = shared.clone();
         let reader_connection = connection.clone();
@@ -188,45 +243,34 @@ impl Shipper {
                 }
                 shared.notify.notify_one();
             };
-            shared.failure.borrow_mut().get_or_insert(failure);
-            shared.notify.notify_one();
+            shared.fail(failure);
         });
+        let ship_task = tokio::task::spawn_local(ship(shared.clone(), writer, link.clone()));
         Ok(Shipper {
             link: link.clone(),
             endpoint,
             connection,
-            writer,
             shared,
             reader_task,
+            ship_task: Some(ship_task),
             batch: BytesMut::with_capacity(BATCH_CAPACITY),
             entries: Vec::new(),
-            outstanding: VecDeque::new(),
-            spare: Vec::new(),
             batches_allocated: 1,
-            stats: ShipStats::default(),
         })
     }
 
-    /// A send failed; the peer's own reason (an Error frame the reader saw) says more than
-    /// "stream stopped", so it wins when there is one.
-    fn fail(&self, detail: impl std::fmt::Display) -> Error {
-        match self.shared.failure.borrow().as_ref() {
-            Some(reason) => Error::peer(&self.link.site, reason),
-            None => Error::peer(&self.link.site, detail),
-        }
+    /// Chunk payload bytes handed to quinn so far (for live progress).
+    pub fn payload_bytes_sent(&self) -> u64 {
+        self.shared.stats.borrow().payload_bytes_sent
     }
 
-    /// Waits until `ready` holds; fails when the reader saw the stream fail.
-    async fn wait_for(&self, ready: impl Fn(&Shared) -> bool) -> Result<()> {
-        loop {
-            if ready(&self.shared) {
-                return Ok(());
-            }
-            if let Some(failure) = self.shared.failure.borrow().as_ref() {
-                return Err(self.fail(failure));
-            }
-            self.shared.notify.notified().await;
-        }
+    /// The ship task's or reader's reason, as the job's error.
+    fn failed(&self) -> Option<Error> {
+        self.shared
+            .failure
+            .borrow()
+            .as_ref()
+            .map(|reason| Error::peer(&self.link.site, reason))
     }
 
     /// Adds a new chunk (payload as it will be stored) to the current batch.
@@ -251,39 +295,36 @@ impl Shipper {
         Ok(())
     }
 
-    /// Sends the current batch's ids as a Query, first making room by serving answers.
+    /// Hands the current batch to the ship task, first waiting while the pipeline is full.
     async fn close_batch(&mut self) -> Result<()> {
         if self.entries.is_empty() {
             return Ok(());
         }
-        // Ship what the peer already asked for; wait only while the pipeline is full (the
-        // batches awaiting or holding answers are what bounds this worker's memory).
-        while !self.shared.answers.borrow().is_empty()
-            || self.outstanding.len() >= SHIP_QUERIES_IN_FLIGHT
-            || !self.shared.state.borrow().can_query()
-        {
-            self.serve_answer().await?;
+        loop {
+            if let Some(e) = self.failed() {
+                return Err(e);
+            }
+            if self.shared.held.get() < SHIP_QUERIES_IN_FLIGHT {
+                break;
+            }
+            self.shared.room.notified().await;
         }
-        let ids: Vec<[u8; 32]> = self.entries.iter().map(|e| e.id).collect();
-        let seq = self.shared.state.borrow_mut().query(ids.len());
-        self.writer
-            .send(&Frame::Query {
-                seq,
-                ids: frame::id_list(&ids),
-            })
-            .await
-            .map_err(|e| self.fail(format!("sending a query: {e}")))?;
         let next = self.reuse_batch();
         let full = std::mem::replace(&mut self.batch, next);
-        self.outstanding
-            .push_back((full.freeze(), std::mem::take(&mut self.entries)));
+        self.shared.closed.borrow_mut().push_back(Batch {
+            bytes: full.freeze(),
+            entries: std::mem::take(&mut self.entries),
+        });
+        self.shared.held.set(self.shared.held.get() + 1);
+        self.shared.notify.notify_one();
         Ok(())
     }
 
     fn reuse_batch(&mut self) -> BytesMut {
-        for i in 0..self.spare.len() {
-            if self.spare[i].is_unique() {
-                if let Ok(mut buffer) = self.spare.swap_remove(i).try_into_mut() {
+        let mut spare = self.shared.spare.borrow_mut();
+        for i in 0..spare.len() {
+            if spare[i].is_unique() {
+                if let Ok(mut buffer) = spare.swap_remove(i).try_into_mut() {
                     buffer.clear();
                     if buffer.capacity() >= BATCH_CAPACITY {
                         return buffer;
@@ -296,71 +337,25 @@ impl Shipper {
         BytesMut::with_capacity(BATCH_CAPACITY)
     }
 
-    /// Waits for the oldest query's answer and ships the chunks it asks for.
-    async fn serve_answer(&mut self) -> Result<()> {
-        self.wait_for(|s| !s.answers.borrow().is_empty()).await?;
-        let wanted = self
-            .shared
-            .answers
-            .borrow_mut()
-            .pop_front()
-            .expect("waited for it");
-        let (bytes, entries) = self
-            .outstanding
-            .pop_front()
-            .expect("an answer implies an outstanding batch");
-        debug_assert_eq!(wanted.len(), entries.len());
-        for (entry, wanted) in entries.iter().zip(wanted) {
-            if !wanted {
-                self.stats.chunks_present += 1;
-                self.stats.raw_bytes_present += entry.raw_len as u64;
-                continue;
-            }
-            let len = entry.range.len() as u64;
-            self.wait_for(|s| s.state.borrow().credit_bytes() >= len)
-                .await?;
-            if let Some(bucket) = &self.link.bucket {
-                let wait = bucket
-                    .lock()
-                    .expect("bucket lock")
-                    .take(len + 45, Instant::now());
-                if !wait.is_zero() {
-                    tokio::time::sleep(wait).await;
-                }
-            }
-            self.writer
-                .send_chunk(
-                    &entry.id,
-                    entry.codec,
-                    entry.raw_len,
-                    bytes.slice(entry.range.clone()),
-                )
-                .await
-                .map_err(|e| self.fail(format!("sending a chunk: {e}")))?;
-            self.shared.state.borrow_mut().chunk_sent(len);
-            self.stats.chunks_sent += 1;
-            self.stats.payload_bytes_sent += len;
-            self.stats.raw_bytes_sent += entry.raw_len as u64;
-        }
-        if self.spare.len() < SPARE_BATCHES_MAX {
-            self.spare.push(bytes);
-        }
-        Ok(())
-    }
-
     /// Ships what is left, asks for durability and waits until every chunk is acknowledged.
     pub async fn finish(mut self) -> Result<ShipStats> {
         self.close_batch().await?;
-        while !self.outstanding.is_empty() {
-            self.serve_answer().await?;
-        }
-        let seq = self.shared.state.borrow_mut().flush();
-        self.writer
-            .send(&Frame::Flush { seq })
+        self.shared.done.set(true);
+        self.shared.notify.notify_one();
+        let shipped = self
+            .ship_task
+            .take()
+            .expect("finish runs once")
             .await
-            .map_err(|e| self.fail(format!("sending flush: {e}")))?;
-        self.wait_for(|s| s.state.borrow().is_drained()).await?;
-        self.writer.finish();
+            .map_err(|e| Error::peer(&self.link.site, format!("the ship task failed: {e}")))?;
+        let waits = match shipped {
+            Ok(waits) => waits,
+            Err(reason) => {
+                return Err(self
+                    .failed()
+                    .unwrap_or(Error::peer(&self.link.site, reason)))
+            }
+        };
         let stats = self.connection.stats();
         tracing::debug!(
             peer = %self.link.site,
@@ -370,14 +365,169 @@ impl Shipper {
             congestion_events = stats.path.congestion_events,
             datagrams = stats.udp_tx.datagrams,
             batches_allocated = self.batches_allocated,
+            wait_answer_ms = waits.answer.as_millis() as u64,
+            wait_credit_ms = waits.credit.as_millis() as u64,
+            wait_bucket_ms = waits.bucket.as_millis() as u64,
+            wait_send_ms = waits.send.as_millis() as u64,
             "worker connection done"
         );
-        self.stats.wire_bytes_sent = stats.udp_tx.bytes;
-        self.stats.wire_bytes_received = stats.udp_rx.bytes;
+        let mut ship = self.shared.stats.borrow().clone();
+        ship.wire_bytes_sent = stats.udp_tx.bytes;
+        ship.wire_bytes_received = stats.udp_rx.bytes;
         self.reader_task.abort();
         transport::quic::hang_up(&self.endpoint, &self.connection).await;
-        Ok(self.stats)
+        Ok(ship)
     }
+}
+
+impl Drop for Shipper {
+    /// A worker that stops early (its job failed or was cancelled) stops its tasks with it.
+    fn drop(&mut self) {
+        self.reader_task.abort();
+        if let Some(task) = &self.ship_task {
+            task.abort();
+        }
+    }
+}
+
+/// The ship task: sends each closed batch's Query at once (ahead of chunks already asked for,
+/// so its answer does not wait behind them on the stream), ships the wanted chunks of the
+/// oldest answered batch one at a time within credit and the link's bandwidth cap, and when
+/// the worker is done, flushes and waits for the peer to acknowledge everything as durable.
+async fn ship(shared: Rc<Shared>, mut writer: FrameWriter, link: Link) -> Result<Waits, String> {
+    let outcome = ship_all(&shared, &mut writer, &link).await;
+    if let Err(reason) = &outcome {
+        shared.fail(reason.clone());
+    }
+    outcome
+}
+
+async fn ship_all(shared: &Shared, writer: &mut FrameWriter, link: &Link) -> Result<Waits, String> {
+    let mut queried: VecDeque<Queried> = VecDeque::new();
+    let mut waits = Waits::default();
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        if let Some(reason) = shared.failure.borrow().as_ref() {
+            return Err(reason.clone());
+        }
+        // Queries first: they are small, and each one's answer takes a round trip.
+        loop {
+            if !shared.state.borrow().can_query() {
+                break;
+            }
+            let Some(batch) = shared.closed.borrow_mut().pop_front() else {
+                break;
+            };
+            let ids: Vec<[u8; 32]> = batch.entries.iter().map(|e| e.id).collect();
+            let seq = shared.state.borrow_mut().query(ids.len());
+            writer
+                .send(&Frame::Query {
+                    seq,
+                    ids: frame::id_list(&ids),
+                })
+                .await
+                .map_err(|e| format!("sending a query: {e}"))?;
+            queried.push_back(Queried {
+                batch,
+                wanted: None,
+                next: 0,
+            });
+        }
+        if let Some(front) = queried.front_mut() {
+            if front.wanted.is_none() {
+                front.wanted = shared.answers.borrow_mut().pop_front();
+            }
+        }
+        match queried.front_mut() {
+            Some(Queried {
+                batch,
+                wanted: Some(wanted),
+                next,
+            }) => {
+                if let Some(since) = idle_since.take() {
+                    waits.answer += since.elapsed();
+                }
+                debug_assert_eq!(wanted.len(), batch.entries.len());
+                // Entries the peer already holds are counted, not sent.
+                while *next < batch.entries.len() && !wanted[*next] {
+                    let entry = &batch.entries[*next];
+                    let mut stats = shared.stats.borrow_mut();
+                    stats.chunks_present += 1;
+                    stats.raw_bytes_present += entry.raw_len as u64;
+                    *next += 1;
+                }
+                if *next == batch.entries.len() {
+                    let done = queried.pop_front().expect("front exists");
+                    let mut spare = shared.spare.borrow_mut();
+                    if spare.len() < SPARE_BATCHES_MAX {
+                        spare.push(done.batch.bytes);
+                    }
+                    shared.held.set(shared.held.get() - 1);
+                    shared.room.notify_one();
+                    continue;
+                }
+                let entry = &batch.entries[*next];
+                let len = entry.range.len() as u64;
+                if shared.state.borrow().credit_bytes() < len {
+                    let waiting = Instant::now();
+                    shared.notify.notified().await;
+                    waits.credit += waiting.elapsed();
+                    continue;
+                }
+                if let Some(bucket) = &link.bucket {
+                    let wait = bucket
+                        .lock()
+                        .expect("bucket lock")
+                        .take(len + 45, Instant::now());
+                    if !wait.is_zero() {
+                        let waiting = Instant::now();
+                        tokio::time::sleep(wait).await;
+                        waits.bucket += waiting.elapsed();
+                    }
+                }
+                let sending = Instant::now();
+                writer
+                    .send_chunk(
+                        &entry.id,
+                        entry.codec,
+                        entry.raw_len,
+                        batch.bytes.slice(entry.range.clone()),
+                    )
+                    .await
+                    .map_err(|e| format!("sending a chunk: {e}"))?;
+                waits.send += sending.elapsed();
+                shared.state.borrow_mut().chunk_sent(len);
+                let mut stats = shared.stats.borrow_mut();
+                stats.chunks_sent += 1;
+                stats.payload_bytes_sent += len;
+                stats.raw_bytes_sent += entry.raw_len as u64;
+                *next += 1;
+            }
+            Some(_) => {
+                // The oldest query is not answered yet.
+                idle_since.get_or_insert_with(Instant::now);
+                shared.notify.notified().await;
+            }
+            None if shared.done.get() && shared.closed.borrow().is_empty() => break,
+            None => shared.notify.notified().await,
+        }
+    }
+    let seq = shared.state.borrow_mut().flush();
+    writer
+        .send(&Frame::Flush { seq })
+        .await
+        .map_err(|e| format!("sending flush: {e}"))?;
+    loop {
+        if let Some(reason) = shared.failure.borrow().as_ref() {
+            return Err(reason.clone());
+        }
+        if shared.state.borrow().is_drained() {
+            break;
+        }
+        shared.notify.notified().await;
+    }
+    writer.finish();
+    Ok(waits)
 }
 
 /// Purpose-specific hello for the streams other than Store.

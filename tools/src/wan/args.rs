@@ -12,6 +12,7 @@ const MAX_RATE_BITS: f64 = 1e15;
 pub const USAGE: &str = "\
 usage: mover-wan --to ADDR [--listen ADDR] [--delay-ms MS] [--jitter-ms MS] [--loss P]
                  [--rate RATE] [--queue-ms MS] [--buffer-mib MIB] [--seed N] [--json-stats]
+                 [--stats-every-ms MS]
 
 UDP relay that makes two local processes (QUIC endpoints) look far apart. Datagrams sent to
 --listen go to --to from one upstream socket per client address; replies come back. Each
@@ -28,6 +29,8 @@ direction has its own delay, jitter, loss and rate cap, so the round trip is 2 x
   --buffer-mib MIB  relay buffer per direction (default sized from rate, delay and queue)
   --seed N          seed of the loss and jitter generators (default 1)
   --json-stats      on SIGTERM/SIGINT print one JSON object of per-direction counters
+  --stats-every-ms MS  also print the counters as one JSON line (with \"t_s\", seconds since
+                    start) every MS milliseconds, for a time series of the link's use
 
 Prints `listening on ADDR` once started; exits 0 on SIGTERM or SIGINT, 2 on bad arguments.";
 
@@ -40,6 +43,8 @@ pub struct Config {
     pub buffer_bytes: Option<usize>,
     pub seed: u64,
     pub json_stats: bool,
+    /// Print the counters every this often (a time series), if set.
+    pub stats_every: Option<std::time::Duration>,
 }
 
 /// The emulated link of one direction.
@@ -81,6 +86,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, String>
     let mut buffer_bytes = None;
     let mut seed = 1u64;
     let mut json_stats = false;
+    let mut stats_every = None;
 
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -137,6 +143,17 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, String>
                     })?;
                 buffer_bytes = Some(mib << 20);
             }
+            "--stats-every-ms" => {
+                let v = value()?;
+                let ms: u64 = v
+                    .parse()
+                    .ok()
+                    .filter(|m| (10..=60_000).contains(m))
+                    .ok_or_else(|| {
+                        format!("--stats-every-ms {v:?}: expected a whole number of milliseconds in 10..=60000")
+                    })?;
+                stats_every = Some(std::time::Duration::from_millis(ms));
+            }
             "--seed" => {
                 let v = value()?;
                 seed = v
@@ -159,6 +176,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, String>
         buffer_bytes,
         seed,
         json_stats,
+        stats_every,
     })))
 }
 
@@ -314,6 +332,8 @@ mod tests {
             "--seed",
             "7",
             "--json-stats",
+            "--stats-every-ms",
+            "100",
         ])
         .unwrap();
         assert_eq!(c.to, "127.0.0.1:4433".parse().unwrap());
@@ -324,6 +344,7 @@ mod tests {
         assert_eq!(c.link.queue_ns, 50_000_000);
         assert_eq!(c.seed, 7);
         assert!(c.json_stats);
+        assert_eq!(c.stats_every, Some(std::time::Duration::from_millis(100)));
         let d = run(&["--to", "[::1]:9"]).unwrap();
         assert_eq!(d.listen, "127.0.0.1:0".parse().unwrap());
         assert_eq!(d.link, LinkParams::default());
@@ -367,6 +388,7 @@ mod tests {
             "--queue-ms",
             "--buffer-mib",
             "--seed",
+            "--stats-every-ms",
         ];
         for flag in flags {
             for value in values {
@@ -397,6 +419,10 @@ mod tests {
             (&["--to", "127.0.0.1:1", "--loss", "1.5"][..], "--loss"),
             (&["--to", "127.0.0.1:1", "--rate", "fast"][..], "--rate"),
             (&["--to", "127.0.0.1:1", "--seed", "x"][..], "--seed"),
+            (
+                &["--to", "127.0.0.1:1", "--stats-every-ms", "1"][..],
+                "--stats-every-ms",
+            ),
             (&["--to", "127.0.0.1:1", "--queue-ms"][..], "--queue-ms"),
             (
                 &["--to", "127.0.0.1:1", "--buffer-mib", "0"][..],

@@ -13,7 +13,8 @@
 //! direction move them (`relay`).
 //!
 //! Output: one line `listening on ADDR` on stdout once ready; on SIGTERM or SIGINT, exit 0
-//! after printing, with `--json-stats`, one JSON object of per-direction counters. Bad
+//! after printing, with `--json-stats`, one JSON object of per-direction counters
+//! (`--stats-every-ms` adds one such line, with `t_s`, every interval). Bad
 //! arguments: one line on stderr naming the flag, exit 2. Setup failures: one line, exit 1.
 
 mod args;
@@ -63,11 +64,35 @@ fn main() -> ExitCode {
     // A caller that closed our stdout still gets a working relay.
     let _ = writeln!(stdout, "listening on {}", relay.local_addr);
     let _ = stdout.flush();
+    let started = std::time::Instant::now();
+    let mut next_sample = config.stats_every.map(|every| started + every);
     loop {
-        let mut signal: libc::c_int = 0;
-        // SAFETY: both pointers are valid for the call.
-        if unsafe { libc::sigwait(&signals, &mut signal) } == 0 {
-            break;
+        match next_sample {
+            None => {
+                let mut signal: libc::c_int = 0;
+                // SAFETY: both pointers are valid for the call.
+                if unsafe { libc::sigwait(&signals, &mut signal) } == 0 {
+                    break;
+                }
+            }
+            Some(due) => {
+                let wait = due.saturating_duration_since(std::time::Instant::now());
+                let timeout = libc::timespec {
+                    tv_sec: wait.as_secs() as libc::time_t,
+                    tv_nsec: wait.subsec_nanos() as libc::c_long,
+                };
+                // SAFETY: the set and the timeout are valid; a null info pointer is allowed.
+                if unsafe { libc::sigtimedwait(&signals, std::ptr::null_mut(), &timeout) } > 0 {
+                    break;
+                }
+                if std::time::Instant::now() >= due {
+                    let t_s = started.elapsed().as_secs_f64();
+                    let _ = writeln!(stdout, "{}", relay.stats.sample_json(t_s));
+                    let _ = stdout.flush();
+                    let every = config.stats_every.expect("sampling only when asked");
+                    next_sample = Some(due + every);
+                }
+            }
         }
     }
     if config.json_stats {

@@ -89,6 +89,12 @@ impl Stats {
         self.format_json()
     }
 
+    /// The counters as they are now, without waiting for the senders (a time-series sample
+    /// may be off by the datagrams of one batch), with `t_s` first.
+    pub fn sample_json(&self, t_s: f64) -> String {
+        format!("{{\"t_s\":{t_s:.3},{}", &self.format_json()[1..])
+    }
+
     fn format_json(&self) -> String {
         let dir = |d: &DirStats| {
             let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -841,6 +847,7 @@ mod tests {
             buffer_bytes,
             seed: 1,
             json_stats: false,
+            stats_every: None,
         }
     }
 
