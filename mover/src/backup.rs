@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use crossbeam_channel::bounded;
 
-use crate::buffers::{memlock_limit_bytes, PoolPlan};
+use crate::buffers::{memlock_limit_bytes, ReadPlan};
 use crate::constants::{RESULT_QUEUE_DEPTH, WORK_QUEUE_DEPTH};
 use crate::error::{Error, Result};
 use crate::format::hex;
@@ -128,7 +128,7 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
     job.destination = remote.as_ref().map(|r| r.link.site.clone());
 
     let workers = worker_count(site);
-    let plan = PoolPlan::new(
+    let plan = ReadPlan::new(
         workers,
         site.config.engine.read_buffer_bytes,
         site.config.engine.io_memory_bytes,
@@ -299,6 +299,7 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
     job.chunks_total = totals.chunks_total;
     job.chunks_new = totals.chunks_new;
     job.direct_io = totals.buffered_files == 0;
+    job.registered_reads = plan.registered;
     if shared.remote.is_some() {
         let ship = &totals.ship;
         job.chunks_new = ship.chunks_sent;

@@ -123,8 +123,8 @@ pub struct EngineSection {
     /// Worker threads, one pinned per core; 0 or absent means one per available core.
     #[serde(default)]
     pub workers: usize,
-    /// Registered read-buffer memory for all workers together; 0 or absent means 3/4 of
-    /// RLIMIT_MEMLOCK (capped at 64 MiB).
+    /// Locked memory for the workers' registered chunk windows, all together; 0 or absent
+    /// registers them when they fit 3/4 of RLIMIT_MEMLOCK (capped at 64 MiB).
     #[serde(default)]
     pub io_memory_bytes: u64,
     #[serde(default)]
@@ -304,10 +304,12 @@ identity = "identity"   # key.pem (private, mode 0600) and cert.pem; `mover iden
 # One pinned worker per core reads with io_uring and O_DIRECT, chunks, hashes and compresses.
 # workers = 0                  # 0 = one per available core
 # pin_workers = true
-# Registered (locked) read buffers for all workers together. 0 = 3/4 of RLIMIT_MEMLOCK,
-# at most 64 MiB. Raise LimitMEMLOCK in the systemd unit before raising this.
+# Reads land in each worker's chunk window (largest chunk + 3 reads: 7 MiB by default), which
+# is registered with io_uring (locked memory) when every worker's window fits this budget.
+# 0 = register if they fit 3/4 of RLIMIT_MEMLOCK (at most 64 MiB), else read unregistered.
+# A value > 0 must hold them all. Raise LimitMEMLOCK in the systemd unit before raising this.
 # io_memory_bytes = 0
-# read_buffer_bytes = 1048576  # one direct read, a multiple of 4096; default shrinks to fit many workers
+# read_buffer_bytes = 1048576  # one direct read, a multiple of 4096
 # pack_target_bytes = 134217728
 
 # The daemon's API socket (HTTP/1.1 + JSON; `curl --unix-socket`). Callers are checked by

@@ -18,24 +18,18 @@ pub const EXTENT_BYTES: u64 = 64 * 1024 * 1024;
 /// every device we expect; 512-byte devices accept it too).
 pub const IO_ALIGNMENT: usize = 4096;
 
-/// Size of one registered read buffer. Measured here (4 GiB backup, 2 workers): 3 x 1 MiB per
-/// worker 0.83 GB/s, 6 x 512 KiB 0.67 GB/s, 4 x 512 KiB 0.60 GB/s; larger reads matter more
-/// than more of them. When many workers share a small memlock budget the default shrinks
-/// (down to READ_BUFFER_BYTES_MIN) so that each worker still gets several buffers.
+/// Size of one direct read. Measured here (4 GiB backup, 2 workers): 3 x 1 MiB per worker
+/// 0.83 GB/s, 6 x 512 KiB 0.67 GB/s, 4 x 512 KiB 0.60 GB/s; larger reads matter more than
+/// more of them.
 pub const READ_BUFFER_BYTES_DEFAULT: usize = 1024 * 1024;
-pub const READ_BUFFER_BYTES_MIN: usize = 128 * 1024;
-/// Reads in flight per worker that the automatic sizing aims for.
-pub const READ_BUFFERS_PER_WORKER_TARGET: usize = 3;
+/// Reads in flight per worker. 3, 4, 6 and 8 x 1 MiB measured alike on a cross-site backup
+/// from this machine's disk, which reads ~0.95 GB/s from QD 2 upwards (BENCHMARKS.md).
+pub const READS_PER_WORKER: usize = 3;
 
-/// Bounds on the registered buffer pool: at least double buffering, at most what one ring can
-/// register (io_uring caps registered buffers at 16384 and each at 1 GiB).
-pub const READ_BUFFERS_PER_WORKER_MIN: usize = 2;
-pub const READ_BUFFERS_PER_WORKER_MAX: usize = 64;
-
-/// Default share of RLIMIT_MEMLOCK the read pools may take (3/4), leaving room for the rings
-/// themselves on kernels older than 5.12, which still charge them to the limit.
+/// Default share of RLIMIT_MEMLOCK the registered chunk windows may take (3/4), leaving room
+/// for the rings themselves on kernels older than 5.12, which still charge them to the limit.
 pub const IO_MEMORY_SHARE_OF_MEMLOCK: (u64, u64) = (3, 4);
-/// Cap on the default pool when the limit is large or unlimited.
+/// Cap on the default registered memory when the limit is large or unlimited.
 pub const IO_MEMORY_BYTES_DEFAULT_MAX: u64 = 64 * 1024 * 1024;
 
 /// A pack is sealed once it reaches this size: big enough that a tier holds few files and
@@ -62,9 +56,6 @@ const _: () = assert!(CHUNK_BYTES_MIN < CHUNK_BYTES_AVG && CHUNK_BYTES_AVG < CHU
 const _: () = assert!(EXTENT_BYTES as usize >= 4 * CHUNK_BYTES_MAX);
 const _: () = assert!(EXTENT_BYTES as usize % IO_ALIGNMENT == 0);
 const _: () = assert!(READ_BUFFER_BYTES_DEFAULT % IO_ALIGNMENT == 0);
-const _: () = assert!(
-    READ_BUFFER_BYTES_MIN % IO_ALIGNMENT == 0 && READ_BUFFER_BYTES_MIN <= READ_BUFFER_BYTES_DEFAULT
-);
 const _: () = assert!(PACK_BYTES_TARGET_DEFAULT as usize > 2 * CHUNK_BYTES_MAX);
 // Record lengths are stored as u32.
 const _: () = assert!(CHUNK_BYTES_MAX <= u32::MAX as usize);

@@ -216,7 +216,12 @@ pub struct Job {
     pub chunks_new: u64,
     pub workers: usize,
     pub direct_io: bool,
-    /// User-space bytes copied per byte read (the one copy from read buffer to chunk window).
+    /// Reads landed in chunk windows registered with io_uring (fixed buffers); false when
+    /// the windows did not fit the memlock budget (`engine.io_memory_bytes`).
+    pub registered_reads: bool,
+    /// User-space bytes copied per byte read: reads land in the chunk window, so what is
+    /// counted is each new chunk's copy into the pack's staging buffer (local) or the ship
+    /// batch (cross-site).
     pub memcpy_per_byte: f64,
     pub started: String,
     pub elapsed_s: f64,
@@ -263,6 +268,7 @@ impl Job {
             chunks_new: 0,
             workers: 0,
             direct_io: true,
+            registered_reads: false,
             memcpy_per_byte: 0.0,
             started: rfc3339(now.as_secs() as i64),
             elapsed_s: 0.0,

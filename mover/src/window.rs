@@ -7,17 +7,66 @@
 //! ordinary pageable memory (not locked), so it does not count against RLIMIT_MEMLOCK.
 
 use std::io;
+use std::rc::Rc;
 
-pub struct Window {
+use tokio_uring::buf::{IoBuf, IoBufMut};
+
+/// The double mapping. Shared by the window and the reads in flight into it, so the memory
+/// outlives a read even if the window is dropped before the kernel is done with it.
+struct Mapping {
     base: *mut u8,
     size: usize,
-    /// Absolute byte counters; `tail - head` bytes are held.
-    head: u64,
-    tail: u64,
 }
 
-// The mapping is owned exclusively by the window.
-unsafe impl Send for Window {}
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the reservation made in `Window::new`.
+        unsafe { libc::munmap(self.base as *mut libc::c_void, 2 * self.size) };
+    }
+}
+
+pub struct Window {
+    map: Rc<Mapping>,
+    base: *mut u8,
+    size: usize,
+    /// Absolute byte counters; `tail - head` bytes are held, `reserved - tail` are being read.
+    head: u64,
+    tail: u64,
+    reserved: u64,
+}
+
+/// A piece of the window lent to io_uring: free space after the tail for one read
+/// ([`Window::reserve`]), or one slot of the window to register as a fixed buffer
+/// ([`Window::slots`]). The bytes a read delivers join the window with [`Window::commit`].
+pub struct Span {
+    _map: Rc<Mapping>,
+    ptr: *mut u8,
+    len: usize,
+    initialised: usize,
+}
+
+// SAFETY: the pointer stays valid while the span holds the mapping, and the span's bytes lie
+// past the window's tail, where nothing else reads or writes until the span is committed.
+unsafe impl IoBuf for Span {
+    fn stable_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+    fn bytes_init(&self) -> usize {
+        self.initialised
+    }
+    fn bytes_total(&self) -> usize {
+        self.len
+    }
+}
+
+unsafe impl IoBufMut for Span {
+    fn stable_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr
+    }
+    unsafe fn set_init(&mut self, pos: usize) {
+        self.initialised = self.initialised.max(pos);
+    }
+}
 
 impl Window {
     /// `size` is rounded up to whole pages.
@@ -67,11 +116,14 @@ impl Window {
                 }
             }
             libc::close(fd);
+            let base = reserve as *mut u8;
             Ok(Window {
-                base: reserve as *mut u8,
+                map: Rc::new(Mapping { base, size }),
+                base,
                 size,
                 head: 0,
                 tail: 0,
+                reserved: 0,
             })
         }
     }
@@ -90,22 +142,92 @@ impl Window {
     }
 
     pub fn free(&self) -> usize {
-        self.size - self.len()
+        self.size - (self.reserved - self.head) as usize
     }
 
+    /// Empties the window. The caller has waited for every read into it: one still in flight
+    /// would land in bytes the window hands out again.
     pub fn clear(&mut self) {
         self.head = 0;
         self.tail = 0;
+        self.reserved = 0;
+    }
+
+    /// Lends the next `len` free bytes after the tail (and after earlier reservations) to a
+    /// read. The caller keeps `len <= free()`. The span starts at ring offset
+    /// `reserved % size`, so reads of aligned lengths into a cleared window land at aligned
+    /// addresses.
+    pub fn reserve(&mut self, len: usize) -> Span {
+        let at = self.reserve_at(len);
+        Span {
+            _map: self.map.clone(),
+            // SAFETY: at + len <= 2 * size stays inside the double mapping.
+            ptr: unsafe { self.base.add(at) },
+            len,
+            initialised: 0,
+        }
+    }
+
+    /// Like [`Window::reserve`] for a window registered as [`Window::slots`] of `slot_bytes`:
+    /// returns the index of the slot the read goes to. Reservations must start on a slot
+    /// boundary (every read but an extent's last is a whole slot) and stay within the slot.
+    pub fn reserve_slot(&mut self, len: usize, slot_bytes: usize) -> usize {
+        assert!(len <= slot_bytes);
+        let at = self.reserve_at(len);
+        assert_eq!(at % slot_bytes, 0, "a read starts on a slot boundary");
+        at / slot_bytes
+    }
+
+    fn reserve_at(&mut self, len: usize) -> usize {
+        assert!(len <= self.free(), "window overflow");
+        let at = (self.reserved % self.size as u64) as usize;
+        self.reserved += len as u64;
+        at
+    }
+
+    /// The window cut into `slot_bytes` pieces (in ring order) for registration with io_uring.
+    pub fn slots(&self, slot_bytes: usize) -> Vec<Span> {
+        assert!(slot_bytes > 0 && self.size % slot_bytes == 0);
+        (0..self.size / slot_bytes)
+            .map(|i| Span {
+                _map: self.map.clone(),
+                // SAFETY: the slot lies inside the first half of the mapping.
+                ptr: unsafe { self.base.add(i * slot_bytes) },
+                len: slot_bytes,
+                initialised: 0,
+            })
+            .collect()
+    }
+
+    /// Adds the `n` bytes the oldest uncommitted read delivered to the held bytes. Reads are
+    /// committed in the order they were reserved; one that is not (a read past a short one,
+    /// or after an error) is given up with [`Window::release`].
+    pub fn commit(&mut self, n: usize) {
+        assert!(
+            self.tail + n as u64 <= self.reserved,
+            "commit beyond the reserved bytes"
+        );
+        self.tail += n as u64;
+    }
+
+    /// Gives up every reserved byte after the tail (reads that were dropped, not committed).
+    pub fn release(&mut self) {
+        self.reserved = self.tail;
     }
 
     /// Copies `data` in at the tail. The caller keeps `data.len() <= free()`.
     pub fn append(&mut self, data: &[u8]) {
         assert!(data.len() <= self.free(), "window overflow");
+        assert_eq!(
+            self.reserved, self.tail,
+            "a read into the window is in flight"
+        );
         let at = (self.tail % self.size as u64) as usize;
         // SAFETY: at + len <= 2 * size stays inside the double mapping, and the destination
         // does not overlap held bytes (len <= free).
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.base.add(at), data.len()) };
         self.tail += data.len() as u64;
+        self.reserved = self.tail;
     }
 
     /// The held bytes, contiguous.
@@ -120,13 +242,6 @@ impl Window {
     pub fn consume(&mut self, len: usize) {
         assert!(len <= self.len());
         self.head += len as u64;
-    }
-}
-
-impl Drop for Window {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the reservation made in `new`.
-        unsafe { libc::munmap(self.base as *mut libc::c_void, 2 * self.size) };
     }
 }
 
@@ -171,5 +286,35 @@ mod tests {
             w.consume(take);
             expected.drain(..take);
         }
+    }
+
+    #[test]
+    fn reads_land_after_the_tail_and_join_in_order() {
+        let mut w = Window::new(4 * 4096).unwrap();
+        let size = w.capacity();
+        w.append(&vec![1u8; 4096]);
+        w.consume(4096);
+        // Two reads in flight: the second lies after the first, the window does not grow
+        // until they are committed, and the wrapped one is still one slice.
+        let mut first = w.reserve(2 * 4096);
+        let mut second = w.reserve(2 * 4096);
+        assert_eq!(w.free(), 0);
+        assert!(w.is_empty());
+        // SAFETY: the spans are ours; nothing else touches their bytes until committed.
+        unsafe {
+            std::ptr::write_bytes(first.stable_mut_ptr(), 7, 2 * 4096);
+            std::ptr::write_bytes(second.stable_mut_ptr(), 9, 2 * 4096);
+        }
+        w.commit(2 * 4096);
+        w.commit(4096);
+        assert_eq!(w.len(), 3 * 4096);
+        assert!(w.held()[..2 * 4096].iter().all(|&b| b == 7));
+        assert!(w.held()[2 * 4096..].iter().all(|&b| b == 9));
+        w.release();
+        assert_eq!(w.free(), size - 3 * 4096);
+        let slots = w.slots(4096);
+        assert_eq!(slots.len(), size / 4096);
+        // The tail is at ring offset 0 (4 * 4096 wrapped): the next read is slot 0.
+        assert_eq!(w.reserve_slot(4096, 4096), 0);
     }
 }

@@ -1,11 +1,12 @@
-//! A pinned worker: owns an io_uring, a registered buffer pool, a chunk window and an open
-//! pack. It takes extents from the shared work queue and reports chunk lists and sealed packs.
+//! A pinned worker: owns an io_uring, a chunk window and an open pack. It takes extents from
+//! the shared work queue and reports chunk lists and sealed packs.
 //!
-//! Per extent: up to `buffers_per_worker` direct reads are in flight while the thread chunks,
-//! hashes and compresses what already arrived. Each read lands in a registered buffer and is
-//! copied once into the chunk window (the only user-space copy on the read side), because a
-//! chunk may span reads and FastCDC needs it contiguous; the window is a mirrored ring, so
-//! nothing is moved again.
+//! Per extent: up to `reads_per_worker` direct reads are in flight while the thread chunks,
+//! hashes and compresses what already arrived. Each read lands straight in the chunk window,
+//! after the bytes not yet cut; the window is a mirrored ring, so a chunk that spans reads,
+//! or wraps around the ring, is still one contiguous slice for FastCDC and BLAKE3, and no byte
+//! is copied on the read side. The window's slots are registered with the ring when the
+//! memlock budget allows ([`ReadPlan`]).
 
 use std::collections::{HashSet, VecDeque};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -14,13 +15,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::{Receiver, Sender};
-use tokio_uring::buf::fixed::FixedBufPool;
+use tokio_uring::buf::fixed::FixedBufRegistry;
 use tokio_uring::buf::BoundedBuf;
 
-use crate::buffers::{align_up, is_aligned, AlignedBuf, PoolPlan};
+use crate::buffers::{align_up, is_aligned, ReadPlan};
 use crate::chunker::{cut_is_final, next_chunk_len};
 use crate::compress::Compressor;
-use crate::constants::{CHUNK_BYTES_MAX, IO_ALIGNMENT};
 use crate::error::{Error, Result};
 use crate::format::manifest::ChunkRef;
 use crate::format::pack::RecordHeader;
@@ -30,7 +30,7 @@ use crate::scan::WorkItem;
 use crate::store::index::{Index, SealedPack};
 use crate::store::pack_writer::PackWriter;
 use crate::store::Backend;
-use crate::window::Window;
+use crate::window::{Span, Window};
 
 /// What a worker tells the control thread.
 pub enum Report {
@@ -72,7 +72,7 @@ pub struct JobShared<'a> {
     pub index: &'a Index,
     pub tier: String,
     pub backend: Arc<dyn Backend>,
-    pub plan: PoolPlan,
+    pub plan: ReadPlan,
     pub pack_target_bytes: u64,
     pub cancelled: AtomicBool,
     /// Chunks written by this job and not yet committed to the index, so two workers do not
@@ -140,8 +140,9 @@ pub fn run(
 
 struct Worker<'a> {
     shared: &'a JobShared<'a>,
-    pool: FixedBufPool<AlignedBuf>,
     window: Window,
+    /// The window's slots as fixed buffers, when the plan registers them.
+    registered: Option<FixedBufRegistry<Span>>,
     compressor: Compressor,
     pack: Option<PackWriter>,
     shipper: Option<Shipper>,
@@ -153,27 +154,28 @@ struct Worker<'a> {
 impl<'a> Worker<'a> {
     fn new(shared: &'a JobShared<'a>) -> Result<Worker<'a>> {
         let plan = shared.plan;
-        let pool = FixedBufPool::new(
-            (0..plan.buffers_per_worker).map(|_| AlignedBuf::new(plan.buffer_bytes)),
-        );
-        pool.register().map_err(|e| {
+        let window = Window::new(plan.window_bytes).map_err(|e| {
             Error::Resource(format!(
-                "registering {} read buffers of {} bytes with io_uring failed: {e} (check RLIMIT_MEMLOCK, engine.io_memory_bytes)",
-                plan.buffers_per_worker, plan.buffer_bytes
+                "mapping the {} MiB chunk window failed: {e}",
+                plan.window_bytes >> 20
             ))
         })?;
+        let registered = if plan.registered {
+            let registry = FixedBufRegistry::new(window.slots(plan.read_bytes));
+            registry.register().map_err(|e| {
+                Error::Resource(format!(
+                    "registering the {} MiB chunk window with io_uring failed: {e} (check RLIMIT_MEMLOCK, engine.io_memory_bytes)",
+                    plan.window_bytes >> 20
+                ))
+            })?;
+            Some(registry)
+        } else {
+            None
+        };
         Ok(Worker {
             shared,
-            pool,
-            // Room for a chunk that is not final yet (up to the maximum) plus one read.
-            window: Window::new(CHUNK_BYTES_MAX + plan.buffer_bytes + IO_ALIGNMENT).map_err(
-                |e| {
-                    Error::Resource(format!(
-                        "mapping the {} MiB chunk window failed: {e}",
-                        (CHUNK_BYTES_MAX + plan.buffer_bytes) >> 20
-                    ))
-                },
-            )?,
+            window,
+            registered,
             compressor: Compressor::new(),
             pack: None,
             shipper: None,
@@ -314,7 +316,7 @@ impl<'a> Worker<'a> {
         item: &WorkItem,
         direct: bool,
     ) -> Result<ExtentDone, ExtentError> {
-        let buffer_bytes = self.shared.plan.buffer_bytes as u64;
+        let buffer_bytes = self.shared.plan.read_bytes as u64;
         let end = item.offset + item.len;
         let index = self.shared.index.reader().map_err(ExtentError::Fatal)?;
         let mut in_flight = VecDeque::new();
@@ -328,12 +330,8 @@ impl<'a> Worker<'a> {
             loop {
                 while !at_eof
                     && next_read < end
-                    && in_flight.len() < self.shared.plan.buffers_per_worker
+                    && in_flight.len() < self.shared.plan.reads_per_worker
                 {
-                    let buf = self
-                        .pool
-                        .try_next(buffer_bytes as usize)
-                        .expect("a buffer is free while fewer reads than buffers are in flight");
                     let want = (end - next_read).min(buffer_bytes);
                     // Direct reads must cover whole blocks; the tail past `end` is ignored.
                     let len = if direct {
@@ -343,20 +341,28 @@ impl<'a> Worker<'a> {
                     } as usize;
                     let file = file.clone();
                     let at = next_read;
-                    in_flight.push_back((
-                        at,
-                        want,
-                        tokio_uring::spawn(async move {
-                            file.read_fixed_at(buf.slice(..len), at).await
-                        }),
-                    ));
+                    let read = match &self.registered {
+                        Some(registry) => {
+                            let slot = self.window.reserve_slot(len, buffer_bytes as usize);
+                            let buf = registry
+                                .check_out(slot)
+                                .expect("a slot is free once the window has consumed it");
+                            tokio_uring::spawn(async move {
+                                file.read_fixed_at(buf.slice(..len), at).await.0
+                            })
+                        }
+                        None => {
+                            let span = self.window.reserve(len);
+                            tokio_uring::spawn(async move { file.read_at(span, at).await.0 })
+                        }
+                    };
+                    in_flight.push_back((at, want, read));
                     next_read += want;
                 }
                 let Some((at, want, read)) = in_flight.pop_front() else {
                     break;
                 };
-                let (result, slice) = read.await.expect("read task does not panic");
-                debug_assert_eq!(at, received);
+                let result = read.await.expect("read task does not panic");
                 let n = result.map_err(|e| {
                     if direct && e.raw_os_error() == Some(libc::EINVAL) {
                         ExtentError::DirectRefused
@@ -364,15 +370,17 @@ impl<'a> Worker<'a> {
                         ExtentError::Skip(format!("read at offset {at}: {e}"))
                     }
                 })? as u64;
-                let useful = n.min(want) as usize;
-                self.window.append(&slice.get_ref()[..useful]);
-                drop(slice);
-                self.stats.memcpy_bytes += useful as u64;
-                self.stats.bytes_read += useful as u64;
-                received += useful as u64;
-                if (useful as u64) < want {
-                    // The file shrank under us: take what is there, the change is reported.
-                    at_eof = true;
+                // Past a short read the file has shrunk: nothing after it belongs here.
+                if !at_eof {
+                    debug_assert_eq!(at, received);
+                    let useful = n.min(want) as usize;
+                    self.window.commit(useful);
+                    self.stats.bytes_read += useful as u64;
+                    received += useful as u64;
+                    if (useful as u64) < want {
+                        // The file shrank under us: take what is there, the change is reported.
+                        at_eof = true;
+                    }
                 }
                 let at_end = received >= end || (at_eof && in_flight.is_empty());
                 while !self.window.is_empty() && cut_is_final(self.window.len(), at_end) {
@@ -388,11 +396,12 @@ impl<'a> Worker<'a> {
             Ok(())
         }
         .await;
-        // Reads still in flight after an error hold pool buffers: wait for them, so the next
-        // attempt (or extent) finds every buffer free again.
+        // Reads still in flight after an error write into the window: wait for them, so the
+        // next attempt (or extent) finds the whole window (and every slot) free again.
         for (_, _, read) in in_flight.drain(..) {
             let _ = read.await;
         }
+        self.window.release();
         outcome?;
         debug_assert!(self.window.is_empty());
         Ok(ExtentDone {
@@ -432,8 +441,8 @@ impl<'a> Worker<'a> {
         }
         let (codec, payload) = self.compressor.compress(data);
         if let Some(shipper) = self.shipper.as_mut() {
-            // The destination decides what is new; this copy into the batch is the second
-            // user-space copy of a shipped byte (quinn encrypts from it without another).
+            // The destination decides what is new; this copy into the batch is the one
+            // user-space copy of a shipped byte before quinn's packet assembly.
             self.stats.memcpy_bytes += payload.len() as u64;
             shipper
                 .offer(id.0, codec as u8, len as u32, payload)
@@ -444,6 +453,8 @@ impl<'a> Worker<'a> {
             return Ok(chunk_ref);
         }
         let header = RecordHeader::new(id, codec, len, payload);
+        // Into the pack's staging buffer: a local chunk's one user-space copy.
+        self.stats.memcpy_bytes += payload.len() as u64;
         if self.pack.is_none() {
             self.pack = Some(PackWriter::create(&self.shared.backend, &self.shared.tier)?);
         }
