@@ -3,7 +3,11 @@
 # other tools, on the same data sets, in one run.
 #
 # Sections (SECTIONS, default "lan wan"):
-#   lan  1. iperf3 TCP over loopback, one stream (the kernel's ceiling for a byte stream);
+#   lan  0. fio on DATA_ROOT's disk: direct 1 MiB reads of the incompressible set (QD 6, the
+#           two workers' 3 each) beside direct 1 MiB writes (QD 4), flow-balanced to equal bytes:
+#           the disk's ceiling for a backup whose source and destination share it, as both
+#           sites here do; and the same reads alone;
+#        1. iperf3 TCP over loopback, one stream (the kernel's ceiling for a byte stream);
 #        2. `mover-bench quic`: raw quinn, memory to memory, separate processes, mover's
 #           transport settings: 1 connection x 1 stream, and 2 connections (mover's shape: one
 #           per worker on this 2-core machine);
@@ -73,6 +77,7 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 COMMANDS=()
 CACHE_NOTE=""
 NET_ROWS=()
+DISK_ROWS=()
 MOVER_ROWS=()
 RSYNC_ROWS=()
 WAN_ROWS=()
@@ -307,6 +312,34 @@ local_run() {
 
 # --- other tools --------------------------------------------------------------------------------
 
+# fio on the disk under DATA_ROOT: reads of the set's first file alone, then beside writes.
+fio_run() {
+    local data=$1 rep=$2 file scratch=$DATA_ROOT/fio-scratch out
+    file=$(find "$data" -type f | sort | head -n 1)
+    local common=(--bs=1M --ioengine=io_uring --direct=1 --runtime=8 --time_based --output-format=json)
+    drop_caches
+    out=$RUN_DIR/fio-read-$rep.json
+    record "fio --name=read --filename=$file --rw=read --iodepth=6 ${common[*]}"
+    fio --name=read --filename="$file" --rw=read --iodepth=6 "${common[@]}" >"$out"
+    DISK_ROWS+=("| fio direct reads alone (QD 6) | $rep | $(fio_gbps "$out" read) | - |")
+    drop_caches
+    out=$RUN_DIR/fio-mixed-$rep.json
+    record "fio --name=read --filename=$file --rw=read --iodepth=6 --flow=1 ${common[*]} --name=write --filename=$scratch --size=2G --rw=write --iodepth=4 --flow=1 ${common[*]}"
+    fio --name=read --filename="$file" --rw=read --iodepth=6 --flow=1 "${common[@]}" \
+        --name=write --filename="$scratch" --size=2G --rw=write --iodepth=4 --flow=1 "${common[@]}" >"$out"
+    rm -f "$scratch"
+    DISK_ROWS+=("| fio direct reads (QD 6) beside direct writes (QD 4), equal bytes | $rep | **$(fio_gbps "$out" read)** | $(fio_gbps "$out" write) |")
+}
+
+# GB/s of fio job DIRECTION (read or write) summed over the jobs of a JSON report.
+fio_gbps() {
+    python3 - "$1" "$2" <<'PY'
+import json, sys
+jobs = json.load(open(sys.argv[1]))["jobs"]
+print("%.3f" % (sum(j[sys.argv[2]]["bw_bytes"] for j in jobs) / 1e9))
+PY
+}
+
 iperf_run() {
     local rep=$1 port out
     port=$(free_port)
@@ -526,6 +559,7 @@ need=$((5 * size_bytes + (2 << 30)))
 
 if [[ " $SECTIONS " == *" lan "* ]]; then
     ensure_package iperf3 iperf3
+    ensure_package fio fio
     ensure_package rsync rsync
     ensure_package /usr/sbin/sshd openssh-server
     ensure_package ssh openssh-client
@@ -535,6 +569,10 @@ if [[ " $SECTIONS " == *" lan "* ]]; then
     ensure_set checkpoints "$SIZE" 512MiB
     cp_dir=$SET_DIR
 
+    for rep in $(seq "$REPEAT"); do
+        log "fio on the disk (run $rep)"
+        fio_run "$inc_dir" "$rep"
+    done
     for rep in $(seq "$REPEAT"); do
         log "iperf3 (run $rep)"
         iperf_run "$rep"
@@ -619,6 +657,14 @@ results=$RUN_DIR/results.md
     echo "- nproc $(nproc), $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo), kernel $(uname -r), $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
     echo "- DATA_ROOT $DATA_ROOT on $(df -P "$DATA_ROOT" | awk 'NR == 2 { print $1 }') ($(stat -f -c %T "$DATA_ROOT")); load and busy columns: 1-min load average before the run, whole-machine CPU busy share during it"
     [[ -z $CACHE_NOTE ]] || echo "- note: $CACHE_NOTE"
+    if [[ ${#DISK_ROWS[@]} -gt 0 ]]; then
+        echo
+        echo "## Disk ceiling ($(df -P "$DATA_ROOT" | awk 'NR == 2 { print $1 }'), where both sites' data lives)"
+        echo
+        echo "| what | run | read GB/s | write GB/s |"
+        echo "|---|---:|---:|---:|"
+        printf '%s\n' "${DISK_ROWS[@]}"
+    fi
     if [[ ${#NET_ROWS[@]} -gt 0 ]]; then
         echo
         echo "## Transport ceilings (loopback, memory to memory)"

@@ -143,74 +143,6 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
         Some(_) => Some(control_runtime()?),
         None => None,
     };
-    let parent_info = match &remote {
-        Some(_) => None,
-        None => site
-            .index
-            .snapshots()?
-            .into_iter()
-            .rev()
-            .find(|s| s.source.as_bytes() == source_bytes.as_slice()),
-    };
-    let (remote_parent, held) = match (&remote, &runtime) {
-        (Some(remote), Some(runtime)) => runtime.block_on(async {
-            let mut control = Control::open(&remote.link, &remote.credentials, &job.id).await?;
-            let found = control.get_manifest(true, &source_bytes).await?;
-            Ok::<_, Error>((found, Some(control)))
-        })?,
-        _ => (None, None),
-    };
-    let mut held_control = HeldControl {
-        control: held,
-        runtime: runtime.as_ref(),
-    };
-    let parent = if let Some((id, object)) = remote_parent {
-        match crate::format::manifest::decode(&object, Some(&id)) {
-            Ok(manifest) => Some((id, manifest)),
-            Err(e) => {
-                tracing::warn!(snapshot = %hex(&id), error = %e, "parent snapshot from the peer unreadable; reading every file");
-                None
-            }
-        }
-    } else {
-        match &parent_info {
-            Some(info) => {
-                let id = crate::format::parse_hex32(&info.id).ok_or_else(|| {
-                    Error::corrupt(
-                        format!("catalog row {}", info.id),
-                        "id is not 64 hex digits",
-                    )
-                })?;
-                match site.load_manifest(&id) {
-                    Ok(manifest) => Some((id, manifest)),
-                    Err(e) => {
-                        tracing::warn!(snapshot = %info.id, error = %e, "parent snapshot unreadable; reading every file");
-                        None
-                    }
-                }
-            }
-            None => None,
-        }
-    };
-    let reuse: ReuseMap = parent
-        .as_ref()
-        .map(|(_, m)| m.entries.iter().map(|e| (e.path.as_slice(), e)).collect())
-        .unwrap_or_default();
-
-    let mut scanned = scan::scan(&source, &reuse).map_err(|e| Error::io("scan", &source, e))?;
-    drop(reuse);
-    job.bytes_total = scanned.bytes_total;
-    job.bytes_reused = scanned.bytes_reused;
-    job.files = scanned.files;
-    job.files_reused = scanned.files_reused;
-    job.directories = scanned.directories;
-    job.warnings.append(&mut scanned.warnings);
-    control.total(job.bytes_total);
-    control.done(job.bytes_reused);
-    if let Err(e) = control.check() {
-        return Err(fail_job(site, &mut job, started, e));
-    }
-
     let shared = JobShared {
         index: &site.index,
         tier: tier.clone(),
@@ -228,23 +160,18 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
     } else {
         Vec::new()
     };
-    let work = std::mem::take(&mut scanned.work);
     let mut totals = WorkerStats::default();
     let mut skipped: HashMap<usize, String> = HashMap::new();
     let mut changed: HashMap<usize, String> = HashMap::new();
     let mut fatal: Option<Error> = None;
 
-    std::thread::scope(|scope| {
+    let prepared = std::thread::scope(|scope| {
         let (work_tx, work_rx) = bounded(WORK_QUEUE_DEPTH);
         let (report_tx, report_rx) = bounded(RESULT_QUEUE_DEPTH);
         let shared = &shared;
-        scope.spawn(move || {
-            for item in work {
-                if shared.cancelled.load(Ordering::Relaxed) || work_tx.send(item).is_err() {
-                    break;
-                }
-            }
-        });
+        // Workers start before the parent lookup and the scan: a cross-site worker opens its
+        // connection and stream to the peer meanwhile (two round trips off a WAN job's start),
+        // then waits for the first extent.
         for i in 0..workers {
             let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
             let (work_rx, report_tx) = (work_rx.clone(), report_tx.clone());
@@ -254,6 +181,43 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
                 .expect("spawn worker thread");
         }
         drop((work_rx, report_tx));
+        // A stop before any work is queued closes the queue: the workers finish with nothing
+        // shipped, and the scope waits for them.
+        let stopped = |e: Stop| {
+            shared.cancelled.store(true, Ordering::Relaxed);
+            Err(e)
+        };
+        let mut prepared = match prepare(
+            site,
+            &source,
+            &source_bytes,
+            shared.remote.as_ref(),
+            &runtime,
+            &job.id,
+        ) {
+            Ok(prepared) => prepared,
+            Err(e) => return stopped(Stop::Before(e)),
+        };
+        let scanned = &mut prepared.scanned;
+        job.bytes_total = scanned.bytes_total;
+        job.bytes_reused = scanned.bytes_reused;
+        job.files = scanned.files;
+        job.files_reused = scanned.files_reused;
+        job.directories = scanned.directories;
+        job.warnings.append(&mut scanned.warnings);
+        control.total(job.bytes_total);
+        control.done(job.bytes_reused);
+        if let Err(e) = control.check() {
+            return stopped(Stop::Failed(e));
+        }
+        let work = std::mem::take(&mut scanned.work);
+        scope.spawn(move || {
+            for item in work {
+                if shared.cancelled.load(Ordering::Relaxed) || work_tx.send(item).is_err() {
+                    break;
+                }
+            }
+        });
         for report in report_rx {
             if control.check().is_err() {
                 // Workers stop at their next extent and seal what they hold; sealed packs
@@ -292,7 +256,21 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
                 }
             }
         }
+        Ok(prepared)
     });
+    let Prepared {
+        parent,
+        control: held,
+        scanned,
+    } = match prepared {
+        Ok(prepared) => prepared,
+        Err(Stop::Before(e)) => return Err(e),
+        Err(Stop::Failed(e)) => return Err(fail_job(site, &mut job, started, e)),
+    };
+    let mut held_control = HeldControl {
+        control: held,
+        runtime: runtime.as_ref(),
+    };
 
     job.bytes_read = totals.bytes_read;
     job.bytes_new = totals.bytes_new;
@@ -423,6 +401,97 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
     job.elapsed_s = started.elapsed().as_secs_f64();
     record_job(site, &job);
     Ok(job)
+}
+
+/// Why a job stopped before its workers were given work: an error of the lookup or scan
+/// (returned as it is), or a stop the job records as failed or cancelled.
+enum Stop {
+    Before(Error),
+    Failed(Error),
+}
+
+/// What the control thread learns before the workers get work.
+struct Prepared {
+    /// The parent snapshot (at the destination, for a cross-site job) and its manifest.
+    parent: Option<([u8; 32], Manifest)>,
+    /// A cross-site job's Control connection, kept open for the commit.
+    control: Option<Control>,
+    scanned: scan::ScanResult,
+}
+
+/// Finds the parent snapshot of the same source (at the destination for a cross-site job)
+/// and scans the source against it: its unchanged files are reused without being read.
+fn prepare(
+    site: &Site,
+    source: &Path,
+    source_bytes: &[u8],
+    remote: Option<&RemoteTarget>,
+    runtime: &Option<tokio::runtime::Runtime>,
+    job_id: &str,
+) -> Result<Prepared> {
+    let (remote_parent, control) = match (remote, runtime) {
+        (Some(remote), Some(runtime)) => runtime.block_on(async {
+            let mut control = Control::open(&remote.link, &remote.credentials, job_id).await?;
+            let found = control.get_manifest(true, source_bytes).await?;
+            Ok::<_, Error>((found, Some(control)))
+        })?,
+        _ => (None, None),
+    };
+    // Closed on the control runtime if anything below fails.
+    let mut held = HeldControl {
+        control,
+        runtime: runtime.as_ref(),
+    };
+    let parent = if let Some((id, object)) = remote_parent {
+        match crate::format::manifest::decode(&object, Some(&id)) {
+            Ok(manifest) => Some((id, manifest)),
+            Err(e) => {
+                tracing::warn!(snapshot = %hex(&id), error = %e, "parent snapshot from the peer unreadable; reading every file");
+                None
+            }
+        }
+    } else if remote.is_none() {
+        local_parent(site, source_bytes)?
+    } else {
+        None
+    };
+    let reuse: ReuseMap = parent
+        .as_ref()
+        .map(|(_, m)| m.entries.iter().map(|e| (e.path.as_slice(), e)).collect())
+        .unwrap_or_default();
+    let scanned = scan::scan(source, &reuse).map_err(|e| Error::io("scan", source, e))?;
+    drop(reuse);
+    Ok(Prepared {
+        parent,
+        control: held.control.take(),
+        scanned,
+    })
+}
+
+/// The newest local snapshot of the same source, with its manifest.
+fn local_parent(site: &Site, source_bytes: &[u8]) -> Result<Option<([u8; 32], Manifest)>> {
+    let Some(info) = site
+        .index
+        .snapshots()?
+        .into_iter()
+        .rev()
+        .find(|s| s.source.as_bytes() == source_bytes)
+    else {
+        return Ok(None);
+    };
+    let id = crate::format::parse_hex32(&info.id).ok_or_else(|| {
+        Error::corrupt(
+            format!("catalog row {}", info.id),
+            "id is not 64 hex digits",
+        )
+    })?;
+    match site.load_manifest(&id) {
+        Ok(manifest) => Ok(Some((id, manifest))),
+        Err(e) => {
+            tracing::warn!(snapshot = %info.id, error = %e, "parent snapshot unreadable; reading every file");
+            Ok(None)
+        }
+    }
 }
 
 fn worker_count(site: &Site) -> usize {
