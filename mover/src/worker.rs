@@ -456,7 +456,11 @@ impl<'a> Worker<'a> {
         // Into the pack's staging buffer: a local chunk's one user-space copy.
         self.stats.memcpy_bytes += payload.len() as u64;
         if self.pack.is_none() {
-            self.pack = Some(PackWriter::create(&self.shared.backend, &self.shared.tier)?);
+            self.pack = Some(PackWriter::create(
+                &self.shared.backend,
+                &self.shared.tier,
+                self.shared.pack_target_bytes,
+            )?);
         }
         self.pack
             .as_mut()

@@ -356,7 +356,11 @@ impl PackStore<'_> {
 
     fn open_pack(&mut self) -> Result<&mut PackWriter, Error> {
         if self.pack.is_none() {
-            self.pack = Some(PackWriter::create(&self.backend, self.tier)?);
+            self.pack = Some(PackWriter::create(
+                &self.backend,
+                self.tier,
+                self.site.config.pack_target_bytes(),
+            )?);
         }
         Ok(self.pack.as_mut().expect("created above"))
     }

@@ -7,13 +7,16 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::buffers::AlignedBuf;
+use crate::constants::CHUNK_BYTES_MAX;
 
 use crate::error::{Error, Result};
 
@@ -25,8 +28,9 @@ pub trait Backend: Send + Sync {
     fn read_all(&self, key: &str) -> Result<Vec<u8>>;
     /// Stores `bytes` under `key` atomically and durably: readers see all of it or nothing.
     fn put_durable(&self, key: &str, bytes: &[u8]) -> Result<()>;
-    /// Starts a new object written by appends; fails if `key` exists.
-    fn create_appender(&self, key: &str) -> Result<Box<dyn Appender>>;
+    /// Starts a new object written by appends; fails if `key` exists. `expected_bytes` is
+    /// about how large it will grow (a hint: space may be reserved for it up front).
+    fn create_appender(&self, key: &str, expected_bytes: u64) -> Result<Box<dyn Appender>>;
     fn exists(&self, key: &str) -> Result<bool>;
     fn size(&self, key: &str) -> Result<u64>;
 }
@@ -108,7 +112,7 @@ impl Backend for LocalDir {
         sync_dir(path.parent().expect("has parent"))
     }
 
-    fn create_appender(&self, key: &str) -> Result<Box<dyn Appender>> {
+    fn create_appender(&self, key: &str, expected_bytes: u64) -> Result<Box<dyn Appender>> {
         let path = self.path_of(key);
         self.create_parent(&path)?;
         let file = OpenOptions::new()
@@ -121,7 +125,12 @@ impl Backend for LocalDir {
             .custom_flags(libc::O_DIRECT)
             .open(&path)
         {
-            Ok(direct) => Ok(Box::new(DirectAppender::new(file, direct, path))),
+            Ok(direct) => Ok(Box::new(DirectAppender::new(
+                file,
+                direct,
+                path,
+                expected_bytes,
+            ))),
             // tmpfs and some FUSE file systems refuse O_DIRECT: write through the page cache.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 Ok(Box::new(FileAppender { file, path, len: 0 }))
@@ -180,11 +189,24 @@ impl Appender for FileAppender {
 /// Size of one direct write of a pack: large enough for sequential device throughput.
 const PACK_STAGE_BYTES: usize = 1024 * 1024;
 /// Staging buffers per open pack: one filling, the others being written.
-const PACK_STAGE_BUFFERS: usize = 3;
+const PACK_STAGE_BUFFERS: usize = 8;
+/// Direct writes in flight per open pack (one thread each).
+const PACK_WRITERS: usize = 4;
 
-/// Appends through aligned staging buffers written with O_DIRECT by a writer thread, so the
+/// Appends through aligned staging buffers written with O_DIRECT by writer threads, so the
 /// caller keeps computing while the device writes. Buffered writes of whole packs cost this
 /// VM 2.4 ns of kernel time per byte (4.9 s per 2 GiB) against 0.4 ns direct.
+///
+/// Several writes are in flight at once. A device serves one write at a time poorly when
+/// reads compete for it (this VM's disk, mq-deadline, favours reads: 1 MiB writes one at a
+/// time fell to 20-30 MB/s beside a reader). Appends past the end of a file are serialised by
+/// the file system (ext4 and xfs take the inode lock exclusively and wait for each), so the
+/// file is first given its expected size with fallocate: the writes then land inside it and
+/// run concurrently, and the file is cut to the appended length before the fdatasync. A
+/// cross-site backup from this disk: 0.48-0.51 -> 0.54-0.56 GB/s; four writers without the
+/// preallocation were slower (0.45-0.46) and cost the daemon 1.4 CPU s more in lock waits.
+/// A crash before the seal leaves zeros after the last record, which a record-by-record
+/// read of an unsealed pack stops at, as it stops at any torn record.
 ///
 /// Only whole staging buffers go out direct, at aligned offsets; the unaligned tail (the end of
 /// the last records and the footer) is written through the ordinary descriptor before the
@@ -200,24 +222,40 @@ struct DirectAppender {
     spare: Vec<AlignedBuf>,
     to_writer: Option<Sender<(AlignedBuf, u64)>>,
     from_writer: Receiver<std::io::Result<AlignedBuf>>,
-    writer: Option<std::thread::JoinHandle<()>>,
+    writers: Vec<std::thread::JoinHandle<()>>,
+    /// The file was given its expected size up front; it is cut to `len` when finished.
+    preallocated: bool,
 }
 
 impl DirectAppender {
-    fn new(buffered: File, direct: File, path: PathBuf) -> DirectAppender {
+    fn new(buffered: File, direct: File, path: PathBuf, expected_bytes: u64) -> DirectAppender {
+        // Room for the records past the target that seal the pack, and its footer.
+        let reserve = expected_bytes.saturating_add((CHUNK_BYTES_MAX + PACK_STAGE_BYTES) as u64);
+        // SAFETY: fallocate on a descriptor we own. A file system without it (or a full one)
+        // refuses; the appends then extend the file one at a time, which is still correct.
+        let preallocated = expected_bytes > 0
+            && reserve <= i64::MAX as u64
+            && unsafe { libc::fallocate(direct.as_raw_fd(), 0, 0, reserve as libc::off_t) } == 0;
         let (to_writer, writer_rx) = bounded::<(AlignedBuf, u64)>(PACK_STAGE_BUFFERS);
         let (writer_tx, from_writer) = bounded(PACK_STAGE_BUFFERS);
-        let writer = std::thread::Builder::new()
-            .name("mover-pack-writer".into())
-            .spawn(move || {
-                for (buf, offset) in writer_rx {
-                    let outcome = direct.write_all_at(buf.as_slice(), offset).map(|()| buf);
-                    if writer_tx.send(outcome).is_err() {
-                        break;
-                    }
-                }
+        let direct = Arc::new(direct);
+        let writers = (0..PACK_WRITERS)
+            .map(|_| {
+                let (writer_rx, writer_tx, direct) =
+                    (writer_rx.clone(), writer_tx.clone(), direct.clone());
+                std::thread::Builder::new()
+                    .name("mover-pack-writer".into())
+                    .spawn(move || {
+                        for (buf, offset) in writer_rx {
+                            let outcome = direct.write_all_at(buf.as_slice(), offset).map(|()| buf);
+                            if writer_tx.send(outcome).is_err() {
+                                break;
+                            }
+                        }
+                    })
+                    .expect("spawn pack writer thread")
             })
-            .expect("spawn pack writer thread");
+            .collect();
         DirectAppender {
             buffered,
             path,
@@ -230,7 +268,8 @@ impl DirectAppender {
                 .collect(),
             to_writer: Some(to_writer),
             from_writer,
-            writer: Some(writer),
+            writers,
+            preallocated,
         }
     }
 
@@ -251,7 +290,7 @@ impl DirectAppender {
         Ok(())
     }
 
-    /// Waits for one write to complete and takes its buffer back.
+    /// Waits for one write (any of those in flight) to complete and takes its buffer back.
     fn recycle_one(&mut self) -> Result<AlignedBuf> {
         match self.from_writer.recv() {
             Ok(Ok(buf)) => Ok(buf),
@@ -296,7 +335,7 @@ impl Appender for DirectAppender {
 
     fn finish_durable(mut self: Box<Self>) -> Result<()> {
         drop(self.to_writer.take());
-        if let Some(writer) = self.writer.take() {
+        for writer in self.writers.drain(..) {
             let _ = writer.join();
         }
         while let Ok(outcome) = self.from_writer.try_recv() {
@@ -305,6 +344,13 @@ impl Appender for DirectAppender {
         let tail = &self.stage.as_slice()[..self.stage_len];
         self.buffered
             .write_all_at(tail, self.stage_offset)
+            .and_then(|()| {
+                if self.preallocated {
+                    self.buffered.set_len(self.len)
+                } else {
+                    Ok(())
+                }
+            })
             .and_then(|()| self.buffered.sync_data())
             .map_err(|e| Error::io("fdatasync", &self.path, e))?;
         sync_dir(self.path.parent().expect("has parent"))
@@ -314,8 +360,60 @@ impl Appender for DirectAppender {
 impl Drop for DirectAppender {
     fn drop(&mut self) {
         drop(self.to_writer.take());
-        if let Some(writer) = self.writer.take() {
+        for writer in self.writers.drain(..) {
             let _ = writer.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    #[test]
+    fn appended_object_is_exactly_the_appends() {
+        // Several staging buffers' worth, written by concurrent writers into a preallocated
+        // file, plus an unaligned tail: the object must be the appends, byte for byte, with
+        // nothing of the reservation left after them.
+        let dir = tempfile::tempdir().unwrap();
+        let backend = LocalDir::new(dir.path());
+        let mut appender = backend.create_appender("p/one", 64 << 20).unwrap();
+        let mut expected = Vec::new();
+        for (i, len) in [16, 3 << 20, 123_457, 5 << 20, 1, 2 << 20]
+            .into_iter()
+            .enumerate()
+        {
+            let part = pattern(len, i as u8);
+            let half = len / 2;
+            assert_eq!(
+                appender.append(&[&part[..half], &part[half..]]).unwrap(),
+                expected.len() as u64
+            );
+            expected.extend_from_slice(&part);
+        }
+        assert_eq!(appender.len(), expected.len() as u64);
+        appender.finish_durable().unwrap();
+        assert_eq!(backend.size("p/one").unwrap(), expected.len() as u64);
+        assert!(backend.read_all("p/one").unwrap() == expected);
+    }
+
+    #[test]
+    fn an_object_smaller_than_a_staging_buffer_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = LocalDir::new(dir.path());
+        let mut appender = backend.create_appender("small", 128 << 20).unwrap();
+        appender.append(&[b"header", b"record"]).unwrap();
+        appender.finish_durable().unwrap();
+        assert_eq!(backend.read_all("small").unwrap(), b"headerrecord");
+        assert!(
+            backend.create_appender("small", 0).is_err(),
+            "keys are never reused"
+        );
     }
 }

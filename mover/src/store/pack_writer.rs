@@ -22,7 +22,8 @@ pub struct PackWriter {
 }
 
 impl PackWriter {
-    pub fn create(backend: &Arc<dyn Backend>, tier: &str) -> Result<PackWriter> {
+    /// `target_bytes`: the size at which the caller seals the pack (space is reserved for it).
+    pub fn create(backend: &Arc<dyn Backend>, tier: &str, target_bytes: u64) -> Result<PackWriter> {
         loop {
             let pack_id: u64 = rand::random();
             let key = pack_key(pack_id);
@@ -31,7 +32,7 @@ impl PackWriter {
             if backend.exists(&key)? {
                 continue;
             }
-            let mut appender = backend.create_appender(&key)?;
+            let mut appender = backend.create_appender(&key, target_bytes)?;
             appender.append(&[&pack_header()])?;
             return Ok(PackWriter {
                 pack_id,
