@@ -364,12 +364,7 @@ fn io_memory_beyond_memlock_is_a_named_error() {
     };
     let work = workdir();
     let site = init_site(work.path(), "a");
-    let config = site.join("mover.toml");
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        "[engine]",
-        &format!("[engine]\nio_memory_bytes = {}", limit * 4),
-    );
-    std::fs::write(&config, text).unwrap();
+    set_engine(&site, &format!("io_memory_bytes = {}", limit * 4));
     let data = work.path().join("data");
     write_random(&data.join("f"), 10, 1);
     let output = run(mover()

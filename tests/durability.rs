@@ -24,11 +24,7 @@ fn kill_9_at_random_points_leaves_a_consistent_store() {
     }
     let site = init_site(work.path(), "a");
     // Small packs so that kills land between pack commits as well as inside them.
-    let config = site.join("mover.toml");
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("[engine]", "[engine]\npack_target_bytes = 8388608");
-    std::fs::write(&config, text).unwrap();
+    set_engine(&site, "pack_target_bytes = 8388608");
 
     backup(&site, &data);
 

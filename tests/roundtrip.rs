@@ -231,52 +231,40 @@ fn a_tmpfs_source_falls_back_to_buffered_reads() {
     assert_same_tree(data.path(), &restored);
 }
 
+/// Backs up two files several chunk windows long with `engine` settings and restores them.
+fn window_round_trip(engine: &str) -> serde_json::Value {
+    let work = workdir();
+    let site = init_site(work.path(), "a");
+    set_engine(&site, engine);
+    let data = work.path().join("data");
+    write_random(&data.join("big.bin"), 40_000_000, 21);
+    write_random(&data.join("tail.bin"), 5_000_123, 22);
+    let job = backup(&site, &data);
+    let restored = work.path().join("restored");
+    restore(&site, "latest", &restored);
+    assert_same_tree(&data, &restored);
+    job
+}
+
 #[test]
 fn reads_into_a_registered_window_round_trip() {
-    // One worker's window (4 MiB chunk + 3 x 1 MiB reads) registered as fixed buffers, with
-    // a file several windows long, so reads wrap around the ring many times.
+    // One worker's window (4 MiB chunk + 3 x 1 MiB reads) registered as fixed buffers; the
+    // files are several windows long, so reads wrap around the ring many times.
     let window = 7 * 1024 * 1024;
     if mover::buffers::memlock_limit_bytes().is_some_and(|limit| limit < window) {
         eprintln!("skipped: RLIMIT_MEMLOCK is below one chunk window here");
         return;
     }
-    let work = workdir();
-    let site = init_site(work.path(), "a");
-    let config = site.join("mover.toml");
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        "[engine]",
-        &format!("[engine]\nworkers = 1\nio_memory_bytes = {window}"),
-    );
-    std::fs::write(&config, text).unwrap();
-    let data = work.path().join("data");
-    write_random(&data.join("big.bin"), 40_000_000, 21);
-    write_random(&data.join("tail.bin"), 5_000_123, 22);
-    let job = backup(&site, &data);
+    let job = window_round_trip(&format!("workers = 1\nio_memory_bytes = {window}"));
     assert_eq!(job["registered_reads"], true, "{job}");
     assert_eq!(job["direct_io"], true, "{job}");
     assert_eq!(job["memcpy_per_byte"], 1.0, "{job}");
-    let restored = work.path().join("restored");
-    restore(&site, "latest", &restored);
-    assert_same_tree(&data, &restored);
 }
 
 #[test]
 fn reads_into_an_unregistered_window_round_trip() {
-    let work = workdir();
-    let site = init_site(work.path(), "a");
-    let config = site.join("mover.toml");
     // Ten workers' windows (70 MiB) exceed the default budget on any machine (3/4 of
     // RLIMIT_MEMLOCK, at most 64 MiB), so they read into unregistered windows.
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("[engine]", "[engine]\nworkers = 10\npin_workers = false");
-    std::fs::write(&config, text).unwrap();
-    let data = work.path().join("data");
-    write_random(&data.join("a.bin"), 30_000_000, 23);
-    write_random(&data.join("b.bin"), 3_000_000, 24);
-    let job = backup(&site, &data);
+    let job = window_round_trip("workers = 10\npin_workers = false");
     assert_eq!(job["registered_reads"], false, "{job}");
-    let restored = work.path().join("restored");
-    restore(&site, "latest", &restored);
-    assert_same_tree(&data, &restored);
 }

@@ -47,6 +47,17 @@ pub fn init_site(dir: &Path, name: &str) -> PathBuf {
     site
 }
 
+/// Adds `lines` (TOML `key = value` lines) at the top of the site's `[engine]` section.
+pub fn set_engine(site: &Path, lines: &str) {
+    let config = site.join("mover.toml");
+    let text = std::fs::read_to_string(&config).unwrap().replacen(
+        "[engine]",
+        &format!("[engine]\n{lines}"),
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+}
+
 pub fn backup(site: &Path, path: &Path) -> Value {
     let job = run_json(mover().arg("backup").arg(path).arg("--site-dir").arg(site));
     assert_eq!(job["state"], "done", "{job}");
