@@ -207,16 +207,38 @@ fn quickstart_runs_and_reports() {
     assert!(report["backup_gb_per_s"].as_f64().unwrap() > 0.0);
 }
 
+fn tmpfs_at(path: &str) -> bool {
+    std::process::Command::new("findmnt")
+        .args(["-n", "-o", "FSTYPE", "-T", path])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "tmpfs")
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_tmpfs_target_falls_back_to_buffered_writes() {
+    // tmpfs refuses O_DIRECT: a large file is then restored with ordinary writes, exactly.
+    if !tmpfs_at("/dev/shm") {
+        eprintln!("skipped: /dev/shm is not a tmpfs here");
+        return;
+    }
+    let work = workdir();
+    let data = work.path().join("data");
+    write_random(&data.join("large.bin"), 9_000_001, 12);
+    let site = init_site(work.path(), "a");
+    backup(&site, &data);
+    let target = tempfile::tempdir_in("/dev/shm").unwrap();
+    let restored = target.path().join("restored");
+    let job = restore(&site, "latest", &restored);
+    assert_eq!(job["direct_io"], false, "{job}");
+    assert_same_tree(&data, &restored);
+}
+
 #[test]
 fn a_tmpfs_source_falls_back_to_buffered_reads() {
     // tmpfs refuses O_DIRECT: the backup must still work, and say it read buffered.
     let shm = Path::new("/dev/shm");
-    let is_tmpfs = std::process::Command::new("findmnt")
-        .args(["-n", "-o", "FSTYPE", "-T", "/dev/shm"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "tmpfs")
-        .unwrap_or(false);
-    if !is_tmpfs {
+    if !tmpfs_at("/dev/shm") {
         eprintln!("skipped: /dev/shm is not a tmpfs here");
         return;
     }
@@ -241,7 +263,9 @@ fn window_round_trip(engine: &str) -> serde_json::Value {
     write_random(&data.join("tail.bin"), 5_000_123, 22);
     let job = backup(&site, &data);
     let restored = work.path().join("restored");
-    restore(&site, "latest", &restored);
+    let restore_job = restore(&site, "latest", &restored);
+    // Files of 8 MiB and more are restored with O_DIRECT (the target is on the same disk).
+    assert_eq!(restore_job["direct_io"], job["direct_io"], "{restore_job}");
     assert_same_tree(&data, &restored);
     job
 }

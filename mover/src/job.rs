@@ -215,6 +215,7 @@ pub struct Job {
     pub chunks_total: u64,
     pub chunks_new: u64,
     pub workers: usize,
+    /// Backup: every file was read with O_DIRECT. Restore: large files were written with it.
     pub direct_io: bool,
     /// Reads landed in chunk windows registered with io_uring (fixed buffers); false when
     /// the windows did not fit the memlock budget (`engine.io_memory_bytes`).

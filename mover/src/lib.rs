@@ -28,6 +28,7 @@ pub mod quickstart;
 pub mod remote;
 pub mod replicate;
 pub mod restore;
+pub mod restore_sink;
 pub mod sample;
 pub mod scan;
 pub mod site;

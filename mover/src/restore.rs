@@ -7,9 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, OsStr};
-use std::fs::OpenOptions;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -20,6 +18,7 @@ use crate::format::ChunkId;
 use crate::job::{Job, JobControl, JobKind, JobState, Progress};
 use crate::peers::Link;
 use crate::remote::client::{Control, RemoteChunks};
+use crate::restore_sink::FileSink;
 use crate::site::Site;
 use crate::store::pack_reader::ChunkReader;
 
@@ -145,6 +144,7 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
         directories: HashSet::new(),
         restored_files: HashMap::new(),
         chunk: Vec::new(),
+        direct: true,
         is_root: unsafe { libc::geteuid() } == 0,
         // Skipping a finished file must not skip its chunks in a peer's ordered stream.
         resume: options.resume,
@@ -360,6 +360,8 @@ struct Restorer<'a> {
     /// Restored regular files, for hardlinks to them.
     restored_files: HashMap<Vec<u8>, PathBuf>,
     chunk: Vec<u8>,
+    /// Large files may be written with O_DIRECT (cleared if the target refuses it).
+    direct: bool,
     is_root: bool,
     resume: bool,
     skip_finished: bool,
@@ -467,16 +469,11 @@ impl Restorer<'_> {
         let EntryKind::File { size, extents } = &entry.kind else {
             unreachable!("write_file is called for file entries");
         };
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)
-            .map_err(|e| Error::io("create", path, e))?;
         // Setting the length first leaves every byte no extent covers as a hole.
-        file.set_len(*size)
-            .map_err(|e| Error::io("truncate", path, e))?;
+        let mut sink = FileSink::create(path, *size, extents, &mut self.direct)?;
+        self.job.direct_io |= sink.is_direct();
         for extent in extents {
+            sink.start_extent(extent.offset, extent.len())?;
             let mut at = extent.offset;
             for chunk in &extent.chunks {
                 let damaged = |detail: String| {
@@ -493,15 +490,14 @@ impl Restorer<'_> {
                         chunk.len
                     )));
                 }
-                file.write_all_at(&self.chunk, at)
-                    .map_err(|e| Error::io("write", path, e))?;
+                sink.write(at, &self.chunk)?;
                 at += chunk.len as u64;
                 self.job.bytes_done += chunk.len as u64;
                 self.job.bytes_read += chunk.len as u64;
                 self.control.done(chunk.len as u64);
             }
         }
-        drop(file);
+        sink.finish()?;
         self.set_metadata(entry, path, false)?;
         self.job.files += 1;
         Ok(())

@@ -7,17 +7,12 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use crossbeam_channel::{bounded, Receiver, Sender};
-
-use crate::buffers::AlignedBuf;
+use super::direct::{DirectWriter, STAGE_BYTES};
 use crate::constants::CHUNK_BYTES_MAX;
-
 use crate::error::{Error, Result};
 
 pub trait Backend: Send + Sync {
@@ -186,183 +181,48 @@ impl Appender for FileAppender {
     }
 }
 
-/// Size of one direct write of a pack: large enough for sequential device throughput.
-const PACK_STAGE_BYTES: usize = 1024 * 1024;
-/// Staging buffers per open pack: one filling, the others being written.
-const PACK_STAGE_BUFFERS: usize = 8;
-/// Direct writes in flight per open pack (one thread each).
-const PACK_WRITERS: usize = 4;
-
-/// Appends through aligned staging buffers written with O_DIRECT by writer threads, so the
-/// caller keeps computing while the device writes. Buffered writes of whole packs cost this
-/// VM 2.4 ns of kernel time per byte (4.9 s per 2 GiB) against 0.4 ns direct.
-///
-/// Several writes are in flight at once. A device serves one write at a time poorly when
-/// reads compete for it (this VM's disk, mq-deadline, favours reads: 1 MiB writes one at a
-/// time fell to 20-30 MB/s beside a reader). Appends past the end of a file are serialised by
-/// the file system (ext4 and xfs take the inode lock exclusively and wait for each), so the
-/// file is first given its expected size with fallocate: the writes then land inside it and
-/// run concurrently, and the file is cut to the appended length before the fdatasync. A
-/// cross-site backup from this disk: 0.48-0.51 -> 0.54-0.56 GB/s; four writers without the
-/// preallocation were slower (0.45-0.46) and cost the daemon 1.4 CPU s more in lock waits.
-/// A crash before the seal leaves zeros after the last record, which a record-by-record
-/// read of an unsealed pack stops at, as it stops at any torn record.
-///
-/// Only whole staging buffers go out direct, at aligned offsets; the unaligned tail (the end of
-/// the last records and the footer) is written through the ordinary descriptor before the
-/// final fdatasync, so the file is exactly the appended bytes, with no padding.
+/// A pack written with O_DIRECT ([`DirectWriter`]). The file is first given its expected size
+/// (so the concurrent direct writes land inside it) and cut to the appended length before the
+/// fdatasync. A crash before the seal leaves zeros after the last record, which a
+/// record-by-record read of an unsealed pack stops at, as it stops at any torn record.
 struct DirectAppender {
-    buffered: File,
-    path: PathBuf,
-    len: u64,
-    /// File offset where the current staging buffer starts (a multiple of PACK_STAGE_BYTES).
-    stage_offset: u64,
-    stage: AlignedBuf,
-    stage_len: usize,
-    spare: Vec<AlignedBuf>,
-    to_writer: Option<Sender<(AlignedBuf, u64)>>,
-    from_writer: Receiver<std::io::Result<AlignedBuf>>,
-    writers: Vec<std::thread::JoinHandle<()>>,
-    /// The file was given its expected size up front; it is cut to `len` when finished.
+    writer: DirectWriter,
     preallocated: bool,
 }
 
 impl DirectAppender {
     fn new(buffered: File, direct: File, path: PathBuf, expected_bytes: u64) -> DirectAppender {
+        let writer = DirectWriter::new(buffered, direct, path);
         // Room for the records past the target that seal the pack, and its footer.
-        let reserve = expected_bytes.saturating_add((CHUNK_BYTES_MAX + PACK_STAGE_BYTES) as u64);
-        // SAFETY: fallocate on a descriptor we own. A file system without it (or a full one)
-        // refuses; the appends then extend the file one at a time, which is still correct.
-        let preallocated = expected_bytes > 0
-            && reserve <= i64::MAX as u64
-            && unsafe { libc::fallocate(direct.as_raw_fd(), 0, 0, reserve as libc::off_t) } == 0;
-        let (to_writer, writer_rx) = bounded::<(AlignedBuf, u64)>(PACK_STAGE_BUFFERS);
-        let (writer_tx, from_writer) = bounded(PACK_STAGE_BUFFERS);
-        let direct = Arc::new(direct);
-        let writers = (0..PACK_WRITERS)
-            .map(|_| {
-                let (writer_rx, writer_tx, direct) =
-                    (writer_rx.clone(), writer_tx.clone(), direct.clone());
-                std::thread::Builder::new()
-                    .name("mover-pack-writer".into())
-                    .spawn(move || {
-                        for (buf, offset) in writer_rx {
-                            let outcome = direct.write_all_at(buf.as_slice(), offset).map(|()| buf);
-                            if writer_tx.send(outcome).is_err() {
-                                break;
-                            }
-                        }
-                    })
-                    .expect("spawn pack writer thread")
-            })
-            .collect();
+        let reserve = expected_bytes.saturating_add((CHUNK_BYTES_MAX + STAGE_BYTES) as u64);
+        let preallocated = expected_bytes > 0 && writer.reserve(0, reserve);
         DirectAppender {
-            buffered,
-            path,
-            len: 0,
-            stage_offset: 0,
-            stage: AlignedBuf::new(PACK_STAGE_BYTES),
-            stage_len: 0,
-            spare: (1..PACK_STAGE_BUFFERS)
-                .map(|_| AlignedBuf::new(PACK_STAGE_BYTES))
-                .collect(),
-            to_writer: Some(to_writer),
-            from_writer,
-            writers,
+            writer,
             preallocated,
         }
-    }
-
-    fn ship_stage(&mut self) -> Result<()> {
-        debug_assert_eq!(self.stage_len, PACK_STAGE_BYTES);
-        let next = match self.spare.pop() {
-            Some(buf) => buf,
-            None => self.recycle_one()?,
-        };
-        let full = std::mem::replace(&mut self.stage, next);
-        self.to_writer
-            .as_ref()
-            .expect("writer open until finish")
-            .send((full, self.stage_offset))
-            .map_err(|_| self.writer_gone())?;
-        self.stage_offset += PACK_STAGE_BYTES as u64;
-        self.stage_len = 0;
-        Ok(())
-    }
-
-    /// Waits for one write (any of those in flight) to complete and takes its buffer back.
-    fn recycle_one(&mut self) -> Result<AlignedBuf> {
-        match self.from_writer.recv() {
-            Ok(Ok(buf)) => Ok(buf),
-            Ok(Err(e)) => Err(Error::io("write", &self.path, e)),
-            Err(_) => Err(self.writer_gone()),
-        }
-    }
-
-    fn writer_gone(&self) -> Error {
-        Error::io(
-            "write",
-            &self.path,
-            std::io::Error::other("pack writer thread stopped"),
-        )
     }
 }
 
 impl Appender for DirectAppender {
     fn append(&mut self, parts: &[&[u8]]) -> Result<u64> {
-        let offset = self.len;
-        for part in parts {
-            let mut rest = *part;
-            while !rest.is_empty() {
-                let take = rest.len().min(PACK_STAGE_BYTES - self.stage_len);
-                self.stage.as_mut_slice()[self.stage_len..self.stage_len + take]
-                    .copy_from_slice(&rest[..take]);
-                self.stage_len += take;
-                rest = &rest[take..];
-                if self.stage_len == PACK_STAGE_BYTES {
-                    self.ship_stage()?;
-                }
-            }
-            self.len += part.len() as u64;
-        }
-        debug_assert_eq!(self.stage_offset + self.stage_len as u64, self.len);
-        Ok(offset)
+        self.writer.append(parts)
     }
 
     fn len(&self) -> u64 {
-        self.len
+        self.writer.len()
     }
 
-    fn finish_durable(mut self: Box<Self>) -> Result<()> {
-        drop(self.to_writer.take());
-        for writer in self.writers.drain(..) {
-            let _ = writer.join();
+    fn finish_durable(self: Box<Self>) -> Result<()> {
+        let len = self.writer.len();
+        let path = self.writer.path().to_path_buf();
+        let file = self.writer.finish()?;
+        if self.preallocated {
+            file.set_len(len)
+                .map_err(|e| Error::io("truncate", &path, e))?;
         }
-        while let Ok(outcome) = self.from_writer.try_recv() {
-            outcome.map_err(|e| Error::io("write", &self.path, e))?;
-        }
-        let tail = &self.stage.as_slice()[..self.stage_len];
-        self.buffered
-            .write_all_at(tail, self.stage_offset)
-            .and_then(|()| {
-                if self.preallocated {
-                    self.buffered.set_len(self.len)
-                } else {
-                    Ok(())
-                }
-            })
-            .and_then(|()| self.buffered.sync_data())
-            .map_err(|e| Error::io("fdatasync", &self.path, e))?;
-        sync_dir(self.path.parent().expect("has parent"))
-    }
-}
-
-impl Drop for DirectAppender {
-    fn drop(&mut self) {
-        drop(self.to_writer.take());
-        for writer in self.writers.drain(..) {
-            let _ = writer.join();
-        }
+        file.sync_data()
+            .map_err(|e| Error::io("fdatasync", &path, e))?;
+        sync_dir(path.parent().expect("has parent"))
     }
 }
 

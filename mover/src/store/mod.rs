@@ -2,6 +2,7 @@
 //! the index that ties chunk ids to records.
 
 pub mod backend;
+pub mod direct;
 pub mod index;
 pub mod pack_reader;
 pub mod pack_writer;
