@@ -260,16 +260,12 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
     });
     let Prepared {
         parent,
-        control: held,
+        control: mut held_control,
         scanned,
     } = match prepared {
         Ok(prepared) => prepared,
         Err(Stop::Before(e)) => return Err(e),
         Err(Stop::Failed(e)) => return Err(fail_job(site, &mut job, started, e)),
-    };
-    let mut held_control = HeldControl {
-        control: held,
-        runtime: runtime.as_ref(),
     };
 
     job.bytes_read = totals.bytes_read;
@@ -277,7 +273,7 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
     job.chunks_total = totals.chunks_total;
     job.chunks_new = totals.chunks_new;
     job.direct_io = totals.buffered_files == 0;
-    job.registered_reads = plan.registered;
+    job.registered_reads = totals.registered_workers == workers as u64;
     if shared.remote.is_some() {
         let ship = &totals.ship;
         job.chunks_new = ship.chunks_sent;
@@ -411,24 +407,25 @@ enum Stop {
 }
 
 /// What the control thread learns before the workers get work.
-struct Prepared {
+struct Prepared<'a> {
     /// The parent snapshot (at the destination, for a cross-site job) and its manifest.
     parent: Option<([u8; 32], Manifest)>,
-    /// A cross-site job's Control connection, kept open for the commit.
-    control: Option<Control>,
+    /// A cross-site job's Control connection, kept open for the commit (closed on the
+    /// control runtime if the job stops first).
+    control: HeldControl<'a>,
     scanned: scan::ScanResult,
 }
 
 /// Finds the parent snapshot of the same source (at the destination for a cross-site job)
 /// and scans the source against it: its unchanged files are reused without being read.
-fn prepare(
+fn prepare<'a>(
     site: &Site,
     source: &Path,
     source_bytes: &[u8],
     remote: Option<&RemoteTarget>,
-    runtime: &Option<tokio::runtime::Runtime>,
+    runtime: &'a Option<tokio::runtime::Runtime>,
     job_id: &str,
-) -> Result<Prepared> {
+) -> Result<Prepared<'a>> {
     let (remote_parent, control) = match (remote, runtime) {
         (Some(remote), Some(runtime)) => runtime.block_on(async {
             let mut control = Control::open(&remote.link, &remote.credentials, job_id).await?;
@@ -438,7 +435,7 @@ fn prepare(
         _ => (None, None),
     };
     // Closed on the control runtime if anything below fails.
-    let mut held = HeldControl {
+    let held = HeldControl {
         control,
         runtime: runtime.as_ref(),
     };
@@ -463,7 +460,7 @@ fn prepare(
     drop(reuse);
     Ok(Prepared {
         parent,
-        control: held.control.take(),
+        control: held,
         scanned,
     })
 }
@@ -510,6 +507,7 @@ fn add_stats(total: &mut WorkerStats, s: &WorkerStats) {
     total.chunks_total += s.chunks_total;
     total.chunks_new += s.chunks_new;
     total.memcpy_bytes += s.memcpy_bytes;
+    total.registered_workers += s.registered_workers;
     total.buffered_files += s.buffered_files;
     let (t, w) = (&mut total.ship, &s.ship);
     t.chunks_sent += w.chunks_sent;

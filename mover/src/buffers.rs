@@ -4,10 +4,12 @@
 //! registered ("fixed") buffers when the memlock budget holds every worker's window: they are
 //! pinned by the kernel and charged to RLIMIT_MEMLOCK. A window is at least the largest chunk
 //! plus the reads in flight (7 MiB with the defaults), so the default budget (3/4 of an
-//! 8 MiB limit) registers one worker's window but not two; the others read into ordinary
-//! pageable windows, which costs the kernel a page pin per read (~1% of a core at 0.5 GB/s)
-//! instead of the copy a small registered pool would need. A configured budget that does not
-//! fit fails with a named error up front instead of a bare ENOMEM at registration.
+//! 8 MiB limit, 6 MiB) registers none; the windows are then ordinary pageable memory and the
+//! kernel pins the pages per read (~1% of a core at 0.5 GB/s) instead of the copy a small
+//! registered pool would need. A configured budget that does not fit fails with a named
+//! error up front instead of a bare ENOMEM at registration; with the default budget a
+//! registration the kernel refuses (older kernels refuse memfd-backed fixed buffers) falls
+//! back to unregistered reads with a warning.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 
@@ -122,6 +124,8 @@ pub struct ReadPlan {
     pub window_bytes: usize,
     /// Register the windows as io_uring fixed buffers (they fit the budget).
     pub registered: bool,
+    /// The budget was configured: registering is required, not attempted.
+    pub required: bool,
 }
 
 impl ReadPlan {
@@ -147,9 +151,18 @@ impl ReadPlan {
             read_bytes,
             window_bytes,
             registered: false,
+            required: configured_bytes > 0,
         };
         let needed = plan.total_bytes(workers);
+        let slots = window_bytes / read_bytes;
         if configured_bytes > 0 {
+            if slots > REGISTERED_SLOTS_MAX {
+                return Err(Error::Resource(format!(
+                    "engine.io_memory_bytes is set, but a chunk window of {slots} reads of {read_bytes} bytes \
+                     cannot be registered (at most {REGISTERED_SLOTS_MAX} buffers per ring): \
+                     raise engine.read_buffer_bytes or set engine.io_memory_bytes = 0"
+                )));
+            }
             if needed > configured_bytes {
                 return Err(Error::Resource(format!(
                     "engine.io_memory_bytes = {configured_bytes}: {workers} workers' chunk windows need {needed} bytes \
@@ -172,11 +185,15 @@ impl ReadPlan {
                 .map(|limit| limit / denominator * numerator)
                 .unwrap_or(u64::MAX)
                 .min(IO_MEMORY_BYTES_DEFAULT_MAX);
-            plan.registered = needed <= budget;
+            plan.registered = needed <= budget && slots <= REGISTERED_SLOTS_MAX;
         }
         Ok(plan)
     }
 }
+
+/// tokio-uring registers at most this many buffers per ring (UIO_MAXIOV); a window is
+/// registered as one buffer per read slot.
+pub const REGISTERED_SLOTS_MAX: usize = 1024;
 
 pub fn align_up(value: u64) -> u64 {
     let a = IO_ALIGNMENT as u64;
@@ -203,6 +220,7 @@ mod tests {
                 read_bytes: 1 << 20,
                 window_bytes: (4 + READS_PER_WORKER) << 20,
                 registered: true,
+                required: false,
             }
         );
         let two = ReadPlan::new(2, None, 0, Some(16 * MIB)).unwrap();
@@ -224,6 +242,17 @@ mod tests {
             assert_eq!(plan.window_bytes % read, 0, "{plan:?}");
             assert!(plan.window_bytes >= CHUNK_BYTES_MAX + plan.reads_per_worker * read);
         }
+    }
+
+    #[test]
+    fn windows_of_more_slots_than_a_ring_registers_are_not_registered() {
+        // 4 KiB reads: 1027 slots per window.
+        let plan = ReadPlan::new(1, Some(4096), 0, None).unwrap();
+        assert!(!plan.registered, "{plan:?}");
+        let err = ReadPlan::new(1, Some(4096), 64 * MIB, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("read_buffer_bytes"), "{err}");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use crate::buffers::is_aligned;
 use crate::error::{Error, Result};
 use crate::format::manifest::Extent;
-use crate::store::direct::{DirectWriter, STAGE_BYTES};
+use crate::store::direct::{reopen_direct, DirectWriter, STAGE_BYTES};
 
 /// Files below this are written buffered: a direct writer's threads and staging buffers
 /// would cost more than the kernel's copy of a few MiB.
@@ -38,11 +38,7 @@ impl FileSink {
         file.set_len(size)
             .map_err(|e| Error::io("truncate", path, e))?;
         if *direct && size >= DIRECT_RESTORE_MIN_BYTES && direct_layout(extents) {
-            match OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_DIRECT | libc::O_NOFOLLOW)
-                .open(path)
-            {
+            match reopen_direct(&file) {
                 Ok(direct_file) => {
                     return Ok(FileSink::Direct(DirectWriter::new(
                         file,
@@ -50,11 +46,12 @@ impl FileSink {
                         path.to_path_buf(),
                     )))
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    tracing::info!(path = %path.display(), "O_DIRECT refused by this file system; restoring with buffered writes");
+                // tmpfs and some FUSE file systems refuse O_DIRECT (and without /proc there
+                // is no second descriptor): the rest of the restore writes buffered.
+                Err(e) => {
+                    tracing::info!(path = %path.display(), error = %e, "no O_DIRECT here; restoring with buffered writes");
                     *direct = false;
                 }
-                Err(e) => return Err(Error::io("open", path, e)),
             }
         }
         Ok(FileSink::Buffered {

@@ -1,10 +1,12 @@
 //! The chunk window: a ring buffer mapped twice back to back ("magic ring buffer"), so any
 //! span of up to its size starting anywhere in the ring is one contiguous slice.
 //!
-//! Reads are appended at the tail and chunks are cut from the head. A chunk that wraps around
-//! the end of the ring is still contiguous through the second mapping, so no byte is ever moved
-//! after its one copy in from the read buffer. The memory is a memfd mapped shared twice; it is
-//! ordinary pageable memory (not locked), so it does not count against RLIMIT_MEMLOCK.
+//! Reads land at the tail (io_uring writes into lent spans, [`Window::reserve`]) and chunks
+//! are cut from the head. A chunk that wraps around the end of the ring is still contiguous
+//! through the second mapping, so no byte is moved or copied on the read side. The memory is
+//! a memfd mapped shared twice: ordinary pageable memory, unless the worker registers the
+//! window's slots ([`Window::slots`]) as io_uring fixed buffers, which pins them and charges
+//! them to RLIMIT_MEMLOCK.
 
 use std::io;
 use std::rc::Rc;
@@ -45,8 +47,10 @@ pub struct Span {
     initialised: usize,
 }
 
-// SAFETY: the pointer stays valid while the span holds the mapping, and the span's bytes lie
-// past the window's tail, where nothing else reads or writes until the span is committed.
+// SAFETY: the pointer stays valid while the span holds the mapping. A span from `reserve`
+// lies past the window's tail, where nothing else reads or writes until it is committed. A
+// slot from `slots` covers any part of the ring; the kernel writes into it only through a
+// read the worker issued with `reserve_slot`, which puts that read past the tail the same way.
 unsafe impl IoBuf for Span {
     fn stable_ptr(&self) -> *const u8 {
         self.ptr

@@ -63,6 +63,8 @@ pub struct WorkerStats {
     pub chunks_new: u64,
     pub memcpy_bytes: u64,
     pub buffered_files: u64,
+    /// Workers (1 for one worker's stats) whose reads went to a registered window.
+    pub registered_workers: u64,
     /// Cross-site jobs: what the worker's connection shipped.
     pub ship: crate::remote::ship::ShipStats,
 }
@@ -141,7 +143,8 @@ pub fn run(
 struct Worker<'a> {
     shared: &'a JobShared<'a>,
     window: Window,
-    /// The window's slots as fixed buffers, when the plan registers them.
+    /// The window's slots as fixed buffers, when the plan registers them and the kernel
+    /// accepted them.
     registered: Option<FixedBufRegistry<Span>>,
     compressor: Compressor,
     pack: Option<PackWriter>,
@@ -161,16 +164,20 @@ impl<'a> Worker<'a> {
             ))
         })?;
         let registered = if plan.registered {
-            let registry = FixedBufRegistry::new(window.slots(plan.read_bytes));
-            registry.register().map_err(|e| {
-                Error::Resource(format!(
-                    "registering the {} MiB chunk window with io_uring failed: {e} (check RLIMIT_MEMLOCK, engine.io_memory_bytes)",
-                    plan.window_bytes >> 20
-                ))
-            })?;
-            Some(registry)
+            match register(&window, &plan) {
+                Ok(registry) => Some(registry),
+                Err(e) if plan.required => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading into an unregistered chunk window");
+                    None
+                }
+            }
         } else {
             None
+        };
+        let stats = WorkerStats {
+            registered_workers: registered.is_some() as u64,
+            ..WorkerStats::default()
         };
         Ok(Worker {
             shared,
@@ -180,7 +187,7 @@ impl<'a> Worker<'a> {
             pack: None,
             shipper: None,
             sent_reported: 0,
-            stats: WorkerStats::default(),
+            stats,
         })
     }
 
@@ -344,9 +351,12 @@ impl<'a> Worker<'a> {
                     let read = match &self.registered {
                         Some(registry) => {
                             let slot = self.window.reserve_slot(len, buffer_bytes as usize);
-                            let buf = registry
-                                .check_out(slot)
-                                .expect("a slot is free once the window has consumed it");
+                            // A slot is free once the window has consumed its bytes.
+                            let buf = registry.check_out(slot).ok_or_else(|| {
+                                ExtentError::Fatal(Error::Resource(format!(
+                                    "chunk window slot {slot} is not available for a read"
+                                )))
+                            })?;
                             tokio_uring::spawn(async move {
                                 file.read_fixed_at(buf.slice(..len), at).await.0
                             })
@@ -480,6 +490,27 @@ enum ExtentError {
     DirectRefused,
     /// The destination failed; the job stops.
     Fatal(Error),
+}
+
+/// Registers the window's read slots with this thread's ring.
+fn register(window: &Window, plan: &ReadPlan) -> Result<FixedBufRegistry<Span>> {
+    let failed = |why: String| {
+        Error::Resource(format!(
+            "registering the {} MiB chunk window with io_uring failed: {why} (check RLIMIT_MEMLOCK, engine.io_memory_bytes)",
+            plan.window_bytes >> 20
+        ))
+    };
+    // Pages larger than 4 KiB can round the window past a whole number of slots.
+    if window.capacity() % plan.read_bytes != 0 {
+        return Err(failed(format!(
+            "{} bytes is not a whole number of {}-byte reads",
+            window.capacity(),
+            plan.read_bytes
+        )));
+    }
+    let registry = FixedBufRegistry::new(window.slots(plan.read_bytes));
+    registry.register().map_err(|e| failed(e.to_string()))?;
+    Ok(registry)
 }
 
 fn open(path: &std::path::Path, direct: bool) -> std::io::Result<std::fs::File> {

@@ -8,10 +8,9 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use super::direct::{DirectWriter, STAGE_BYTES};
+use super::direct::{reopen_direct, DirectWriter, STAGE_BYTES};
 use crate::constants::CHUNK_BYTES_MAX;
 use crate::error::{Error, Result};
 
@@ -118,22 +117,21 @@ impl Backend for LocalDir {
             .create_new(true)
             .open(&path)
             .map_err(|e| Error::io("create", &path, e))?;
-        match OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&path)
-        {
+        match reopen_direct(&file) {
             Ok(direct) => Ok(Box::new(DirectAppender::new(
                 file,
                 direct,
                 path,
                 expected_bytes,
             ))),
-            // tmpfs and some FUSE file systems refuse O_DIRECT: write through the page cache.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            // tmpfs and some FUSE file systems refuse O_DIRECT (and without /proc there is no
+            // second descriptor): write through the page cache.
+            Err(e) => {
+                if e.raw_os_error() != Some(libc::EINVAL) {
+                    tracing::warn!(path = %path.display(), error = %e, "no direct descriptor for a pack; writing it buffered");
+                }
                 Ok(Box::new(FileAppender { file, path, len: 0 }))
             }
-            Err(e) => Err(Error::io("open for direct writes", &path, e)),
         }
     }
 
@@ -185,24 +183,27 @@ impl Appender for FileAppender {
 }
 
 /// A pack written with O_DIRECT ([`DirectWriter`]). The file is first given its expected size
-/// (so the concurrent direct writes land inside it) and cut to the appended length before the
-/// fdatasync. A crash before the seal leaves zeros after the last record, which a
-/// record-by-record read of an unsealed pack stops at, as it stops at any torn record.
+/// (so the concurrent direct writes land inside it) and always cut to the appended length
+/// before the fdatasync (a fallocate that failed part-way may still have grown it). A crash
+/// before the seal leaves zeros after, or between, the records written so far, which a
+/// record-by-record read of an unsealed pack stops at, as it stops at any torn record; such a
+/// pack holds nothing committed, and (as before) nothing removes it, so a crash now leaves up
+/// to the reservation (~133 MiB) per open pack instead of what was written.
 struct DirectAppender {
     writer: DirectWriter,
-    preallocated: bool,
 }
 
 impl DirectAppender {
     fn new(buffered: File, direct: File, path: PathBuf, expected_bytes: u64) -> DirectAppender {
         let writer = DirectWriter::new(buffered, direct, path);
-        // Room for the records past the target that seal the pack, and its footer.
+        // The target, the chunk that crosses it and the footer. A pack can grow further (a
+        // local worker seals between extents); writes past the reservation extend the file
+        // one at a time, which is slower but correct.
         let reserve = expected_bytes.saturating_add((CHUNK_BYTES_MAX + STAGE_BYTES) as u64);
-        let preallocated = expected_bytes > 0 && writer.reserve(0, reserve);
-        DirectAppender {
-            writer,
-            preallocated,
+        if expected_bytes > 0 {
+            writer.reserve(0, reserve);
         }
+        DirectAppender { writer }
     }
 }
 
@@ -219,10 +220,8 @@ impl Appender for DirectAppender {
         let len = self.writer.len();
         let path = self.writer.path().to_path_buf();
         let file = self.writer.finish()?;
-        if self.preallocated {
-            file.set_len(len)
-                .map_err(|e| Error::io("truncate", &path, e))?;
-        }
+        file.set_len(len)
+            .map_err(|e| Error::io("truncate", &path, e))?;
         file.sync_data()
             .map_err(|e| Error::io("fdatasync", &path, e))?;
         sync_dir(path.parent().expect("has parent"))

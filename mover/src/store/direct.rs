@@ -18,7 +18,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -33,6 +33,16 @@ pub const STAGE_BYTES: usize = 1024 * 1024;
 const STAGE_BUFFERS: usize = 8;
 /// Direct writes in flight per file (one thread each).
 const WRITERS: usize = 4;
+
+/// A second descriptor of `file`, for writing with O_DIRECT. Opened through /proc/self/fd,
+/// not by path: the path could name another file by now (a rename in a directory others can
+/// write to), the descriptor cannot.
+pub fn reopen_direct(file: &File) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
 
 pub struct DirectWriter {
     buffered: File,
