@@ -29,8 +29,6 @@ impl Drop for Mapping {
 
 pub struct Window {
     map: Rc<Mapping>,
-    base: *mut u8,
-    size: usize,
     /// Absolute byte counters; `tail - head` bytes are held, `reserved - tail` are being read.
     head: u64,
     tail: u64,
@@ -123,8 +121,6 @@ impl Window {
             let base = reserve as *mut u8;
             Ok(Window {
                 map: Rc::new(Mapping { base, size }),
-                base,
-                size,
                 head: 0,
                 tail: 0,
                 reserved: 0,
@@ -133,7 +129,7 @@ impl Window {
     }
 
     pub fn capacity(&self) -> usize {
-        self.size
+        self.map.size
     }
 
     /// Bytes held (appended and not yet consumed).
@@ -146,7 +142,7 @@ impl Window {
     }
 
     pub fn free(&self) -> usize {
-        self.size - (self.reserved - self.head) as usize
+        self.map.size - (self.reserved - self.head) as usize
     }
 
     /// Empties the window. The caller has waited for every read into it: one still in flight
@@ -166,7 +162,7 @@ impl Window {
         Span {
             _map: self.map.clone(),
             // SAFETY: at + len <= 2 * size stays inside the double mapping.
-            ptr: unsafe { self.base.add(at) },
+            ptr: unsafe { self.map.base.add(at) },
             len,
             initialised: 0,
         }
@@ -184,19 +180,19 @@ impl Window {
 
     fn reserve_at(&mut self, len: usize) -> usize {
         assert!(len <= self.free(), "window overflow");
-        let at = (self.reserved % self.size as u64) as usize;
+        let at = (self.reserved % self.map.size as u64) as usize;
         self.reserved += len as u64;
         at
     }
 
     /// The window cut into `slot_bytes` pieces (in ring order) for registration with io_uring.
     pub fn slots(&self, slot_bytes: usize) -> Vec<Span> {
-        assert!(slot_bytes > 0 && self.size % slot_bytes == 0);
-        (0..self.size / slot_bytes)
+        assert!(slot_bytes > 0 && self.map.size % slot_bytes == 0);
+        (0..self.map.size / slot_bytes)
             .map(|i| Span {
                 _map: self.map.clone(),
                 // SAFETY: the slot lies inside the first half of the mapping.
-                ptr: unsafe { self.base.add(i * slot_bytes) },
+                ptr: unsafe { self.map.base.add(i * slot_bytes) },
                 len: slot_bytes,
                 initialised: 0,
             })
@@ -219,27 +215,29 @@ impl Window {
         self.reserved = self.tail;
     }
 
-    /// Copies `data` in at the tail. The caller keeps `data.len() <= free()`.
+    /// Copies `data` in at the tail. The caller keeps `data.len() <= free()`. (Tests fill
+    /// the window with it; the worker's reads land through `reserve`.)
+    #[cfg(test)]
     pub fn append(&mut self, data: &[u8]) {
         assert!(data.len() <= self.free(), "window overflow");
         assert_eq!(
             self.reserved, self.tail,
             "a read into the window is in flight"
         );
-        let at = (self.tail % self.size as u64) as usize;
+        let at = (self.tail % self.map.size as u64) as usize;
         // SAFETY: at + len <= 2 * size stays inside the double mapping, and the destination
         // does not overlap held bytes (len <= free).
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.base.add(at), data.len()) };
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.map.base.add(at), data.len()) };
         self.tail += data.len() as u64;
         self.reserved = self.tail;
     }
 
     /// The held bytes, contiguous.
     pub fn held(&self) -> &[u8] {
-        let at = (self.head % self.size as u64) as usize;
+        let at = (self.head % self.map.size as u64) as usize;
         // SAFETY: at < size and len <= size, so the span lies inside the double mapping, whose
         // second half shows the same pages as the first.
-        unsafe { std::slice::from_raw_parts(self.base.add(at), self.len()) }
+        unsafe { std::slice::from_raw_parts(self.map.base.add(at), self.len()) }
     }
 
     /// Drops `len` bytes from the head.
