@@ -25,7 +25,7 @@ use super::serve::Failure;
 use crate::constants::RECEIVE_UNACKED_BYTES_MAX;
 use crate::error::Error;
 use crate::format::pack::{check_received, RecordHeader};
-use crate::format::{ChunkId, Codec};
+use crate::format::{ChunkId, Codec, PieceHasher};
 use crate::site::Site;
 use crate::store::pack_writer::PackWriter;
 use crate::store::Backend;
@@ -253,6 +253,7 @@ fn store_thread(
         flush_seq: 0,
         gathered: Vec::new(),
         plaintext: Vec::new(),
+        hasher: PieceHasher::new(),
     };
     while let Some(op) = ops.blocking_recv() {
         let outcome = match op {
@@ -296,6 +297,7 @@ struct PackStore<'a> {
     flush_seq: u64,
     gathered: Vec<u8>,
     plaintext: Vec<u8>,
+    hasher: PieceHasher,
 }
 
 impl PackStore<'_> {
@@ -308,11 +310,10 @@ impl PackStore<'_> {
             && chunk.len >= PIECE_BYTES_FOR_HASHING_IN_PLACE * chunk.pieces.len();
         let header = if in_place {
             // Raw payload in large pieces: hash and store them where quinn left them.
-            let mut hasher = blake3::Hasher::new();
             for piece in &chunk.pieces {
-                hasher.update(piece);
+                self.hasher.update(piece);
             }
-            if *hasher.finalize().as_bytes() != id.0 {
+            if self.hasher.finish() != id {
                 return Err(Error::corrupt(
                     format!("received chunk {id}"),
                     "content hash (BLAKE3) does not match its id",
