@@ -469,15 +469,20 @@ impl FetchClient {
     /// Checks that a received Chunk is the next one asked for.
     pub fn handle(&mut self, frame: &Frame<'_>) -> Result<[u8; 32], SessionError> {
         match *frame {
-            Frame::Chunk { id, .. } => match self.expected.front() {
-                Some(next) if *next == id => {
-                    self.expected.pop_front();
-                    Ok(id)
-                }
-                Some(_) => Err(violation("peer sent a chunk out of order")),
-                None => Err(violation("peer sent a chunk that was not asked for")),
-            },
+            Frame::Chunk { id, .. } => self.chunk_arrived(&id),
             ref other => Err(unexpected(other, true)),
+        }
+    }
+
+    /// [`handle`](FetchClient::handle) for a Chunk whose payload was read in pieces.
+    pub fn chunk_arrived(&mut self, id: &[u8; 32]) -> Result<[u8; 32], SessionError> {
+        match self.expected.front() {
+            Some(next) if next == id => {
+                self.expected.pop_front();
+                Ok(*id)
+            }
+            Some(_) => Err(violation("peer sent a chunk out of order")),
+            None => Err(violation("peer sent a chunk that was not asked for")),
         }
     }
 }

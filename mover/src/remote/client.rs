@@ -2,7 +2,7 @@
 //! backup, and the in-order chunk stream a cross-site restore reads from.
 
 use transport::frame::{self, ErrorCode, Frame, Purpose, MANIFEST_PART_BYTES_MAX};
-use transport::quic::{FrameReader, FrameWriter, ReadError};
+use transport::quic::{FrameReader, FrameWriter, Piecewise, ReadError};
 use transport::session::{FetchClient, ManifestAssembly};
 use transport::tls::SiteCredentials;
 
@@ -156,11 +156,18 @@ struct Fetched {
     payload: Vec<u8>,
 }
 
+/// Chunks on their way to the restore (the backpressure between the two threads).
+const FETCHED_QUEUE: usize = 8;
+/// Payload buffers handed back for reuse: every buffer in circulation fits (the queue, the
+/// restore's, the one being filled), so fresh pages are not faulted in for every chunk.
+const SPARE_BUFFERS: usize = FETCHED_QUEUE + 2;
+
 /// Chunks from a peer, in the order a restore reads them. A thread of its own runs the
 /// connection; a bounded channel (8 chunks) between it and the restore is the backpressure.
 pub struct RemoteChunks {
     site: String,
     chunks: tokio::sync::mpsc::Receiver<Result<Fetched>>,
+    spare: std::sync::mpsc::SyncSender<Vec<u8>>,
     thread: Option<std::thread::JoinHandle<(u64, u64)>>,
     pub wire_bytes: (u64, u64),
 }
@@ -173,7 +180,8 @@ impl RemoteChunks {
         job: String,
         ids: Vec<ChunkId>,
     ) -> Result<RemoteChunks> {
-        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let (tx, rx) = tokio::sync::mpsc::channel(FETCHED_QUEUE);
+        let (spare, spares) = std::sync::mpsc::sync_channel(SPARE_BUFFERS);
         let site = link.site.clone();
         let thread = std::thread::Builder::new()
             .name("mover-fetch".into())
@@ -190,12 +198,13 @@ impl RemoteChunks {
                         return (0, 0);
                     }
                 };
-                runtime.block_on(fetch_all(link, credentials, job, ids, tx))
+                runtime.block_on(fetch_all(link, credentials, job, ids, tx, spares))
             })
             .map_err(|e| Error::Resource(format!("spawning the fetch thread: {e}")))?;
         Ok(RemoteChunks {
             site,
             chunks: rx,
+            spare,
             thread: Some(thread),
             wire_bytes: (0, 0),
         })
@@ -203,7 +212,7 @@ impl RemoteChunks {
 
     /// The plaintext of the next chunk, which must be `id`; verified before it is returned.
     pub fn read(&mut self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
-        let fetched = self
+        let mut fetched = self
             .chunks
             .blocking_recv()
             .ok_or_else(|| Error::peer(&self.site, "fetch ended early"))??;
@@ -215,11 +224,13 @@ impl RemoteChunks {
         }
         let codec = Codec::from_u8(fetched.codec)
             .ok_or_else(|| Error::peer(&self.site, "unknown codec"))?;
-        // An lz4 payload is decompressed straight into `out`; a raw one is moved there.
+        // An lz4 payload is decompressed straight into `out`; a raw one is swapped in. The
+        // buffer left over goes back to the fetch thread.
         check_received(id, codec, fetched.raw_len, &fetched.payload, out)?;
         if codec == Codec::Raw {
-            *out = fetched.payload;
+            std::mem::swap(out, &mut fetched.payload);
         }
+        let _ = self.spare.try_send(fetched.payload);
         Ok(())
     }
 
@@ -242,6 +253,7 @@ async fn fetch_all(
     job: String,
     ids: Vec<ChunkId>,
     tx: tokio::sync::mpsc::Sender<Result<Fetched>>,
+    spares: std::sync::mpsc::Receiver<Vec<u8>>,
 ) -> (u64, u64) {
     let (endpoint, connection) = match connect(&link, &credentials).await {
         Ok(pair) => pair,
@@ -250,7 +262,7 @@ async fn fetch_all(
             return (0, 0);
         }
     };
-    let outcome = fetch_on(&link, &connection, &credentials, &job, &ids, &tx).await;
+    let outcome = fetch_on(&link, &connection, &credentials, &job, &ids, &tx, &spares).await;
     if let Err(e) = outcome {
         let _ = tx.send(Err(e)).await;
     }
@@ -266,6 +278,7 @@ async fn fetch_on(
     job: &str,
     ids: &[ChunkId],
     tx: &tokio::sync::mpsc::Sender<Result<Fetched>>,
+    spares: &std::sync::mpsc::Receiver<Vec<u8>>,
 ) -> Result<()> {
     let (mut writer, mut reader, _, _) = open_stream(
         link,
@@ -293,32 +306,41 @@ async fn fetch_on(
                 .map_err(|e| fail(format!("sending fetch: {e}")))?;
             asked += batch.len();
         }
-        let frame = reader.next().await.map_err(|e| match e {
+        // The payload stays in quinn's pieces until it is gathered once, into a reused buffer.
+        let piecewise = reader.next_piecewise().await.map_err(|e| match e {
             ReadError::Finished => fail("closed the stream early".into()),
             e => fail(read_failure(&e, connection)),
         })?;
-        if let Frame::Error { code, reason } = frame {
-            return Err(if code == ErrorCode::NotFound {
-                Error::NotFound(format!("at {}: {reason}", link.site))
-            } else {
-                fail(reason.to_string())
-            });
-        }
-        let id = client.handle(&frame).map_err(|e| fail(e.to_string()))?;
-        let Frame::Chunk {
-            codec,
-            raw_len,
-            payload,
-            ..
-        } = frame
-        else {
-            unreachable!("the fetch session accepts only chunks");
+        let chunk = match piecewise {
+            Piecewise::Chunk(chunk) => chunk,
+            Piecewise::Frame(Frame::Error { code, reason }) => {
+                return Err(if code == ErrorCode::NotFound {
+                    Error::NotFound(format!("at {}: {reason}", link.site))
+                } else {
+                    fail(reason.to_string())
+                });
+            }
+            Piecewise::Frame(other) => {
+                return Err(fail(client.handle(&other).map_or_else(
+                    |e| e.to_string(),
+                    |_| format!("sent {} where a chunk was expected", other.name()),
+                )))
+            }
         };
+        let id = client
+            .chunk_arrived(&chunk.id)
+            .map_err(|e| fail(e.to_string()))?;
+        let mut payload = spares.try_recv().unwrap_or_default();
+        payload.clear();
+        payload.reserve(chunk.len);
+        for piece in &chunk.pieces {
+            payload.extend_from_slice(piece);
+        }
         let fetched = Fetched {
             id,
-            codec,
-            raw_len,
-            payload: payload.to_vec(),
+            codec: chunk.codec,
+            raw_len: chunk.raw_len,
+            payload,
         };
         // Waits while the restore is behind; QUIC flow control holds the peer back meanwhile.
         if tx.send(Ok(fetched)).await.is_err() {

@@ -21,6 +21,7 @@ use transport::tls::TrustStore;
 use crate::constants::{MANIFEST_BYTES_MAX, PEER_CONNECTIONS_MAX, RECEIVE_UNACKED_BYTES_MAX};
 use crate::error::Error;
 use crate::format::manifest::{self, EntryKind};
+use crate::format::pack::RECORD_HEADER_BYTES;
 use crate::format::{hex, ChunkId};
 use crate::site::Site;
 use crate::store::{manifest_key, Backend, SnapshotInfo};
@@ -360,6 +361,7 @@ async fn fetch(
     reader: &mut FrameReader,
 ) -> Result<(), Failure> {
     let mut chunks = site.chunk_reader();
+    let mut spare = RecordBuffers::default();
     loop {
         let frame = match reader.next().await {
             Ok(frame) => frame,
@@ -373,10 +375,11 @@ async fn fetch(
         };
         let ids: Vec<[u8; 32]> = ids.iter().collect();
         for id in ids {
-            let (header, payload) = tokio::task::block_in_place(|| {
+            let mut record = spare.take();
+            let (header, record) = tokio::task::block_in_place(|| {
                 chunks
-                    .read_stored(&ChunkId(id))
-                    .map(|(header, payload)| (header, Bytes::copy_from_slice(payload)))
+                    .read_stored_into(&ChunkId(id), &mut record)
+                    .map(|header| (header, Bytes::from(record)))
             })
             .map_err(|e| match e {
                 Error::Corrupt { detail, what } if detail.contains("not in the index") => Failure {
@@ -385,9 +388,62 @@ async fn fetch(
                 },
                 other => other.into(),
             })?;
+            // quinn keeps the slice until the peer acknowledges it; the record is reused after.
+            let payload = record.slice(RECORD_HEADER_BYTES..);
+            spare.keep(record);
             writer
                 .send_chunk(&id, header.codec as u8, header.raw_len, payload)
                 .await?;
         }
+    }
+}
+
+/// Records sent on a Fetch stream, kept for reuse once quinn lets go of them, so the hot path
+/// reads into memory already faulted in instead of a fresh allocation per chunk.
+#[derive(Default)]
+struct RecordBuffers {
+    sent: std::collections::VecDeque<Bytes>,
+}
+
+impl RecordBuffers {
+    /// Sent records kept; beyond this the oldest is dropped (quinn may still hold it).
+    const KEPT_MAX: usize = 16;
+
+    fn take(&mut self) -> Vec<u8> {
+        if self.sent.front().is_some_and(|oldest| oldest.is_unique()) {
+            if let Ok(buffer) = self.sent.pop_front().expect("checked").try_into_mut() {
+                return buffer.into();
+            }
+        }
+        Vec::new()
+    }
+
+    fn keep(&mut self, record: Bytes) {
+        if self.sent.len() == Self::KEPT_MAX {
+            self.sent.pop_front();
+        }
+        self.sent.push_back(record);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_is_reused_only_once_nothing_else_holds_it() {
+        let mut buffers = RecordBuffers::default();
+        let record = Bytes::from(vec![7u8; 1000]);
+        let at = record.as_ptr();
+        let held_by_quinn = record.slice(RECORD_HEADER_BYTES..);
+        buffers.keep(record);
+        assert!(buffers.take().is_empty(), "still sent: a fresh buffer");
+        drop(held_by_quinn);
+        let reused = buffers.take();
+        assert_eq!((reused.as_ptr(), reused.len()), (at, 1000));
+        for _ in 0..RecordBuffers::KEPT_MAX + 3 {
+            buffers.keep(Bytes::from(vec![0u8; 8]));
+        }
+        assert_eq!(buffers.sent.len(), RecordBuffers::KEPT_MAX);
     }
 }

@@ -38,7 +38,10 @@ impl<'a> ChunkReader<'a> {
 
     /// Reads chunk `id` into `out`, verifying the record's header, xxh3 and BLAKE3.
     pub fn read(&mut self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
-        let (header, key) = self.fetch_record(id)?;
+        let mut record = std::mem::take(&mut self.record);
+        let fetched = self.fetch_record(id, &mut record);
+        self.record = record;
+        let (header, key) = fetched?;
         open_record(&header, &self.record[RECORD_HEADER_BYTES..], out)
             .map_err(|e| Error::corrupt(format!("chunk {id} in {key}"), e.to_string()))
     }
@@ -46,26 +49,38 @@ impl<'a> ChunkReader<'a> {
     /// Reads chunk `id`'s record as stored (compressed or raw) with its header and payload
     /// checksum verified, for a peer that checks the plaintext itself.
     pub fn read_stored(&mut self, id: &ChunkId) -> Result<(RecordHeader, &[u8])> {
-        let (header, key) = self.fetch_record(id)?;
-        let payload = &self.record[RECORD_HEADER_BYTES..];
-        if xxhash_rust::xxh3::xxh3_64(payload) != header.payload_xxh3 {
+        let mut record = std::mem::take(&mut self.record);
+        let read = self.read_stored_into(id, &mut record);
+        self.record = record;
+        Ok((read?, &self.record[RECORD_HEADER_BYTES..]))
+    }
+
+    /// [`read_stored`](ChunkReader::read_stored) into the caller's buffer: `record` then holds
+    /// the whole record, its header's [`RECORD_HEADER_BYTES`] and the payload after them.
+    pub fn read_stored_into(&mut self, id: &ChunkId, record: &mut Vec<u8>) -> Result<RecordHeader> {
+        let (header, key) = self.fetch_record(id, record)?;
+        if xxhash_rust::xxh3::xxh3_64(&record[RECORD_HEADER_BYTES..]) != header.payload_xxh3 {
             return Err(Error::corrupt(
                 format!("chunk {id} in {key}"),
                 "payload checksum (xxh3) mismatch",
             ));
         }
-        Ok((header, payload))
+        Ok(header)
     }
 
-    /// Reads `id`'s record into `self.record` and checks its header against the index.
-    fn fetch_record(&mut self, id: &ChunkId) -> Result<(RecordHeader, String)> {
+    /// Reads `id`'s record into `record` and checks its header against the index.
+    fn fetch_record(
+        &mut self,
+        id: &ChunkId,
+        record: &mut Vec<u8>,
+    ) -> Result<(RecordHeader, String)> {
         let location = self.locate(id)?;
         let backend = self.backend_of(location.pack_id)?;
         let len = RECORD_HEADER_BYTES + location.stored_len as usize;
         let key = pack_key(location.pack_id);
-        backend.read_range(&key, location.offset, len, &mut self.record)?;
+        backend.read_range(&key, location.offset, len, record)?;
         let damaged = |detail: String| Error::corrupt(format!("chunk {id} in {key}"), detail);
-        let header = RecordHeader::decode(&self.record[..RECORD_HEADER_BYTES])
+        let header = RecordHeader::decode(&record[..RECORD_HEADER_BYTES])
             .map_err(|e| damaged(e.to_string()))?;
         if header.id != *id || header.stored_len != location.stored_len {
             return Err(damaged(format!(
