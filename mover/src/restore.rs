@@ -17,7 +17,7 @@ use crate::format::manifest::{check_relative_path, Entry, EntryKind, Manifest};
 use crate::format::ChunkId;
 use crate::job::{Job, JobControl, JobKind, JobState, Progress};
 use crate::peers::Link;
-use crate::remote::client::{Control, RemoteChunks};
+use crate::remote::client::{Control, Plaintext, RemoteChunks};
 use crate::restore_sink::FileSink;
 use crate::site::Site;
 use crate::store::pack_reader::ChunkReader;
@@ -42,9 +42,10 @@ pub enum ChunkSource<'a> {
 }
 
 impl ChunkSource<'_> {
-    fn read(&mut self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
+    /// Chunk `id`'s plaintext, verified: in `out`, or in the pieces a peer sent it in.
+    fn read(&mut self, id: &ChunkId, out: &mut Vec<u8>) -> Result<Plaintext> {
         match self {
-            ChunkSource::Local(reader) => reader.read(id, out),
+            ChunkSource::Local(reader) => reader.read(id, out).map(|()| Plaintext::InBuffer),
             ChunkSource::Remote(remote) => remote.read(id, out),
         }
     }
@@ -479,18 +480,21 @@ impl Restorer<'_> {
                 let damaged = |detail: String| {
                     Error::corrupt(format!("file {:?}", path_text(&entry.path)), detail)
                 };
-                reader
+                let plaintext = reader
                     .read(&chunk.id, &mut self.chunk)
                     .map_err(|e| damaged(e.to_string()))?;
-                if self.chunk.len() != chunk.len as usize {
+                let parts: Vec<&[u8]> = match &plaintext {
+                    Plaintext::InBuffer => vec![&self.chunk],
+                    Plaintext::Pieces(pieces) => pieces.iter().map(|p| &p[..]).collect(),
+                };
+                let len: usize = parts.iter().map(|p| p.len()).sum();
+                if len != chunk.len as usize {
                     return Err(damaged(format!(
-                        "chunk {} is {} bytes, manifest says {}",
-                        chunk.id,
-                        self.chunk.len(),
-                        chunk.len
+                        "chunk {} is {len} bytes, manifest says {}",
+                        chunk.id, chunk.len
                     )));
                 }
-                sink.write(at, &self.chunk)?;
+                sink.write_parts(at, &parts)?;
                 at += chunk.len as u64;
                 self.job.bytes_done += chunk.len as u64;
                 self.job.bytes_read += chunk.len as u64;

@@ -22,10 +22,12 @@ impl ChunkId {
 }
 
 /// BLAKE3 of data that arrives in pieces (a received chunk as quinn hands it over), fed to the
-/// hasher in whole runs of [`PieceHasher::RUN`] bytes. BLAKE3 hashes 16 of its 1 KiB chunks at
-/// once (AVX-512) only where its input starts on such a boundary; loopback's ~65 400-byte
-/// datagram pieces otherwise leave every piece's head to one-lane compression (1 MiB in such
-/// pieces: 3.2 GB/s, contiguous 4.3, through this 4.0; BENCHMARKS.md, run 6).
+/// hasher in whole runs of [`PieceHasher::RUN`] bytes. BLAKE3 hashes as many of its 1 KiB
+/// chunks at once as the CPU's vectors hold (16 with AVX-512, 8 with AVX2) only from a
+/// boundary of that many; after an unaligned start it works back up through subtrees of 1,
+/// 2, 4, 8 chunks, so loopback's ~65 400-byte datagram pieces each began at a fraction of full
+/// speed (1 MiB in such pieces: 3.2 GB/s, contiguous 4.3, through this 4.0; BENCHMARKS.md,
+/// run 6). The hasher is kept between chunks only to reuse its carry buffer.
 pub struct PieceHasher {
     hasher: blake3::Hasher,
     carry: Vec<u8>,
@@ -41,7 +43,15 @@ impl PieceHasher {
         }
     }
 
-    pub fn update(&mut self, mut piece: &[u8]) {
+    /// The id of `pieces` back to back.
+    pub fn hash<P: AsRef<[u8]>>(&mut self, pieces: &[P]) -> ChunkId {
+        for piece in pieces {
+            self.update(piece.as_ref());
+        }
+        self.finish()
+    }
+
+    fn update(&mut self, mut piece: &[u8]) {
         if !self.carry.is_empty() {
             let take = (Self::RUN - self.carry.len()).min(piece.len());
             self.carry.extend_from_slice(&piece[..take]);
@@ -58,7 +68,7 @@ impl PieceHasher {
     }
 
     /// The id of everything fed since the last call; ready for the next chunk.
-    pub fn finish(&mut self) -> ChunkId {
+    fn finish(&mut self) -> ChunkId {
         self.hasher.update(&self.carry);
         self.carry.clear();
         let id = ChunkId(*self.hasher.finalize().as_bytes());

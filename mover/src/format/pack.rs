@@ -14,7 +14,7 @@
 //! decompression. An unsealed pack (a crash before the footer) is still readable record by
 //! record from offset 16.
 
-use super::{read_u32, read_u64, ChunkId, Codec};
+use super::{read_u32, read_u64, ChunkId, Codec, PieceHasher};
 use crate::constants::CHUNK_BYTES_MAX;
 use crate::error::Error;
 use xxhash_rust::xxh3::xxh3_64;
@@ -220,6 +220,22 @@ pub fn check_received(
     }
     if ChunkId::of(plaintext) != *id {
         return Err(bad("content hash (BLAKE3) does not match its id".into()));
+    }
+    Ok(())
+}
+
+/// [`check_received`] for a raw chunk still in the pieces it arrived in (the frame decoder
+/// checked that they add up to its length): BLAKE3 of the pieces against the id.
+pub fn check_received_pieces<P: AsRef<[u8]>>(
+    id: &ChunkId,
+    pieces: &[P],
+    hasher: &mut PieceHasher,
+) -> Result<(), Error> {
+    if hasher.hash(pieces) != *id {
+        return Err(Error::corrupt(
+            format!("received chunk {id}"),
+            "content hash (BLAKE3) does not match its id",
+        ));
     }
     Ok(())
 }

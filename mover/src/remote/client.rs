@@ -7,10 +7,10 @@ use transport::session::{FetchClient, ManifestAssembly};
 use transport::tls::SiteCredentials;
 
 use super::ship::{connect, hello, open_stream, read_failure};
-use crate::constants::{FETCH_IDS_IN_FLIGHT, MANIFEST_BYTES_MAX};
+use crate::constants::{FETCH_IDS_IN_FLIGHT, MANIFEST_BYTES_MAX, PIECE_BYTES_FOR_HASHING_IN_PLACE};
 use crate::error::{Error, Result};
-use crate::format::pack::check_received;
-use crate::format::{ChunkId, Codec};
+use crate::format::pack::{check_received, check_received_pieces};
+use crate::format::{ChunkId, Codec, PieceHasher};
 use crate::peers::Link;
 
 /// Manifest objects carry a 32-byte header before the (bounded) payload.
@@ -153,7 +153,24 @@ struct Fetched {
     id: [u8; 32],
     codec: u8,
     raw_len: u32,
-    payload: Vec<u8>,
+    payload: Payload,
+}
+
+enum Payload {
+    /// A raw chunk in the pieces quinn received it in (large ones: loopback, jumbo frames).
+    Pieces(Vec<bytes::Bytes>),
+    /// In one piece (the frame reader copies Ethernet-sized pieces together).
+    Whole(bytes::Bytes),
+    /// Compressed in several pieces, or raw in many small ones: copied together.
+    Gathered(Vec<u8>),
+}
+
+/// A verified chunk's plaintext, as [`RemoteChunks::read`] leaves it.
+pub enum Plaintext {
+    /// In the caller's buffer.
+    InBuffer,
+    /// In these pieces, back to back (a raw chunk is written from where quinn received it).
+    Pieces(Vec<bytes::Bytes>),
 }
 
 /// Chunks on their way to the restore (the backpressure between the two threads).
@@ -168,6 +185,7 @@ pub struct RemoteChunks {
     site: String,
     chunks: tokio::sync::mpsc::Receiver<Result<Fetched>>,
     spare: std::sync::mpsc::SyncSender<Vec<u8>>,
+    hasher: Box<PieceHasher>,
     thread: Option<std::thread::JoinHandle<(u64, u64)>>,
     pub wire_bytes: (u64, u64),
 }
@@ -205,14 +223,15 @@ impl RemoteChunks {
             site,
             chunks: rx,
             spare,
+            hasher: Box::new(PieceHasher::new()),
             thread: Some(thread),
             wire_bytes: (0, 0),
         })
     }
 
     /// The plaintext of the next chunk, which must be `id`; verified before it is returned.
-    pub fn read(&mut self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
-        let mut fetched = self
+    pub fn read(&mut self, id: &ChunkId, out: &mut Vec<u8>) -> Result<Plaintext> {
+        let fetched = self
             .chunks
             .blocking_recv()
             .ok_or_else(|| Error::peer(&self.site, "fetch ended early"))??;
@@ -224,14 +243,28 @@ impl RemoteChunks {
         }
         let codec = Codec::from_u8(fetched.codec)
             .ok_or_else(|| Error::peer(&self.site, "unknown codec"))?;
+        let mut payload = match fetched.payload {
+            Payload::Pieces(pieces) => {
+                check_received_pieces(id, &pieces, &mut self.hasher)?;
+                return Ok(Plaintext::Pieces(pieces));
+            }
+            Payload::Whole(whole) => {
+                check_received(id, codec, fetched.raw_len, &whole, out)?;
+                return Ok(match codec {
+                    Codec::Raw => Plaintext::Pieces(vec![whole]),
+                    Codec::Lz4 => Plaintext::InBuffer,
+                });
+            }
+            Payload::Gathered(payload) => payload,
+        };
         // An lz4 payload is decompressed straight into `out`; a raw one is swapped in. The
         // buffer left over goes back to the fetch thread.
-        check_received(id, codec, fetched.raw_len, &fetched.payload, out)?;
+        check_received(id, codec, fetched.raw_len, &payload, out)?;
         if codec == Codec::Raw {
-            std::mem::swap(out, &mut fetched.payload);
+            std::mem::swap(out, &mut payload);
         }
-        let _ = self.spare.try_send(fetched.payload);
-        Ok(())
+        let _ = self.spare.try_send(payload);
+        Ok(Plaintext::InBuffer)
     }
 
     /// Waits for the fetch thread; records the UDP bytes of its connection.
@@ -321,21 +354,28 @@ async fn fetch_on(
                 });
             }
             Piecewise::Frame(other) => {
-                return Err(fail(client.handle(&other).map_or_else(
-                    |e| e.to_string(),
-                    |_| format!("sent {} where a chunk was expected", other.name()),
-                )))
+                return Err(fail(format!("unexpected {} frame", other.name())))
             }
         };
         let id = client
             .chunk_arrived(&chunk.id)
             .map_err(|e| fail(e.to_string()))?;
-        let mut payload = spares.try_recv().unwrap_or_default();
-        payload.clear();
-        payload.reserve(chunk.len);
-        for piece in &chunk.pieces {
-            payload.extend_from_slice(piece);
-        }
+        let mut pieces = chunk.pieces;
+        let payload = if chunk.codec == Codec::Raw as u8
+            && chunk.len >= PIECE_BYTES_FOR_HASHING_IN_PLACE * pieces.len()
+        {
+            Payload::Pieces(pieces)
+        } else if pieces.len() == 1 {
+            Payload::Whole(pieces.pop().expect("one piece"))
+        } else {
+            let mut payload = spares.try_recv().unwrap_or_default();
+            payload.clear();
+            payload.reserve(chunk.len);
+            for piece in &pieces {
+                payload.extend_from_slice(piece);
+            }
+            Payload::Gathered(payload)
+        };
         let fetched = Fetched {
             id,
             codec: chunk.codec,

@@ -22,9 +22,9 @@ use transport::quic::{ChunkPieces, FrameReader, FrameWriter, Piecewise, ReadErro
 use transport::session::{ReceiverInput, StoreReceiver};
 
 use super::serve::Failure;
-use crate::constants::RECEIVE_UNACKED_BYTES_MAX;
+use crate::constants::{PIECE_BYTES_FOR_HASHING_IN_PLACE, RECEIVE_UNACKED_BYTES_MAX};
 use crate::error::Error;
-use crate::format::pack::{check_received, RecordHeader};
+use crate::format::pack::{check_received, check_received_pieces, RecordHeader};
 use crate::format::{ChunkId, Codec, PieceHasher};
 use crate::site::Site;
 use crate::store::pack_writer::PackWriter;
@@ -35,10 +35,6 @@ const INBOUND_QUEUE: usize = 2;
 /// Chunks queued for the store thread. Enough to ride out a pack seal (one fdatasync and an
 /// index commit, a few ms) at a few hundred MB/s; QUIC's window absorbs the rest.
 const STORE_QUEUE_CHUNKS: usize = 8;
-/// Below this average piece size a payload is gathered into one buffer before hashing:
-/// BLAKE3 is only fast when fed many 1 KiB blocks at once. (The reader already copies
-/// pieces under 16 KiB together; this catches a chunk of many pieces just above that.)
-const PIECE_BYTES_FOR_HASHING_IN_PLACE: usize = 16 * 1024;
 
 /// A frame as the stream's task needs it, owned.
 enum Inbound {
@@ -310,16 +306,7 @@ impl PackStore<'_> {
             && chunk.len >= PIECE_BYTES_FOR_HASHING_IN_PLACE * chunk.pieces.len();
         let header = if in_place {
             // Raw payload in large pieces: hash and store them where quinn left them.
-            for piece in &chunk.pieces {
-                self.hasher.update(piece);
-            }
-            if self.hasher.finish() != id {
-                return Err(Error::corrupt(
-                    format!("received chunk {id}"),
-                    "content hash (BLAKE3) does not match its id",
-                )
-                .into());
-            }
+            check_received_pieces(&id, &chunk.pieces, &mut self.hasher)?;
             let parts: Vec<&[u8]> = chunk.pieces.iter().map(|p| &p[..]).collect();
             let header = RecordHeader::of_parts(id, codec, chunk.raw_len as usize, &parts);
             self.open_pack()?.append_parts(&header, &parts)?;

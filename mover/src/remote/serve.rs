@@ -403,15 +403,20 @@ async fn fetch(
 #[derive(Default)]
 struct RecordBuffers {
     sent: std::collections::VecDeque<Bytes>,
+    /// Bytes of `sent`: what keeping them may hold beyond what quinn holds anyway.
+    bytes: usize,
 }
 
 impl RecordBuffers {
-    /// Sent records kept; beyond this the oldest is dropped (quinn may still hold it).
-    const KEPT_MAX: usize = 16;
+    /// Sent records kept (by size); beyond this the oldest are dropped, freed once quinn
+    /// lets go of them. A few maximum-size chunks: enough to cycle at loopback's pace.
+    const KEPT_BYTES_MAX: usize = 16 << 20;
 
     fn take(&mut self) -> Vec<u8> {
         if self.sent.front().is_some_and(|oldest| oldest.is_unique()) {
-            if let Ok(buffer) = self.sent.pop_front().expect("checked").try_into_mut() {
+            let oldest = self.sent.pop_front().expect("checked");
+            self.bytes -= oldest.len();
+            if let Ok(buffer) = oldest.try_into_mut() {
                 return buffer.into();
             }
         }
@@ -419,10 +424,12 @@ impl RecordBuffers {
     }
 
     fn keep(&mut self, record: Bytes) {
-        if self.sent.len() == Self::KEPT_MAX {
-            self.sent.pop_front();
-        }
+        self.bytes += record.len();
         self.sent.push_back(record);
+        while self.bytes > Self::KEPT_BYTES_MAX {
+            let oldest = self.sent.pop_front().expect("bytes > 0: something is kept");
+            self.bytes -= oldest.len();
+        }
     }
 }
 
@@ -441,9 +448,11 @@ mod tests {
         drop(held_by_quinn);
         let reused = buffers.take();
         assert_eq!((reused.as_ptr(), reused.len()), (at, 1000));
-        for _ in 0..RecordBuffers::KEPT_MAX + 3 {
-            buffers.keep(Bytes::from(vec![0u8; 8]));
+        let record_bytes = RecordBuffers::KEPT_BYTES_MAX / 3;
+        for _ in 0..10 {
+            buffers.keep(Bytes::from(vec![0u8; record_bytes]));
         }
-        assert_eq!(buffers.sent.len(), RecordBuffers::KEPT_MAX);
+        assert_eq!(buffers.sent.len(), 3);
+        assert_eq!(buffers.bytes, 3 * record_bytes);
     }
 }
