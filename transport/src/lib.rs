@@ -10,10 +10,12 @@
 //! - [`bbr`]: quinn's BBR congestion controller with its start fixed (no ProbeRTT on the first
 //!   full-rate acknowledgement).
 //! - [`tls`] and [`quic`]: the glue. rustls with fingerprint-pinning verifiers on both sides
-//!   (mutual TLS), quinn endpoints with the settings measured to matter, framed stream I/O.
+//!   (mutual TLS), quinn endpoints with the settings measured to matter, framed stream I/O;
+//!   [`gso`]: the endpoints' UDP socket, its segmentation-offload batches capped to one send.
 
 pub mod bbr;
 pub mod frame;
+pub mod gso;
 pub mod identity;
 pub mod quic;
 pub mod rate;

@@ -3,9 +3,9 @@
 //!
 //! The settings that matter were measured on this kind of machine (../shared/MEASUREMENTS.md):
 //! the UDP payload size is worth ~4x (loopback and jumbo-frame fabrics carry 64 KiB datagrams),
-//! and with large datagrams GSO must be off, because quinn batches more than the kernel accepts
-//! per send and the EMSGSIZE that follows is silently taken for a failed MTU probe. Socket
-//! buffers are enlarged so bursts are not dropped by the kernel.
+//! and quinn's GSO batches must fit one send, or the EMSGSIZE that follows is silently taken
+//! for a failed MTU probe ([`crate::gso`] caps them). Socket buffers are enlarged so bursts
+//! are not dropped by the kernel.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -66,9 +66,6 @@ impl std::str::FromStr for Congestion {
 /// it is ignored.
 const INITIAL_WINDOW_FLOOR: u64 = 16 * 1024;
 
-/// Above this payload size quinn's GSO batches exceed what one send may carry.
-const GSO_PAYLOAD_BYTES_MAX: u16 = 6500;
-
 impl LinkSettings {
     /// Defaults for a link to `address`: loopback gets loopback's 64 KiB datagrams and cubic;
     /// anything else Ethernet's datagrams and BBR, since cubic moves under 1% of a long link
@@ -115,7 +112,8 @@ impl LinkSettings {
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(self.udp_payload_bytes_max);
         t.mtu_discovery_config(Some(mtu));
-        t.enable_segmentation_offload(self.udp_payload_bytes_max <= GSO_PAYLOAD_BYTES_MAX);
+        // Batches are capped to one send's worth by the endpoint's socket (`gso::SegmentCap`).
+        t.enable_segmentation_offload(true);
         // Quinn's default start (about ten datagrams of the path's MTU) unless a larger one
         // was asked for.
         let initial_window = self
@@ -226,16 +224,31 @@ pub fn server(
     // send is still bounded by `settings` and what MTU discovery finds.
     let mut accept = settings.clone();
     accept.udp_payload_bytes_max = 65527;
-    Endpoint::new(
+    endpoint(
         endpoint_config(&accept),
         Some(server),
         socket,
-        Arc::new(quinn::TokioRuntime),
+        settings.udp_payload_bytes_max,
     )
     .map_err(|source| QuicError::Socket {
         address: listen,
         source,
     })
+}
+
+/// An endpoint on `socket` whose send batches fit one send for datagrams of up to
+/// `payload_bytes_max` (MTU discovery's upper bound: nothing larger is sent).
+fn endpoint(
+    config: EndpointConfig,
+    server: Option<quinn::ServerConfig>,
+    socket: UdpSocket,
+    payload_bytes_max: u16,
+) -> std::io::Result<Endpoint> {
+    use quinn::Runtime;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let socket = runtime.wrap_udp_socket(socket)?;
+    let socket = Arc::new(crate::gso::SegmentCap::new(socket, payload_bytes_max));
+    Endpoint::new_with_abstract_socket(config, server, socket, runtime)
 }
 
 /// Connects to `site` at `address`, which must present `expected`. Creates a client endpoint
@@ -256,11 +269,11 @@ pub async fn connect(
         "[::]:0".parse().expect("literal")
     };
     let socket = udp_socket(bind, settings.socket_buffer_bytes)?;
-    let mut endpoint = Endpoint::new(
+    let mut endpoint = endpoint(
         endpoint_config(settings),
         None,
         socket,
-        Arc::new(quinn::TokioRuntime),
+        settings.udp_payload_bytes_max,
     )
     .map_err(|source| QuicError::Socket {
         address: bind,
