@@ -515,8 +515,8 @@ fn garbage_truncated_and_oversized_frames_close_the_stream_with_a_reason() {
 #[test]
 fn a_restore_over_ethernet_sized_datagrams_is_exact() {
     // 1452-byte datagrams (a's setting for b, which the daemon's sends follow): every chunk
-    // reaches the restore in many small pieces, copied together by the frame reader, raw
-    // ones and lz4 ones alike.
+    // reaches the frame reader in many small pieces that it copies together, so the restore
+    // takes raw and lz4 chunks from one piece (not loopback's pieces kept as they came).
     let mut sites = Sites::new();
     let config = sites.a.join("mover.toml");
     let text = std::fs::read_to_string(&config).unwrap();

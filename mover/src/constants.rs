@@ -74,9 +74,10 @@ pub const SHIP_QUERIES_IN_FLIGHT: usize = 4;
 /// before the sender runs out; what a crash can make a resumed job resend is bounded by it.
 pub const RECEIVE_UNACKED_BYTES_MAX: u64 = 256 * 1024 * 1024;
 
-/// A received raw chunk whose pieces (as quinn delivered them) average at least this is
-/// hashed and written from those pieces; below it the pieces are gathered into one buffer
-/// first, since writing many tiny parts costs more than one copy (WAN-sized datagrams).
+/// A received raw chunk whose pieces average at least this is hashed and written from the
+/// pieces; below it they are gathered into one buffer first, since many small parts cost
+/// more than one copy. (The frame reader already copies runs of pieces under 16 KiB
+/// together; this catches a chunk whose pieces alternate around that size.)
 pub const PIECE_BYTES_FOR_HASHING_IN_PLACE: usize = 16 * 1024;
 
 /// Peer connections a daemon serves at once; each may buffer up to its connection window.

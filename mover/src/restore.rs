@@ -482,7 +482,12 @@ impl Restorer<'_> {
                 };
                 let plaintext = reader
                     .read(&chunk.id, &mut self.chunk)
-                    .map_err(|e| damaged(e.to_string()))?;
+                    .map_err(|e| match e {
+                        // A peer that went away or broke the protocol is not damage to the
+                        // snapshot; its message names the peer.
+                        e @ (Error::Peer { .. } | Error::Cancelled(_)) => e,
+                        e => damaged(e.to_string()),
+                    })?;
                 let parts: Vec<&[u8]> = match &plaintext {
                     Plaintext::InBuffer => vec![&self.chunk],
                     Plaintext::Pieces(pieces) => pieces.iter().map(|p| &p[..]).collect(),

@@ -2,6 +2,8 @@
 //! batches several per send (UDP GSO), and every batch must fit one send. Before batches were
 //! capped, a batch of 10 such datagrams (89 KB) drew EMSGSIZE, which quinn takes for a failed
 //! MTU probe: the path silently fell back to 1200 bytes. So the MTU reached is the check.
+//! (Where the kernel lacks UDP_SEGMENT quinn sends one datagram per call and only the MTU is
+//! checked.)
 
 use std::net::SocketAddr;
 

@@ -157,9 +157,11 @@ struct Fetched {
 }
 
 enum Payload {
-    /// A raw chunk in the pieces quinn received it in (large ones: loopback, jumbo frames).
+    /// A raw chunk in the pieces quinn received it in (pieces of 16 KiB and more: loopback's
+    /// 64 KiB datagrams).
     Pieces(Vec<bytes::Bytes>),
-    /// In one piece (the frame reader copies Ethernet-sized pieces together).
+    /// In one piece (the frame reader copies pieces under 16 KiB together: Ethernet and
+    /// jumbo-frame datagrams).
     Whole(bytes::Bytes),
     /// Compressed in several pieces, or raw in many small ones: copied together.
     Gathered(Vec<u8>),
@@ -231,6 +233,16 @@ impl RemoteChunks {
 
     /// The plaintext of the next chunk, which must be `id`; verified before it is returned.
     pub fn read(&mut self, id: &ChunkId, out: &mut Vec<u8>) -> Result<Plaintext> {
+        self.read_verified(id, out).map_err(|e| match e {
+            Error::Corrupt { what, detail } => Error::Corrupt {
+                what: format!("{what} from peer {}", self.site),
+                detail,
+            },
+            e => e,
+        })
+    }
+
+    fn read_verified(&mut self, id: &ChunkId, out: &mut Vec<u8>) -> Result<Plaintext> {
         let fetched = self
             .chunks
             .blocking_recv()

@@ -376,10 +376,10 @@ async fn fetch(
         let ids: Vec<[u8; 32]> = ids.iter().collect();
         for id in ids {
             let mut record = spare.take();
-            let (header, record) = tokio::task::block_in_place(|| {
+            let (header, capacity, record) = tokio::task::block_in_place(|| {
                 chunks
                     .read_stored_into(&ChunkId(id), &mut record)
-                    .map(|header| (header, Bytes::from(record)))
+                    .map(|header| (header, record.capacity(), Bytes::from(record)))
             })
             .map_err(|e| match e {
                 Error::Corrupt { detail, what } if detail.contains("not in the index") => Failure {
@@ -390,7 +390,7 @@ async fn fetch(
             })?;
             // quinn keeps the slice until the peer acknowledges it; the record is reused after.
             let payload = record.slice(RECORD_HEADER_BYTES..);
-            spare.keep(record);
+            spare.keep(record, capacity);
             writer
                 .send_chunk(&id, header.codec as u8, header.raw_len, payload)
                 .await?;
@@ -402,8 +402,9 @@ async fn fetch(
 /// reads into memory already faulted in instead of a fresh allocation per chunk.
 #[derive(Default)]
 struct RecordBuffers {
-    sent: std::collections::VecDeque<Bytes>,
-    /// Bytes of `sent`: what keeping them may hold beyond what quinn holds anyway.
+    /// Each record with the capacity of the allocation behind it.
+    sent: std::collections::VecDeque<(Bytes, usize)>,
+    /// Capacity behind `sent`: what keeping them may hold beyond what quinn holds anyway.
     bytes: usize,
 }
 
@@ -413,9 +414,13 @@ impl RecordBuffers {
     const KEPT_BYTES_MAX: usize = 16 << 20;
 
     fn take(&mut self) -> Vec<u8> {
-        if self.sent.front().is_some_and(|oldest| oldest.is_unique()) {
-            let oldest = self.sent.pop_front().expect("checked");
-            self.bytes -= oldest.len();
+        if self
+            .sent
+            .front()
+            .is_some_and(|(oldest, _)| oldest.is_unique())
+        {
+            let (oldest, capacity) = self.sent.pop_front().expect("checked");
+            self.bytes -= capacity;
             if let Ok(buffer) = oldest.try_into_mut() {
                 return buffer.into();
             }
@@ -423,12 +428,13 @@ impl RecordBuffers {
         Vec::new()
     }
 
-    fn keep(&mut self, record: Bytes) {
-        self.bytes += record.len();
-        self.sent.push_back(record);
+    /// Keeps `record`, sent from an allocation of `capacity` bytes.
+    fn keep(&mut self, record: Bytes, capacity: usize) {
+        self.bytes += capacity;
+        self.sent.push_back((record, capacity));
         while self.bytes > Self::KEPT_BYTES_MAX {
-            let oldest = self.sent.pop_front().expect("bytes > 0: something is kept");
-            self.bytes -= oldest.len();
+            let (_, capacity) = self.sent.pop_front().expect("bytes > 0: something is kept");
+            self.bytes -= capacity;
         }
     }
 }
@@ -443,14 +449,15 @@ mod tests {
         let record = Bytes::from(vec![7u8; 1000]);
         let at = record.as_ptr();
         let held_by_quinn = record.slice(RECORD_HEADER_BYTES..);
-        buffers.keep(record);
+        buffers.keep(record, 1000);
         assert!(buffers.take().is_empty(), "still sent: a fresh buffer");
         drop(held_by_quinn);
         let reused = buffers.take();
         assert_eq!((reused.as_ptr(), reused.len()), (at, 1000));
         let record_bytes = RecordBuffers::KEPT_BYTES_MAX / 3;
         for _ in 0..10 {
-            buffers.keep(Bytes::from(vec![0u8; record_bytes]));
+            // Small records in large allocations count by the allocation.
+            buffers.keep(Bytes::from(vec![0u8; 8]), record_bytes);
         }
         assert_eq!(buffers.sent.len(), 3);
         assert_eq!(buffers.bytes, 3 * record_bytes);
