@@ -96,7 +96,8 @@ pub struct PeerSection {
     pub bandwidth: Option<String>,
     /// "aes128" (default), "aes256" or "chacha20" (CPUs without AES instructions).
     pub cipher: Option<String>,
-    /// "cubic" (default) or "bbr" (long paths with random loss).
+    /// "bbr" (default; long paths with random loss) or "cubic" (the default for loopback
+    /// addresses).
     pub congestion: Option<String>,
     pub stream_window_bytes: Option<u32>,
     pub connection_window_bytes: Option<u32>,
