@@ -60,12 +60,11 @@ lines[head + 1:end] = body
 open(path, "w").write("\n".join(lines))
 PY
 }
-fingerprint() { "$MOVER" identity --config "$1" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["fingerprint"])'; }
-proc_cpu() { awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.2f\n", ($12 + $13) / hz }' "/proc/$1/stat"; }
+# shellcheck source=bench/lib/sites.sh
+source "$ROOT/bench/lib/sites.sh"
 cpu_sample() { awk '/^cpu / { idle = $5 + $6; busy = 0; for (i = 2; i <= NF; i++) busy += $i; print busy - idle, idle; exit }' /proc/stat; }
 
-"$MOVER" init --site a --dir "$S/a" --listen 127.0.0.1:0 >/dev/null
-"$MOVER" init --site b --dir "$S/b" --listen 127.0.0.1:0 >/dev/null
+init_sites
 # shellcheck disable=SC2086
 [[ -z $A_ENGINE ]] || set_keys "$S/a/mover.toml" engine $A_ENGINE
 # shellcheck disable=SC2086
@@ -75,20 +74,11 @@ if [[ -n $B_TIER ]]; then
     mkdir -p "$B_TIER"
     set_keys "$S/b/mover.toml" tiers.hot "path=$B_TIER"
 fi
-"$MOVER" peer add a 127.0.0.1:1 "$(fingerprint "$S/a/mover.toml")" --config "$S/b/mover.toml" >/dev/null
-daemon=("$MOVER" daemon --config "$S/b/mover.toml")
-[[ -z $TASKSET_B ]] || daemon=(taskset -c "$TASKSET_B" "${daemon[@]}")
-"${daemon[@]}" >"$R/daemon.out" 2>"$R/daemon.err" &
-DPID=$!
-trap 'kill $DPID 2>/dev/null || true' EXIT
-PORT=""
-for _ in $(seq 200); do
-    PORT=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$R/daemon.out")
-    [[ -n $PORT ]] && break
-    sleep 0.05
-done
-[[ -n $PORT ]] || { echo "daemon did not start: $(cat "$R/daemon.err")" >&2; exit 1; }
-"$MOVER" peer add b "127.0.0.1:$PORT" "$(fingerprint "$S/b/mover.toml")" --config "$S/a/mover.toml" >/dev/null
+if [[ -n $TASKSET_B ]]; then
+    start_daemon_b taskset -c "$TASKSET_B"
+else
+    start_daemon_b
+fi
 if [[ -n ${WAN_ARGS:-} ]]; then
     # shellcheck disable=SC2086
     "$(dirname "$MOVER")/mover-wan" --listen 127.0.0.1:0 --to "127.0.0.1:$PORT" $WAN_ARGS --json-stats >"$R/relay.out" 2>"$R/relay.err" &
@@ -168,7 +158,6 @@ if [[ -n ${WAN_ARGS:-} ]]; then
     wait "$RPID" 2>/dev/null || true
     tail -n 1 "$R/relay.out"
 fi
-kill "$DPID" 2>/dev/null || true
-wait "$DPID" 2>/dev/null || true
+stop_daemon_b
 rm -rf "$S"
 [[ -z $B_TIER ]] || rm -rf "$B_TIER"

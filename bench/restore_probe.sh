@@ -24,23 +24,10 @@ R=$OUT/$LABEL
 rm -rf "$S" "$R"
 mkdir -p "$S" "$R"
 
-fingerprint() { "$MOVER" identity --config "$1" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["fingerprint"])'; }
-proc_cpu() { awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.2f\n", ($12 + $13) / hz }' "/proc/$1/stat"; }
-
-"$MOVER" init --site a --dir "$S/a" --listen 127.0.0.1:0 >/dev/null
-"$MOVER" init --site b --dir "$S/b" --listen 127.0.0.1:0 >/dev/null
-"$MOVER" peer add a 127.0.0.1:1 "$(fingerprint "$S/a/mover.toml")" --config "$S/b/mover.toml" >/dev/null
-"$MOVER" daemon --config "$S/b/mover.toml" >"$R/daemon.out" 2>"$R/daemon.err" &
-DPID=$!
-trap 'kill $DPID 2>/dev/null || true' EXIT
-PORT=""
-for _ in $(seq 200); do
-    PORT=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$R/daemon.out")
-    [[ -n $PORT ]] && break
-    sleep 0.05
-done
-[[ -n $PORT ]] || { echo "daemon did not start: $(cat "$R/daemon.err")" >&2; exit 1; }
-"$MOVER" peer add b "127.0.0.1:$PORT" "$(fingerprint "$S/b/mover.toml")" --config "$S/a/mover.toml" >/dev/null
+# shellcheck source=bench/lib/sites.sh
+source "$ROOT/bench/lib/sites.sh"
+init_sites
+start_daemon_b
 "$MOVER" --site-dir "$S/a" --json backup "$SRC" --to b >"$R/backup.json"
 
 sync
@@ -68,8 +55,5 @@ label, user, sys_, d0, d1 = sys.argv[2], float(sys.argv[3]), float(sys.argv[4]),
 print(f"{label}: state {j['state']} restore {j['bytes_total'] / j['elapsed_s'] / 1e9:.3f} GB/s "
       f"client CPU {user + sys_:.2f} s (sys {sys_:.2f}) daemon CPU {d1 - d0:.2f} s direct_io {j.get('direct_io')}")
 PY
-# The daemon must be gone before the next run reuses these paths.
-kill "$DPID" 2>/dev/null || true
-wait "$DPID" 2>/dev/null || true
-trap - EXIT
+stop_daemon_b
 rm -rf "$S" "$R/restored"
