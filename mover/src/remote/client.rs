@@ -351,7 +351,7 @@ async fn fetch_on(
                 .map_err(|e| fail(format!("sending fetch: {e}")))?;
             asked += batch.len();
         }
-        // The payload stays in quinn's pieces until it is gathered once, into a reused buffer.
+        // The payload stays in quinn's pieces; only what must be contiguous is gathered, once.
         let piecewise = reader.next_piecewise().await.map_err(|e| match e {
             ReadError::Finished => fail("closed the stream early".into()),
             e => fail(read_failure(&e, connection)),
