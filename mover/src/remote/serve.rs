@@ -101,8 +101,21 @@ pub async fn accept_loop(
         });
     }
     endpoint.close(0u32.into(), b"daemon shutting down");
-    endpoint.wait_idle().await;
+    // Draining lets peers learn of the close; a connection that never drains (a peer gone
+    // silent, a broken driver) must not keep a stopping daemon from exiting.
+    if tokio::time::timeout(CLOSE_DRAIN_MAX, endpoint.wait_idle())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            limit_s = CLOSE_DRAIN_MAX.as_secs(),
+            "peer connections still draining at the limit; stopping anyway"
+        );
+    }
 }
+
+/// How long a stopping daemon waits for its closed peer connections to drain.
+const CLOSE_DRAIN_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn connection(site: Arc<Site>, trust: TrustStore, incoming: quinn::Incoming) {
     let remote = incoming.remote_address();
