@@ -117,6 +117,16 @@ impl Sites {
         job
     }
 
+    /// Adds `line` (`key = value`) to a's settings for peer b (the last section of a's
+    /// config, as `Sites::new` leaves it).
+    fn set_a_peer_b(&self, line: &str) {
+        let config = self.a.join("mover.toml");
+        let text = std::fs::read_to_string(&config).unwrap();
+        let last = text.rfind("\n[").map(|at| &text[at + 1..]);
+        assert!(last.is_some_and(|l| l.starts_with("[peers.b]")), "{text}");
+        std::fs::write(&config, format!("{text}{line}\n")).unwrap();
+    }
+
     fn restore_from_b(&self, spec: &str, to: &Path) -> Value {
         let job = run_json(
             mover()
@@ -518,9 +528,7 @@ fn a_restore_over_ethernet_sized_datagrams_is_exact() {
     // reaches the frame reader in many small pieces that it copies together, so the restore
     // takes raw and lz4 chunks from one piece (not loopback's pieces kept as they came).
     let mut sites = Sites::new();
-    let config = sites.a.join("mover.toml");
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("{text}udp_payload_bytes_max = 1452\n")).unwrap();
+    sites.set_a_peer_b("udp_payload_bytes_max = 1452");
     sites.start_daemon();
     let data = sites.root.join("ethernet");
     write_random(&data.join("weights.bin"), 5 << 20, 21);
@@ -542,9 +550,7 @@ fn a_restore_over_ethernet_sized_datagrams_is_exact() {
 #[test]
 fn a_bandwidth_cap_holds_the_sender_to_its_rate() {
     let mut sites = Sites::new();
-    let config = sites.a.join("mover.toml");
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("{text}bandwidth = \"16MB/s\"\n")).unwrap();
+    sites.set_a_peer_b("bandwidth = \"16MB/s\"");
     sites.start_daemon();
     let data = sites.root.join("capped");
     write_random(&data.join("f"), 24 << 20, 9);
