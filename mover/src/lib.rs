@@ -29,6 +29,7 @@ pub mod remote;
 pub mod replicate;
 pub mod restore;
 pub mod restore_sink;
+pub mod restore_target;
 pub mod sample;
 pub mod scan;
 pub mod site;

@@ -6,9 +6,7 @@
 //! half restored. Every chunk is checked (xxh3, length, BLAKE3) before its bytes are written.
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::{CString, OsStr};
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use crate::backup::path_text;
@@ -19,6 +17,7 @@ use crate::job::{Job, JobControl, JobKind, JobState, Progress};
 use crate::peers::Link;
 use crate::remote::client::{Control, Plaintext, RemoteChunks};
 use crate::restore_sink::FileSink;
+use crate::restore_target::{Metadata, TargetDir};
 use crate::site::Site;
 use crate::store::pack_reader::ChunkReader;
 
@@ -114,15 +113,18 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
 
     let selected = select(&manifest, subpath)?;
     check_entries(&manifest, &selected)?;
-    prepare_target(options.target, options.resume)?;
-    let target = options
+    create_target(options.target)?;
+    let target_path = options
         .target
         .canonicalize()
         .map_err(|e| Error::io("resolve", options.target, e))?;
-    let marker = match control {
-        Some(_) => Some(claim_target(&target, &job.id, options.resume)?),
-        None => None,
+    let mut target = TargetDir::open(&target_path)?;
+    let restore_of = RestoreOf {
+        snapshot: job.snapshot.clone().unwrap_or_default(),
+        subpath: subpath.unwrap_or_default().to_string(),
+        from: options.from.unwrap_or_default().to_string(),
     };
+    let resume = claim_target(&target, &job.id, &restore_of, options.resume)?;
     for &i in &selected {
         if let EntryKind::File { size, .. } = &manifest.entries[i].kind {
             job.bytes_total += size;
@@ -140,7 +142,7 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
         )?),
     };
     let mut restorer = Restorer {
-        target,
+        target: &mut target,
         manifest: &manifest,
         directories: HashSet::new(),
         restored_files: HashMap::new(),
@@ -148,9 +150,8 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
         direct: true,
         is_root: unsafe { libc::geteuid() } == 0,
         // Skipping a finished file must not skip its chunks in a peer's ordered stream.
-        resume: options.resume,
-        skip_finished: options.resume && options.from.is_none(),
-        marker,
+        resume,
+        skip_finished: resume && options.from.is_none(),
         control,
         job: &mut job,
     };
@@ -304,46 +305,85 @@ fn check_entries(manifest: &Manifest, selected: &[usize]) -> Result<()> {
     Ok(())
 }
 
-/// Name of the file a daemon-run restore keeps in its target while it writes: it says whose
-/// partial tree this is, so only that job resumes into it (and a user sees it is partial).
+/// Name of the file a restore keeps in its target while it writes: it says whose partial tree
+/// this is and what it restores, so that only the same restore resumes into it (and a user
+/// sees it is partial).
 pub const RESTORE_MARKER: &str = ".mover-restore-in-progress";
+/// The marker is two short lines; anything longer is not ours.
+const MARKER_BYTES_MAX: u64 = 4096;
 
-/// Marks `target` as being restored by `job`. A resumed job only continues into a target
-/// holding its own marker (or an empty one): it never deletes files it did not write.
-fn claim_target(target: &Path, job: &str, resume: bool) -> Result<PathBuf> {
-    let marker = target.join(RESTORE_MARKER);
-    if resume {
-        let ours = std::fs::read_to_string(&marker).is_ok_and(|id| id.trim() == job);
-        let empty = std::fs::read_dir(target)
-            .map_err(|e| Error::io("read directory", target, e))?
-            .next()
-            .is_none();
-        if !ours && !empty {
-            return Err(Error::Refused(format!(
-                "restore target {} is not empty and holds no partial restore of job {job}: expected a new or empty directory",
-                target.display()
-            )));
-        }
-    }
-    std::fs::write(&marker, format!("{job}\n")).map_err(|e| Error::io("create", &marker, e))?;
-    Ok(marker)
+/// What a restore writes: the same snapshot, subtree and source resume into each other's
+/// partial targets, whichever job (daemon or in-process) wrote them.
+struct RestoreOf {
+    snapshot: String,
+    subpath: String,
+    from: String,
 }
 
-fn prepare_target(target: &Path, resume: bool) -> Result<()> {
-    match std::fs::read_dir(target) {
-        Ok(mut listing) => {
-            if listing.next().is_some() && !resume {
+impl RestoreOf {
+    fn line(&self) -> String {
+        let from = if self.from.is_empty() {
+            "this site"
+        } else {
+            &self.from
+        };
+        format!(
+            "restore {}:{} from {from}",
+            self.snapshot,
+            path_text(self.subpath.as_bytes())
+        )
+    }
+}
+
+/// Claims `target` for this restore and says whether it resumes a partial one. A new or empty
+/// target starts afresh. A target holding the marker of the same restore (same snapshot,
+/// subtree and source; a daemon job retried after a restart, or the same command run again
+/// after a kill) is resumed: finished files are kept, the rest rewritten. Anything else is
+/// refused, naming the partial restore it holds if it holds one: a restore never deletes files
+/// it did not write.
+fn claim_target(target: &TargetDir, job: &str, of: &RestoreOf, retried: bool) -> Result<bool> {
+    let shown = target.display(b"");
+    let resume = if target.is_empty()? {
+        false
+    } else {
+        let marker = target.read_top_file(RESTORE_MARKER, MARKER_BYTES_MAX)?;
+        let marker = marker.as_deref().map(String::from_utf8_lossy);
+        let mut lines = marker.as_deref().unwrap_or_default().lines();
+        let (marker_job, marker_of) = (lines.next().unwrap_or_default(), lines.next());
+        let same = marker_of == Some(of.line().as_str()) || (retried && marker_job == job);
+        match (&marker, same) {
+            (Some(_), true) => {
+                tracing::info!(target = %shown.display(), job = marker_job, "finishing the partial restore left in the target");
+                true
+            }
+            (Some(_), false) => {
+                return Err(Error::Refused(format!(
+                    "restore target {} holds a partial {} (job {}): run that restore again to finish it, or remove the directory",
+                    shown.display(),
+                    marker_of.unwrap_or("restore"),
+                    path_text(marker_job.as_bytes())
+                )))
+            }
+            (None, _) => {
                 return Err(Error::Refused(format!(
                     "restore target {} is not empty: expected a new or empty directory (restore never overwrites)",
-                    target.display()
-                )));
+                    shown.display()
+                )))
             }
-            Ok(())
         }
+    };
+    target.write_top_file(RESTORE_MARKER, format!("{job}\n{}\n", of.line()).as_bytes())?;
+    Ok(resume)
+}
+
+/// Creates the target directory (and its parents) when it does not exist yet.
+fn create_target(target: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(target) {
+        Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(target).map_err(|e| Error::io("create directory", target, e))
         }
-        Err(e) => Err(Error::io("read directory", target, e)),
+        Err(e) => Err(Error::io("inspect", target, e)),
     }
 }
 
@@ -355,19 +395,18 @@ enum Existing {
 }
 
 struct Restorer<'a> {
-    target: PathBuf,
+    /// Every entry is created and changed through this, never by full path.
+    target: &'a mut TargetDir,
     manifest: &'a Manifest,
     directories: HashSet<Vec<u8>>,
-    /// Restored regular files, for hardlinks to them.
-    restored_files: HashMap<Vec<u8>, PathBuf>,
+    /// Restored regular files (manifest path -> where it was restored), for hardlinks to them.
+    restored_files: HashMap<Vec<u8>, Vec<u8>>,
     chunk: Vec<u8>,
     /// Large files may be written with O_DIRECT (cleared if the target refuses it).
     direct: bool,
     is_root: bool,
     resume: bool,
     skip_finished: bool,
-    /// The daemon's "restore in progress" file, removed once every entry is written.
-    marker: Option<PathBuf>,
     control: Option<&'a JobControl>,
     job: &'a mut Job,
 }
@@ -378,9 +417,9 @@ impl Restorer<'_> {
         for &i in selected {
             self.control.check()?;
             let entry = &self.manifest.entries[i];
-            let path = self.prepare_parent(entry)?;
+            self.prepare_parent(entry)?;
             let exists = match self.resume {
-                true => self.clear_for_resume(entry, &path)?,
+                true => self.clear_for_resume(entry)?,
                 false => Existing::None,
             };
             if exists == Existing::Finished {
@@ -389,14 +428,14 @@ impl Restorer<'_> {
                     self.control.done(*size);
                     self.job.files += 1;
                 }
-                self.restored_files.insert(entry.path.clone(), path);
+                self.restored_files
+                    .insert(entry.path.clone(), entry.path.clone());
                 continue;
             }
             match &entry.kind {
                 EntryKind::Directory => {
                     if !entry.path.is_empty() && exists != Existing::Directory {
-                        std::fs::create_dir(&path)
-                            .map_err(|e| Error::io("create directory", &path, e))?;
+                        self.target.mkdir(&entry.path)?;
                     }
                     self.directories.insert(entry.path.clone());
                     directories.push(i);
@@ -404,19 +443,20 @@ impl Restorer<'_> {
                 }
                 EntryKind::File { .. } => {
                     let started = std::time::Instant::now();
-                    self.write_file(reader, entry, &path)?;
+                    self.write_file(reader, entry, &entry.path)?;
                     crate::worker::stage("restore_file", started);
-                    self.restored_files.insert(entry.path.clone(), path);
+                    self.restored_files
+                        .insert(entry.path.clone(), entry.path.clone());
                 }
                 EntryKind::Symlink { target } => {
-                    std::os::unix::fs::symlink(OsStr::from_bytes(target), &path)
-                        .map_err(|e| Error::io("create symlink", &path, e))?;
-                    self.set_metadata(entry, &path, true)?;
+                    self.target.symlink(target, &entry.path)?;
+                    let meta = self.metadata(entry);
+                    self.target.set_symlink_metadata(&entry.path, &meta)?;
                 }
                 EntryKind::Hardlink { target } => {
                     if let Some(existing) = self.restored_files.get(target) {
-                        std::fs::hard_link(existing, &path)
-                            .map_err(|e| Error::io("create hardlink", &path, e))?;
+                        let existing = existing.clone();
+                        self.target.hard_link(&existing, &entry.path)?;
                     } else {
                         // The inode's first path is outside the restored subtree: this path
                         // gets the content itself and becomes the one later links point to.
@@ -434,44 +474,49 @@ impl Restorer<'_> {
                                     ),
                                 )
                             })?;
-                        self.write_file(reader, source, &path)?;
-                        self.restored_files.insert(target.clone(), path);
+                        self.write_file(reader, source, &entry.path)?;
+                        self.restored_files
+                            .insert(target.clone(), entry.path.clone());
                     }
                 }
             }
         }
-        if let Some(marker) = &self.marker {
-            std::fs::remove_file(marker).map_err(|e| Error::io("remove", marker, e))?;
-        }
+        // Every entry is written: the marker goes first, since removing it changes the
+        // target's mtime, which the directory pass then sets.
+        self.target.remove_top_file(RESTORE_MARKER)?;
         // Directories last, deepest first: writing into a directory changes its mtime, and a
         // read-only mode would stop us writing into it.
         for &i in directories.iter().rev() {
             let entry = &self.manifest.entries[i];
-            let path = self.path_of(&entry.path);
-            self.set_metadata(entry, &path, false)?;
+            let meta = self.metadata(entry);
+            self.target.set_dir_metadata(&entry.path, &meta)?;
         }
         // One syncfs instead of an fsync per file: the job reports done only once every
         // restored byte is on disk.
-        let dir =
-            std::fs::File::open(&self.target).map_err(|e| Error::io("open", &self.target, e))?;
-        // SAFETY: syncfs on a descriptor we own.
-        if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) } != 0 {
-            return Err(Error::io(
-                "syncfs",
-                &self.target,
-                std::io::Error::last_os_error(),
-            ));
-        }
-        Ok(())
+        self.target.sync()
     }
 
-    /// Writes a regular file's data at `path` (holes stay holes), then its metadata.
-    fn write_file(&mut self, reader: &mut ChunkSource, entry: &Entry, path: &Path) -> Result<()> {
+    fn metadata(&self, entry: &Entry) -> Metadata {
+        Metadata {
+            owner: self.is_root.then_some((entry.uid, entry.gid)),
+            mode: entry.mode,
+            mtime_ns: entry.mtime_ns,
+        }
+    }
+
+    /// Writes a regular file's data at `rel` (holes stay holes), then its metadata.
+    fn write_file(&mut self, reader: &mut ChunkSource, entry: &Entry, rel: &[u8]) -> Result<()> {
         let EntryKind::File { size, extents } = &entry.kind else {
             unreachable!("write_file is called for file entries");
         };
+        let path = self.target.display(rel);
+        let file = self.target.create_file(rel)?;
+        // Metadata is set through this descriptor once the sink is done with its own.
+        let meta_file = file
+            .try_clone()
+            .map_err(|e| Error::io("duplicate descriptor of", &path, e))?;
         // Setting the length first leaves every byte no extent covers as a hole.
-        let mut sink = FileSink::create(path, *size, extents, &mut self.direct)?;
+        let mut sink = FileSink::create(file, &path, *size, extents, &mut self.direct)?;
         self.job.direct_io |= sink.is_direct();
         for extent in extents {
             sink.start_extent(extent.offset, extent.len())?;
@@ -507,7 +552,8 @@ impl Restorer<'_> {
             }
         }
         sink.finish()?;
-        self.set_metadata(entry, path, false)?;
+        self.target
+            .set_file_metadata(&meta_file, rel, &self.metadata(entry))?;
         self.job.files += 1;
         Ok(())
     }
@@ -515,116 +561,55 @@ impl Restorer<'_> {
     /// A resumed restore meets what the previous attempt wrote (it started on an empty
     /// target, so everything there is its own): a directory is kept, a file whose size and
     /// mtime are final (set only after its last byte) is finished, anything else is removed.
-    fn clear_for_resume(&self, entry: &Entry, path: &Path) -> Result<Existing> {
-        let meta = match std::fs::symlink_metadata(path) {
-            Ok(meta) => meta,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Existing::None),
-            Err(e) => return Err(Error::io("inspect", path, e)),
+    fn clear_for_resume(&mut self, entry: &Entry) -> Result<Existing> {
+        let Some(existing) = self.target.lstat(&entry.path)? else {
+            return Ok(Existing::None);
         };
-        if entry.path.is_empty() || meta.is_dir() {
+        if entry.path.is_empty() || existing.is_dir {
             return match entry.kind {
                 EntryKind::Directory => Ok(Existing::Directory),
                 _ => Err(Error::Refused(format!(
                     "resuming the restore: {} is a directory, the snapshot has a file there",
-                    path.display()
+                    self.target.display(&entry.path).display()
                 ))),
             };
         }
         if let EntryKind::File { size, .. } = &entry.kind {
-            use std::os::unix::fs::MetadataExt;
-            let mtime_ns = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
             if self.skip_finished
-                && meta.is_file()
-                && meta.len() == *size
-                && mtime_ns == entry.mtime_ns
+                && existing.is_file
+                && existing.size == *size
+                && existing.mtime_ns == entry.mtime_ns
             {
                 return Ok(Existing::Finished);
             }
         }
-        std::fs::remove_file(path).map_err(|e| Error::io("remove partly restored", path, e))?;
+        self.target.remove_file(&entry.path)?;
         Ok(Existing::None)
     }
 
-    fn path_of(&self, rel: &[u8]) -> PathBuf {
-        if rel.is_empty() {
-            self.target.clone()
-        } else {
-            self.target.join(OsStr::from_bytes(rel))
-        }
-    }
-
     /// Makes sure every ancestor of the entry is a real directory, creating missing ones (a
-    /// subtree restore). `check_entries` already refused entries beneath symlinks; the lstat
-    /// here keeps that true even if the target changes under us.
-    fn prepare_parent(&mut self, entry: &Entry) -> Result<PathBuf> {
+    /// subtree restore). `check_entries` already refused entries beneath symlinks, and every
+    /// later step walks without following symlinks, so a swapped ancestor stops the restore.
+    fn prepare_parent(&mut self, entry: &Entry) -> Result<()> {
         let rel = &entry.path;
         let mut at = 0;
         while let Some(slash) = rel[at..].iter().position(|&b| b == b'/') {
             let ancestor = &rel[..at + slash];
             if !self.directories.contains(ancestor) {
-                let path = self.path_of(ancestor);
-                match std::fs::symlink_metadata(&path) {
-                    Ok(meta) if meta.is_dir() => {}
-                    Ok(_) => {
+                match self.target.lstat(ancestor)? {
+                    Some(existing) if existing.is_dir => {}
+                    Some(_) => {
                         return Err(Error::Refused(format!(
                             "snapshot entry {:?}: its parent {:?} is not a directory",
                             path_text(rel),
                             path_text(ancestor)
                         )))
                     }
-                    Err(_) => std::fs::create_dir(&path)
-                        .map_err(|e| Error::io("create directory", &path, e))?,
+                    None => self.target.mkdir(ancestor)?,
                 }
                 self.directories.insert(ancestor.to_vec());
             }
             at += slash + 1;
-        }
-        Ok(self.path_of(rel))
-    }
-
-    fn set_metadata(&self, entry: &Entry, path: &Path, is_symlink: bool) -> Result<()> {
-        let c_path = CString::new(path.as_os_str().as_bytes())
-            .map_err(|_| Error::corrupt("manifest", "path contains a NUL byte"))?;
-        if self.is_root {
-            // SAFETY: valid C string; lchown does not follow symlinks.
-            if unsafe { libc::lchown(c_path.as_ptr(), entry.uid, entry.gid) } != 0 {
-                return Err(Error::io("chown", path, std::io::Error::last_os_error()));
-            }
-        }
-        if !is_symlink {
-            // After chown, which clears set-id bits.
-            let mode = entry.mode & 0o7777;
-            // SAFETY: valid C string.
-            if unsafe { libc::chmod(c_path.as_ptr(), mode) } != 0 {
-                return Err(Error::io("chmod", path, std::io::Error::last_os_error()));
-            }
-        }
-        let mtime = libc::timespec {
-            tv_sec: entry.mtime_ns.div_euclid(1_000_000_000),
-            tv_nsec: entry.mtime_ns.rem_euclid(1_000_000_000),
-        };
-        let times = [
-            libc::timespec {
-                tv_sec: 0,
-                tv_nsec: libc::UTIME_OMIT,
-            },
-            mtime,
-        ];
-        // SAFETY: valid C string and a two-element timespec array.
-        let rc = unsafe {
-            libc::utimensat(
-                libc::AT_FDCWD,
-                c_path.as_ptr(),
-                times.as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        };
-        if rc != 0 {
-            return Err(Error::io(
-                "set mtime",
-                path,
-                std::io::Error::last_os_error(),
-            ));
         }
         Ok(())
     }

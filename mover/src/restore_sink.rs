@@ -6,8 +6,8 @@
 //! positioned writes. Either way holes stay holes, and nothing is synced here: the restore
 //! ends with one syncfs.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::buffers::is_aligned;
@@ -25,16 +25,16 @@ pub enum FileSink {
 }
 
 impl FileSink {
-    /// Creates `path` (it must not exist) with length `size`, every byte a hole until written.
-    /// `direct` says whether O_DIRECT may be tried; it is cleared when the file system
-    /// refuses it, so the rest of the restore does not ask again.
-    pub fn create(path: &Path, size: u64, extents: &[Extent], direct: &mut bool) -> Result<Self> {
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)
-            .map_err(|e| Error::io("create", path, e))?;
+    /// Takes `file`, just created empty at `path`, and sets its length to `size`, every byte a
+    /// hole until written. `direct` says whether O_DIRECT may be tried; it is cleared when the
+    /// file system refuses it, so the rest of the restore does not ask again.
+    pub fn create(
+        file: File,
+        path: &Path,
+        size: u64,
+        extents: &[Extent],
+        direct: &mut bool,
+    ) -> Result<Self> {
         file.set_len(size)
             .map_err(|e| Error::io("truncate", path, e))?;
         if *direct && size >= DIRECT_RESTORE_MIN_BYTES && direct_layout(extents) {
@@ -165,7 +165,8 @@ mod tests {
             extent(hole_at, &[second.len() as u32]),
         ];
         let wanted = direct;
-        let mut sink = FileSink::create(&path, size, &extents, &mut direct).unwrap();
+        let file = std::fs::File::create_new(&path).unwrap();
+        let mut sink = FileSink::create(file, &path, size, &extents, &mut direct).unwrap();
         if wanted && !sink.is_direct() {
             // The positioned-write round still runs.
             eprintln!(
