@@ -6,7 +6,8 @@
 //!   read them with io_uring into registered [`buffers`], cut them with the [`chunker`], hash,
 //!   compress and append new chunks to packs; the control thread assembles the manifest
 //!   ([`format::manifest`]) and commits it last.
-//! - [`restore`] and [`verify`] read snapshots back, checking every chunk.
+//! - [`restore`] and [`verify`] read snapshots back, checking every chunk; [`repair`] rebuilds
+//!   a lost index.
 //! - [`constants`] holds every limit; [`format`] every on-disk encoding.
 
 pub mod api;
@@ -26,6 +27,7 @@ pub mod metrics;
 pub mod peers;
 pub mod quickstart;
 pub mod remote;
+pub mod repair;
 pub mod replicate;
 pub mod restore;
 pub mod restore_sink;

@@ -145,21 +145,16 @@ impl Site {
         let dir = dir
             .canonicalize()
             .map_err(|e| Error::io("resolve", dir, e))?;
-        let mut tiers: HashMap<String, Arc<dyn Backend>> = HashMap::new();
-        for (name, tier) in &config.tiers {
-            let path = dir.join(&tier.path);
-            if !path.is_dir() {
-                return Err(Error::Site(format!(
-                    "tier {name:?}: directory {} does not exist",
-                    path.display()
-                )));
-            }
-            tiers.insert(name.clone(), Arc::new(LocalDir::new(path)));
+        let tiers = open_tiers(&dir, &config)?;
+        let metadata = LocalDir::new(&dir);
+        let index_path = dir.join(INDEX_FILE_NAME);
+        if !index_path.exists() {
+            crate::repair::refuse_lost_index(&index_path, &tiers, &metadata)?;
         }
-        let index = Index::open(&dir.join(INDEX_FILE_NAME))?;
+        let index = Index::open(&index_path)?;
         Ok(Site {
             peers: std::sync::RwLock::new(config.peers.clone()),
-            metadata: LocalDir::new(&dir),
+            metadata,
             dir,
             config,
             index,
@@ -213,6 +208,22 @@ impl Site {
     pub fn fingerprint(&self) -> Result<String> {
         fingerprint_of(&self.identity_dir())
     }
+}
+
+/// The backend of every tier of `config`, whose directories must exist.
+pub fn open_tiers(dir: &Path, config: &Config) -> Result<HashMap<String, Arc<dyn Backend>>> {
+    let mut tiers: HashMap<String, Arc<dyn Backend>> = HashMap::new();
+    for (name, tier) in &config.tiers {
+        let path = dir.join(&tier.path);
+        if !path.is_dir() {
+            return Err(Error::Site(format!(
+                "tier {name:?}: directory {} does not exist",
+                path.display()
+            )));
+        }
+        tiers.insert(name.clone(), Arc::new(LocalDir::new(path)));
+    }
+    Ok(tiers)
 }
 
 /// The fingerprint of the certificate in an identity directory.

@@ -27,6 +27,9 @@ pub trait Backend: Send + Sync {
     fn create_appender(&self, key: &str, expected_bytes: u64) -> Result<Box<dyn Appender>>;
     fn exists(&self, key: &str) -> Result<bool>;
     fn size(&self, key: &str) -> Result<u64>;
+    /// Every object whose key starts with the folder `prefix` (e.g. `packs`), sorted; empty if
+    /// there is no such folder.
+    fn list(&self, prefix: &str) -> Result<Vec<String>>;
 }
 
 pub trait Appender: Send {
@@ -145,6 +148,35 @@ impl Backend for LocalDir {
         std::fs::metadata(&path)
             .map(|m| m.len())
             .map_err(|e| Error::io("stat", &path, e))
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let mut keys = Vec::new();
+        let mut folders = vec![prefix.trim_end_matches('/').to_string()];
+        while let Some(folder) = folders.pop() {
+            let path = self.path_of(&folder);
+            let listing = match std::fs::read_dir(&path) {
+                Ok(listing) => listing,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io("list", &path, e)),
+            };
+            for entry in listing {
+                let entry = entry.map_err(|e| Error::io("list", &path, e))?;
+                // Keys are ours, so a name that is not UTF-8 is not one of them.
+                let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                    continue;
+                };
+                let key = format!("{folder}/{name}");
+                let kind = entry.file_type().map_err(|e| Error::io("list", &path, e))?;
+                if kind.is_dir() {
+                    folders.push(key);
+                } else if kind.is_file() {
+                    keys.push(key);
+                }
+            }
+        }
+        keys.sort();
+        Ok(keys)
     }
 }
 

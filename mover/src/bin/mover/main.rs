@@ -167,6 +167,9 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Rebuild a lost index.redb from the sealed packs' footers and the manifests (in-process,
+    /// with the site's daemon stopped).
+    RepairIndex,
     /// First run: a site, a sample data set, backup, restore, verify, report.
     Quickstart {
         /// Data to back up (default: a generated sample AI data set).
@@ -536,6 +539,25 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
                 use std::io::Write;
                 let _ = std::io::stdout().flush();
             })?;
+        }
+        Command::RepairIndex => {
+            let report = mover::repair::repair_index(&site_dir(&cli.site_dir)?)?;
+            if cli.json {
+                print_json(&report);
+            } else {
+                for skipped in &report.skipped {
+                    println!("skipped {skipped}");
+                }
+                println!(
+                    "rebuilt {}: {} packs ({} chunks), {} snapshots; {} packs skipped, {} snapshots left out; the job history and queue are not recoverable",
+                    report.index,
+                    report.packs_indexed,
+                    report.chunks_indexed,
+                    report.snapshots,
+                    report.packs_skipped,
+                    report.snapshots_left_out
+                );
+            }
         }
         Command::Snapshots => {
             let site = Site::open(&site_dir(&cli.site_dir)?)?;

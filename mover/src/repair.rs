@@ -1,0 +1,274 @@
+//! Rebuilds a lost `index.redb` from what the store itself holds: sealed pack footers (which
+//! chunk is where) and manifests (which snapshots exist).
+//!
+//! Why this is safe: a pack is sealed (footer and trailer written, then made durable) before
+//! the index ever points into it, and a manifest is durable before its catalog row commits.
+//! So the footers of sealed packs describe a superset of what the lost index pointed at, and
+//! a manifest whose every chunk is found in them is a complete snapshot. What cannot come back:
+//! the job history, the daemon's queue and idempotency keys, and catalog details only jobs knew
+//! (the job id, its warnings count). A manifest that names a chunk no sealed pack holds is left
+//! out of the catalog and reported: it would not restore. Unsealed packs (a writer killed
+//! mid-pack) are skipped and reported; nothing is deleted here.
+//!
+//! The new index is built beside the site (`index.redb.rebuilding`) and renamed into place
+//! only when complete, so an interrupted repair leaves the site as it found it.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::config::{Config, CONFIG_FILE_NAME};
+use crate::error::{Error, Result};
+use crate::format::manifest::{self, EntryKind};
+use crate::format::pack::{
+    check_pack_header, decode_footer, decode_trailer, FOOTER_ENTRY_BYTES, PACK_HEADER_BYTES,
+    TRAILER_BYTES,
+};
+use crate::format::{hex, parse_hex32};
+use crate::site::INDEX_FILE_NAME;
+use crate::store::{Backend, Index, LocalDir, SealedPack, SnapshotInfo};
+
+/// The `job` of a catalog row rebuilt from its manifest: the job that made it is not known.
+pub const REPAIRED_JOB: &str = "repair-index";
+/// At most this many skipped packs and left-out snapshots are listed one by one.
+const LISTED_MAX: usize = 100;
+
+#[derive(Debug, Default, Serialize)]
+pub struct RepairReport {
+    pub index: String,
+    pub packs_indexed: u64,
+    pub chunks_indexed: u64,
+    pub packs_skipped: u64,
+    pub snapshots: u64,
+    pub snapshots_left_out: u64,
+    /// `key: reason` of packs and manifests that were not taken, first [`LISTED_MAX`].
+    pub skipped: Vec<String>,
+}
+
+impl RepairReport {
+    fn skip(&mut self, what: String) {
+        if self.skipped.len() < LISTED_MAX {
+            self.skipped.push(what);
+        }
+    }
+}
+
+/// Rebuilds the index of the site in `dir`. Refuses when an index is already there: a damaged
+/// one is moved aside by a person first, so nothing is replaced by mistake.
+pub fn repair_index(dir: &Path) -> Result<RepairReport> {
+    let config = Config::load(&dir.join(CONFIG_FILE_NAME))?;
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| Error::io("resolve", dir, e))?;
+    let index_path = dir.join(INDEX_FILE_NAME);
+    if index_path.exists() {
+        return Err(Error::Refused(format!(
+            "{} exists: repair-index only rebuilds a missing index (move a damaged one aside first)",
+            index_path.display()
+        )));
+    }
+    let tiers = crate::site::open_tiers(&dir, &config)?;
+    let metadata = LocalDir::new(&dir);
+    let building = dir.join(format!("{INDEX_FILE_NAME}.rebuilding"));
+    match std::fs::remove_file(&building) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io("remove", &building, e)),
+    }
+    let mut report = RepairReport {
+        index: index_path.display().to_string(),
+        ..RepairReport::default()
+    };
+    {
+        let index = Index::open(&building)?;
+        let mut names: Vec<&String> = tiers.keys().collect();
+        names.sort();
+        for name in names {
+            index_packs(&index, name, &tiers[name], &mut report)?;
+        }
+        catalog_manifests(&index, &metadata, &mut report)?;
+    }
+    std::fs::rename(&building, &index_path).map_err(|e| Error::io("rename", &building, e))?;
+    crate::store::backend::sync_dir(&dir)?;
+    Ok(report)
+}
+
+fn index_packs(
+    index: &Index,
+    tier: &str,
+    backend: &Arc<dyn Backend>,
+    report: &mut RepairReport,
+) -> Result<()> {
+    for key in backend.list("packs")? {
+        let Some(pack_id) = pack_id_of(&key) else {
+            continue;
+        };
+        match read_footer(backend.as_ref(), &key) {
+            Ok((entries, bytes)) => {
+                report.chunks_indexed += entries.len() as u64;
+                report.packs_indexed += 1;
+                index.commit_pack(&SealedPack {
+                    pack_id,
+                    tier: tier.to_string(),
+                    entries,
+                    bytes,
+                })?;
+            }
+            Err(e) => {
+                report.packs_skipped += 1;
+                report.skip(format!("tier {tier} {key}: {e}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `packs/xx/<16 hex digits>.pack` → the pack id.
+fn pack_id_of(key: &str) -> Option<u64> {
+    let name = key.rsplit('/').next()?.strip_suffix(".pack")?;
+    (name.len() == 16)
+        .then(|| u64::from_str_radix(name, 16).ok())
+        .flatten()
+}
+
+/// The footer of a sealed pack, checked against its header, trailer and checksum.
+fn read_footer(
+    backend: &dyn Backend,
+    key: &str,
+) -> Result<(Vec<crate::format::pack::FooterEntry>, u64)> {
+    let len = backend.size(key)?;
+    if len < (PACK_HEADER_BYTES + TRAILER_BYTES) as u64 {
+        return Err(Error::corrupt(
+            format!("pack {key}"),
+            format!("{len} bytes is shorter than a sealed pack's header and trailer"),
+        ));
+    }
+    let mut buf = Vec::new();
+    backend.read_range(key, 0, PACK_HEADER_BYTES, &mut buf)?;
+    check_pack_header(&buf)?;
+    backend.read_range(key, len - TRAILER_BYTES as u64, TRAILER_BYTES, &mut buf)?;
+    let (entries, footer_offset, checksum) = decode_trailer(&buf, len)?;
+    let footer_len = entries as usize * FOOTER_ENTRY_BYTES;
+    backend.read_range(key, footer_offset, footer_len, &mut buf)?;
+    let entries = decode_footer(&buf, checksum)?;
+    for e in &entries {
+        let end = e.offset.checked_add(e.stored_len as u64);
+        if e.offset < PACK_HEADER_BYTES as u64 || end.is_none_or(|end| end > footer_offset) {
+            return Err(Error::corrupt(
+                format!("pack {key}"),
+                format!(
+                    "footer entry {} at {} runs outside the records",
+                    e.id, e.offset
+                ),
+            ));
+        }
+    }
+    Ok((entries, len))
+}
+
+fn catalog_manifests(index: &Index, metadata: &LocalDir, report: &mut RepairReport) -> Result<()> {
+    for key in metadata.list("manifests")? {
+        let Some(id) = key.rsplit('/').next().and_then(parse_hex32) else {
+            continue;
+        };
+        let manifest = match metadata
+            .read_all(&key)
+            .and_then(|bytes| manifest::decode(&bytes, Some(&id)))
+        {
+            Ok(manifest) => manifest,
+            Err(e) => {
+                report.snapshots_left_out += 1;
+                report.skip(format!("manifest {key}: {e}"));
+                continue;
+            }
+        };
+        let reader = index.reader()?;
+        let mut missing = 0u64;
+        let (mut files, mut directories, mut bytes) = (0u64, 0u64, 0u64);
+        for entry in &manifest.entries {
+            match &entry.kind {
+                EntryKind::File { size, extents } => {
+                    files += 1;
+                    bytes += size;
+                    for chunk in extents.iter().flat_map(|e| &e.chunks) {
+                        if !reader.contains(&chunk.id)? {
+                            missing += 1;
+                        }
+                    }
+                }
+                EntryKind::Directory => directories += 1,
+                EntryKind::Hardlink { .. } => files += 1,
+                EntryKind::Symlink { .. } => {}
+            }
+        }
+        if missing > 0 {
+            report.snapshots_left_out += 1;
+            report.skip(format!(
+                "snapshot {}: {missing} chunk references found in no sealed pack; left out of the catalog",
+                hex(&id)
+            ));
+            continue;
+        }
+        index.put_snapshot(&SnapshotInfo {
+            id: hex(&id),
+            time: crate::job::rfc3339(manifest.created_unix_ns.div_euclid(1_000_000_000)),
+            created_unix_ns: manifest.created_unix_ns,
+            site: manifest.site.clone(),
+            tier: manifest.tier.clone(),
+            source: crate::backup::path_text(&manifest.source),
+            hostname: manifest.hostname.clone(),
+            parent: manifest.parent.as_ref().map(|p| hex(p)),
+            job: REPAIRED_JOB.to_string(),
+            files,
+            directories,
+            bytes,
+            warnings: 0,
+        })?;
+        report.snapshots += 1;
+    }
+    Ok(())
+}
+
+/// Refuses to open a site whose index is missing while its store holds packs or manifests:
+/// an empty index would make every snapshot look gone and every chunk new.
+pub fn refuse_lost_index(
+    index_path: &Path,
+    tiers: &std::collections::HashMap<String, Arc<dyn Backend>>,
+    metadata: &LocalDir,
+) -> Result<()> {
+    let mut packs = 0usize;
+    for backend in tiers.values() {
+        packs += backend
+            .list("packs")?
+            .iter()
+            .filter(|k| pack_id_of(k).is_some())
+            .count();
+    }
+    let manifests = metadata.list("manifests")?.len();
+    if packs == 0 && manifests == 0 {
+        return Ok(());
+    }
+    let dir = index_path.parent().unwrap_or(Path::new("."));
+    Err(Error::Site(format!(
+        "{} is missing but the site holds {packs} packs and {manifests} manifests: refusing to treat it as empty; rebuild it with `mover repair-index --site-dir {}`",
+        index_path.display(),
+        dir.display()
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pack_keys_name_their_id() {
+        assert_eq!(
+            pack_id_of("packs/ab/ab00000000000001.pack"),
+            Some(0xab00000000000001)
+        );
+        assert_eq!(pack_id_of("packs/ab/ab00000000000001.pack.tmp"), None);
+        assert_eq!(pack_id_of("packs/ab/xyz.pack"), None);
+        assert_eq!(pack_id_of("packs/ab/1.pack"), None);
+    }
+}
