@@ -22,8 +22,8 @@ use crossbeam_channel::bounded;
 use crate::buffers::{memlock_limit_bytes, ReadPlan};
 use crate::constants::{RESULT_QUEUE_DEPTH, WORK_QUEUE_DEPTH};
 use crate::error::{Error, Result};
-use crate::format::hex;
-use crate::format::manifest::{EntryKind, Manifest, MANIFEST_VERSION};
+use crate::format::manifest::{Entry, EntryKind, Manifest, MANIFEST_VERSION};
+use crate::format::{hex, ChunkId};
 use crate::job::{Job, JobControl, JobKind, JobState, Progress, Warning};
 use crate::peers::Link;
 use crate::remote::client::Control;
@@ -452,9 +452,33 @@ fn prepare<'a>(
     } else {
         None
     };
+    // A file with a chunk found damaged here is read again, even if unchanged: its good
+    // bytes replace the bad record.
+    let damaged: HashSet<ChunkId> = match remote {
+        None => site
+            .index
+            .damaged()?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect(),
+        Some(_) => Default::default(),
+    };
+    let intact = |e: &Entry| match &e.kind {
+        EntryKind::File { extents, .. } => !extents
+            .iter()
+            .flat_map(|x| &x.chunks)
+            .any(|c| damaged.contains(&c.id)),
+        _ => true,
+    };
     let reuse: ReuseMap = parent
         .as_ref()
-        .map(|(_, m)| m.entries.iter().map(|e| (e.path.as_slice(), e)).collect())
+        .map(|(_, m)| {
+            m.entries
+                .iter()
+                .filter(|e| damaged.is_empty() || intact(e))
+                .map(|e| (e.path.as_slice(), e))
+                .collect()
+        })
         .unwrap_or_default();
     let scanned = scan::scan(source, &reuse).map_err(|e| Error::io("scan", source, e))?;
     drop(reuse);

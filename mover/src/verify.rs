@@ -1,7 +1,7 @@
 //! Reads every chunk of a snapshot back and checks it: record header checksum, payload xxh3,
 //! length, and BLAKE3 of the plaintext against the chunk id. Each distinct chunk is read once.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use serde::Serialize;
 
@@ -26,7 +26,14 @@ pub struct VerifyReport {
     pub chunks_checked: u64,
     pub bytes_checked: u64,
     pub elapsed_s: f64,
+    /// Every (snapshot, file, chunk) that does not read back: a damaged chunk is listed in
+    /// every snapshot and file that references it, though it is read only once.
     pub damage: Vec<Damage>,
+    /// Snapshots with at least one damaged file or an unreadable manifest.
+    pub snapshots_damaged: u64,
+    pub files_damaged: u64,
+    /// Distinct damaged chunks.
+    pub chunks_damaged: u64,
 }
 
 /// Verifies one snapshot, or every snapshot of the site when `snapshot` is None.
@@ -48,11 +55,13 @@ pub fn run_with(
     };
     control.total(infos.iter().map(|i| i.bytes).sum());
     let mut report = VerifyReport::default();
-    let mut checked: HashSet<ChunkId> = HashSet::new();
+    // Each chunk is read once; what it read as (None: good) answers its later references.
+    let mut checked: HashMap<ChunkId, Option<String>> = HashMap::new();
     let mut reader = site.chunk_reader();
     let mut buffer = Vec::new();
     for info in infos {
         report.snapshots.push(info.id.clone());
+        let damage_before = report.damage.len();
         let manifest = match crate::format::parse_hex32(&info.id)
             .ok_or_else(|| {
                 Error::corrupt(
@@ -70,10 +79,12 @@ pub fn run_with(
                     chunk: None,
                     reason: format!("manifest: {e}"),
                 });
+                report.snapshots_damaged += 1;
                 continue;
             }
         };
         for entry in &manifest.entries {
+            let file_damage_before = report.damage.len();
             if let Err(why) = check_relative_path(&entry.path) {
                 report.damage.push(Damage {
                     snapshot: info.id.clone(),
@@ -89,30 +100,51 @@ pub fn run_with(
             control.check()?;
             for chunk in extents.iter().flat_map(|e| &e.chunks) {
                 control.done(chunk.len as u64);
-                if !checked.insert(chunk.id) {
-                    continue;
-                }
-                let outcome = reader.read(&chunk.id, &mut buffer).and_then(|()| {
-                    if buffer.len() == chunk.len as usize {
-                        Ok(())
-                    } else {
-                        Err(Error::corrupt(
-                            format!("chunk {}", chunk.id),
-                            format!("{} bytes, manifest says {}", buffer.len(), chunk.len),
-                        ))
+                let outcome = match checked.get(&chunk.id) {
+                    Some(outcome) => outcome.clone(),
+                    None => {
+                        let outcome = reader
+                            .read(&chunk.id, &mut buffer)
+                            .and_then(|()| {
+                                if buffer.len() == chunk.len as usize {
+                                    Ok(())
+                                } else {
+                                    Err(Error::corrupt(
+                                        format!("chunk {}", chunk.id),
+                                        format!(
+                                            "{} bytes, manifest says {}",
+                                            buffer.len(),
+                                            chunk.len
+                                        ),
+                                    ))
+                                }
+                            })
+                            .err()
+                            .map(|e| e.to_string());
+                        report.chunks_checked += 1;
+                        match &outcome {
+                            None => report.bytes_checked += chunk.len as u64,
+                            Some(_) => report.chunks_damaged += 1,
+                        }
+                        checked.insert(chunk.id, outcome.clone());
+                        outcome
                     }
-                });
-                report.chunks_checked += 1;
-                match outcome {
-                    Ok(()) => report.bytes_checked += chunk.len as u64,
-                    Err(e) => report.damage.push(Damage {
+                };
+                if let Some(reason) = outcome {
+                    report.damage.push(Damage {
                         snapshot: info.id.clone(),
                         path: path_text(&entry.path),
                         chunk: Some(chunk.id.hex()),
-                        reason: e.to_string(),
-                    }),
+                        reason,
+                    });
                 }
             }
+            if report.damage.len() > file_damage_before {
+                report.files_damaged += 1;
+            }
+        }
+        if report.damage.len() > damage_before {
+            report.snapshots_damaged += 1;
         }
     }
     report.elapsed_s = started.elapsed().as_secs_f64();

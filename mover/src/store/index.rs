@@ -10,6 +10,9 @@
 //!   persistent queue and journal of `mover daemon`.
 //! - `idempotency`: idempotency key → job id, so a retried submit finds its first job.
 //! - `meta`:      counters (`job_seq`, the last job sequence number handed out).
+//! - `damaged`:   chunk id → why its indexed record was found bad (by verify, a restore, a
+//!   peer's fetch). Such a chunk does not satisfy dedup, and the next sealed pack that holds
+//!   it takes over its row (and clears this one).
 //!
 //! Writers commit with redb's default durability (fsync on commit), so a row that is readable
 //! after a crash was durable before the commit returned.
@@ -28,6 +31,7 @@ const JOBS: TableDefinition<&str, &str> = TableDefinition::new("jobs");
 const QUEUE: TableDefinition<&str, &str> = TableDefinition::new("queue");
 const IDEMPOTENCY: TableDefinition<&str, &str> = TableDefinition::new("idempotency");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const DAMAGED: TableDefinition<[u8; 32], &str> = TableDefinition::new("damaged");
 
 /// Where one chunk is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +90,7 @@ impl Index {
         txn.open_table(QUEUE)?;
         txn.open_table(IDEMPOTENCY)?;
         txn.open_table(META)?;
+        txn.open_table(DAMAGED)?;
         txn.commit()?;
         Ok(Index { db })
     }
@@ -102,9 +107,47 @@ impl Index {
 
     /// A read view for many lookups (one per chunk on the backup path).
     pub fn reader(&self) -> Result<IndexReader> {
+        use redb::ReadableTableMetadata;
         let txn = self.db.begin_read()?;
         let chunks = txn.open_table(CHUNKS)?;
-        Ok(IndexReader { chunks })
+        let damaged = txn.open_table(DAMAGED)?;
+        // Almost always empty: then the backup path pays no second lookup.
+        let damaged = if damaged.is_empty()? {
+            None
+        } else {
+            Some(damaged)
+        };
+        Ok(IndexReader { chunks, damaged })
+    }
+
+    /// Marks chunk `id` damaged, if the index still points at the record found bad at `at`
+    /// (a newer good copy may have taken its row since).
+    pub fn mark_damaged(&self, id: &ChunkId, at: &Location, reason: &str) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let chunks = txn.open_table(CHUNKS)?;
+            let current = match chunks.get(id.0)? {
+                Some(row) => Some(location(row.value())?),
+                None => None,
+            };
+            if current.as_ref() == Some(at) {
+                txn.open_table(DAMAGED)?.insert(id.0, reason)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Chunks marked damaged, with the reason.
+    pub fn damaged(&self) -> Result<Vec<(ChunkId, String)>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(DAMAGED)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (id, reason) = row?;
+            out.push((ChunkId(id.value()), reason.value().to_string()));
+        }
+        Ok(out)
     }
 
     pub fn pack_tier(&self, pack_id: u64) -> Result<Option<String>> {
@@ -121,9 +164,12 @@ impl Index {
             let mut packs = txn.open_table(PACKS)?;
             packs.insert(pack.pack_id, pack.tier.as_str())?;
             let mut chunks = txn.open_table(CHUNKS)?;
+            let mut damaged = txn.open_table(DAMAGED)?;
             for e in &pack.entries {
-                // A chunk already indexed (stored twice by racing workers) keeps its first home.
-                if chunks.get(e.id.0)?.is_none() {
+                // A chunk already indexed (stored twice by racing workers) keeps its first
+                // home, unless that home was found damaged: then this copy replaces it.
+                let repair = chunks.get(e.id.0)?.is_some() && damaged.remove(e.id.0)?.is_some();
+                if repair || chunks.get(e.id.0)?.is_none() {
                     chunks.insert(
                         e.id.0,
                         (
@@ -276,10 +322,18 @@ impl Index {
 
 pub struct IndexReader {
     chunks: redb::ReadOnlyTable<[u8; 32], (u64, u64, u32, u32, u8)>,
+    damaged: Option<redb::ReadOnlyTable<[u8; 32], &'static str>>,
 }
 
 impl IndexReader {
+    /// Whether a good copy of chunk `id` is stored: what dedup asks. A chunk marked damaged
+    /// is not, so that whoever has its bytes stores them again.
     pub fn contains(&self, id: &ChunkId) -> Result<bool> {
+        if let Some(damaged) = &self.damaged {
+            if damaged.get(id.0)?.is_some() {
+                return Ok(false);
+            }
+        }
         Ok(self.chunks.get(id.0)?.is_some())
     }
 }

@@ -36,14 +36,17 @@ impl<'a> ChunkReader<'a> {
         })
     }
 
-    /// Reads chunk `id` into `out`, verifying the record's header, xxh3 and BLAKE3.
+    /// Reads chunk `id` into `out`, verifying the record's header, xxh3 and BLAKE3. A record
+    /// found damaged is marked so in the index: it no longer satisfies dedup, and the next
+    /// backup or replication that has the good bytes stores them again.
     pub fn read(&mut self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
         let mut record = std::mem::take(&mut self.record);
         let fetched = self.fetch_record(id, &mut record);
         self.record = record;
-        let (header, key) = fetched?;
+        let (header, key, location) = fetched?;
         open_record(&header, &self.record[RECORD_HEADER_BYTES..], out)
             .map_err(|e| Error::corrupt(format!("chunk {id} in {key}"), e.to_string()))
+            .map_err(|e| self.noted(id, location, e))
     }
 
     /// Reads chunk `id`'s record as stored (compressed or raw) with its header and payload
@@ -58,14 +61,28 @@ impl<'a> ChunkReader<'a> {
     /// [`read_stored`](ChunkReader::read_stored) into the caller's buffer: `record` then holds
     /// the whole record, its header's [`RECORD_HEADER_BYTES`] and the payload after them.
     pub fn read_stored_into(&mut self, id: &ChunkId, record: &mut Vec<u8>) -> Result<RecordHeader> {
-        let (header, key) = self.fetch_record(id, record)?;
+        let (header, key, location) = self.fetch_record(id, record)?;
         if xxhash_rust::xxh3::xxh3_64(&record[RECORD_HEADER_BYTES..]) != header.payload_xxh3 {
-            return Err(Error::corrupt(
-                format!("chunk {id} in {key}"),
-                "payload checksum (xxh3) mismatch",
+            return Err(self.noted(
+                id,
+                location,
+                Error::corrupt(
+                    format!("chunk {id} in {key}"),
+                    "payload checksum (xxh3) mismatch",
+                ),
             ));
         }
         Ok(header)
+    }
+
+    /// Records damage found at `location` in the index, and passes the error on.
+    fn noted(&self, id: &ChunkId, location: Location, error: Error) -> Error {
+        if let Error::Corrupt { .. } = &error {
+            if let Err(e) = self.index.mark_damaged(id, &location, &error.to_string()) {
+                tracing::warn!(chunk = %id, error = %e, "could not mark a damaged chunk in the index");
+            }
+        }
+        error
     }
 
     /// Reads `id`'s record into `record` and checks its header against the index.
@@ -73,22 +90,41 @@ impl<'a> ChunkReader<'a> {
         &mut self,
         id: &ChunkId,
         record: &mut Vec<u8>,
-    ) -> Result<(RecordHeader, String)> {
+    ) -> Result<(RecordHeader, String, Location)> {
         let location = self.locate(id)?;
         let backend = self.backend_of(location.pack_id)?;
         let len = RECORD_HEADER_BYTES + location.stored_len as usize;
         let key = pack_key(location.pack_id);
-        backend.read_range(&key, location.offset, len, record)?;
         let damaged = |detail: String| Error::corrupt(format!("chunk {id} in {key}"), detail);
-        let header = RecordHeader::decode(&record[..RECORD_HEADER_BYTES])
-            .map_err(|e| damaged(e.to_string()))?;
-        if header.id != *id || header.stored_len != location.stored_len {
-            return Err(damaged(format!(
-                "record at offset {} holds chunk {}",
-                location.offset, header.id
-            )));
+        match backend.read_range(&key, location.offset, len, record) {
+            Ok(()) => {}
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(self.noted(
+                    id,
+                    location,
+                    damaged(format!(
+                        "the record of {len} bytes at offset {} runs past the end of the pack (truncated?)",
+                        location.offset
+                    )),
+                ));
+            }
+            Err(e) => return Err(e),
         }
-        Ok((header, key))
+        let header = match RecordHeader::decode(&record[..RECORD_HEADER_BYTES]) {
+            Ok(header) => header,
+            Err(e) => return Err(self.noted(id, location, damaged(e.to_string()))),
+        };
+        if header.id != *id || header.stored_len != location.stored_len {
+            return Err(self.noted(
+                id,
+                location,
+                damaged(format!(
+                    "record at offset {} holds chunk {}",
+                    location.offset, header.id
+                )),
+            ));
+        }
+        Ok((header, key, location))
     }
 
     fn backend_of(&mut self, pack_id: u64) -> Result<Arc<dyn Backend>> {

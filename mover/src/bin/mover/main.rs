@@ -637,12 +637,14 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
                     );
                 }
                 println!(
-                    "verified {} snapshot(s): {} chunks, {:.3} GB in {:.2} s; {} damaged",
+                    "verified {} snapshot(s): {} chunks, {:.3} GB in {:.2} s; damaged: {} snapshot(s), {} file(s), {} chunk(s)",
                     report.snapshots.len(),
                     report.chunks_checked,
                     report.bytes_checked as f64 / 1e9,
                     report.elapsed_s,
-                    report.damage.len()
+                    report.snapshots_damaged,
+                    report.files_damaged,
+                    report.chunks_damaged
                 );
             }
             if let Some(d) = report.damage.first() {
