@@ -121,7 +121,12 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
     };
     let backend = match &remote {
         Some(_) => site.tier(site.config.default_tier())?.clone(),
-        None => site.tier(&tier)?.clone(),
+        None => {
+            // A daemon opens its site once: what a killed writer of another process left
+            // since then is reclaimed here, beside this site's running writers.
+            site.reclaim_packs(&tier);
+            site.tier(&tier)?.clone()
+        }
     };
     // Empty for a peer's default tier, which only the peer knows.
     job.tier = Some(tier.clone()).filter(|t| !t.is_empty());

@@ -19,6 +19,7 @@ use crate::config::{self, Config, CONFIG_FILE_NAME};
 use crate::error::{Error, Result};
 use crate::format::manifest::{self, Manifest};
 use crate::store::pack_reader::ChunkReader;
+use crate::store::reclaim::{self, Reclaimed};
 use crate::store::{manifest_key, Backend, Index, LocalDir};
 
 pub const INDEX_FILE_NAME: &str = "index.redb";
@@ -152,13 +153,30 @@ impl Site {
             crate::repair::refuse_lost_index(&index_path, &tiers, &metadata)?;
         }
         let index = Index::open(&index_path)?;
-        Ok(Site {
+        let site = Site {
             peers: std::sync::RwLock::new(config.peers.clone()),
             metadata,
             dir,
             config,
             index,
             tiers,
+        };
+        for tier in site.tiers.keys() {
+            site.reclaim_packs(tier);
+        }
+        Ok(site)
+    }
+
+    /// Removes the packs of `tier` left unsealed by writers that were killed or failed
+    /// (`store::reclaim`); safe beside running writers. Housekeeping: a failure is logged,
+    /// never fatal.
+    pub fn reclaim_packs(&self, tier: &str) -> Reclaimed {
+        let Some(backend) = self.tiers.get(tier) else {
+            return Reclaimed::default();
+        };
+        reclaim::reclaim_tier(&self.index, tier, &**backend).unwrap_or_else(|e| {
+            tracing::warn!(tier, error = %e, "could not look for unsealed packs to reclaim");
+            Reclaimed::default()
         })
     }
 

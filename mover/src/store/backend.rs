@@ -7,7 +7,8 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::direct::{reopen_direct, DirectWriter, STAGE_BYTES};
@@ -27,9 +28,18 @@ pub trait Backend: Send + Sync {
     fn create_appender(&self, key: &str, expected_bytes: u64) -> Result<Box<dyn Appender>>;
     fn exists(&self, key: &str) -> Result<bool>;
     fn size(&self, key: &str) -> Result<u64>;
-    /// Every object whose key starts with the folder `prefix` (e.g. `packs`), sorted; empty if
-    /// there is no such folder.
-    fn list(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Keys of the objects under the folder `dir` (a key prefix ending before a `/`), at any
+    /// depth, in no particular order.
+    fn list(&self, dir: &str) -> Result<Vec<String>>;
+    /// Removes `key` when no appender, in this process or another, is writing it and
+    /// `abandoned(len, tail)` (its length and its last `tail_bytes` bytes, fewer if it is
+    /// shorter) says it is garbage. Returns the space freed, or `None` when it was kept.
+    fn remove_abandoned(
+        &self,
+        key: &str,
+        tail_bytes: usize,
+        abandoned: &dyn Fn(u64, &[u8]) -> bool,
+    ) -> Result<Option<u64>>;
 }
 
 pub trait Appender: Send {
@@ -39,7 +49,8 @@ pub trait Appender: Send {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Makes everything appended durable, including the object's name.
+    /// Makes everything appended durable, including the object's name. An appender dropped
+    /// before this returns Ok removes its object: half an object is never left behind.
     fn finish_durable(self: Box<Self>) -> Result<()>;
 }
 
@@ -115,16 +126,16 @@ impl Backend for LocalDir {
     fn create_appender(&self, key: &str, expected_bytes: u64) -> Result<Box<dyn Appender>> {
         let path = self.path_of(key);
         self.create_parent(&path)?;
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| Error::io("create", &path, e))?;
+        let file = create_owned(&path)?;
+        let cleanup = RemoveUnlessFinished {
+            path: path.clone(),
+            finished: false,
+        };
         match reopen_direct(&file) {
             Ok(direct) => Ok(Box::new(DirectAppender::new(
                 file,
                 direct,
-                path,
+                cleanup,
                 expected_bytes,
             ))),
             // tmpfs and some FUSE file systems refuse O_DIRECT (and without /proc there is no
@@ -133,7 +144,12 @@ impl Backend for LocalDir {
                 if e.raw_os_error() != Some(libc::EINVAL) {
                     tracing::warn!(path = %path.display(), error = %e, "no direct descriptor for a pack; writing it buffered");
                 }
-                Ok(Box::new(FileAppender { file, path, len: 0 }))
+                Ok(Box::new(FileAppender {
+                    cleanup,
+                    file,
+                    path,
+                    len: 0,
+                }))
             }
         }
     }
@@ -150,37 +166,167 @@ impl Backend for LocalDir {
             .map_err(|e| Error::io("stat", &path, e))
     }
 
-    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+    fn list(&self, dir: &str) -> Result<Vec<String>> {
         let mut keys = Vec::new();
-        let mut folders = vec![prefix.trim_end_matches('/').to_string()];
+        let mut folders = vec![dir.trim_end_matches('/').to_string()];
         while let Some(folder) = folders.pop() {
             let path = self.path_of(&folder);
             let listing = match std::fs::read_dir(&path) {
                 Ok(listing) => listing,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io("list", &path, e)),
+                Err(e) => return Err(Error::io("read directory", &path, e)),
             };
             for entry in listing {
-                let entry = entry.map_err(|e| Error::io("list", &path, e))?;
-                // Keys are ours, so a name that is not UTF-8 is not one of them.
-                let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                let entry = entry.map_err(|e| Error::io("read directory", &path, e))?;
+                // Keys are UTF-8 by construction; any other name is not an object of ours.
+                let Ok(name) = entry.file_name().into_string() else {
                     continue;
                 };
-                let key = format!("{folder}/{name}");
-                let kind = entry.file_type().map_err(|e| Error::io("list", &path, e))?;
+                let kind = entry
+                    .file_type()
+                    .map_err(|e| Error::io("stat", entry.path(), e))?;
                 if kind.is_dir() {
-                    folders.push(key);
+                    folders.push(format!("{folder}/{name}"));
                 } else if kind.is_file() {
-                    keys.push(key);
+                    keys.push(format!("{folder}/{name}"));
                 }
             }
         }
-        keys.sort();
         Ok(keys)
+    }
+
+    fn remove_abandoned(
+        &self,
+        key: &str,
+        tail_bytes: usize,
+        abandoned: &dyn Fn(u64, &[u8]) -> bool,
+    ) -> Result<Option<u64>> {
+        let path = self.path_of(key);
+        let file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+        {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("open", &path, e)),
+        };
+        // Held by its appender (see `create_owned`); the lock is ours until `file` closes,
+        // after the removal, so no appender can take the object over meanwhile.
+        if !lock_exclusive(&file, false).map_err(|e| Error::io("lock", &path, e))? {
+            return Ok(None);
+        }
+        let meta = file.metadata().map_err(|e| Error::io("stat", &path, e))?;
+        if !meta.is_file() || meta.nlink() == 0 {
+            return Ok(None);
+        }
+        let take = (tail_bytes as u64).min(meta.len());
+        let mut tail = vec![0u8; take as usize];
+        file.read_exact_at(&mut tail, meta.len() - take)
+            .map_err(|e| Error::io("read", &path, e))?;
+        if !abandoned(meta.len(), &tail) {
+            return Ok(None);
+        }
+        // The name must still be this file (nothing renames objects, but a check is cheap).
+        match std::fs::symlink_metadata(&path) {
+            Ok(now) if now.ino() == meta.ino() && now.dev() == meta.dev() => {}
+            _ => return Ok(None),
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(Some(meta.blocks() * 512)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("remove", &path, e)),
+        }
+    }
+}
+
+/// How often `create_owned` tries again when its new file is removed before it could lock it.
+const CREATE_ATTEMPTS: usize = 8;
+
+/// Creates `path` (which must not exist) and takes an exclusive `flock` on it for as long as
+/// the returned descriptor (or a clone) is open: that lock is how `remove_abandoned`, in any
+/// process, tells an object being written from one whose writer is gone. A reclaim can remove
+/// the file between its creation and the lock; the lock is then taken on a file without a
+/// name (no links left), and the name is simply created again.
+fn create_owned(path: &Path) -> Result<File> {
+    for _ in 0..CREATE_ATTEMPTS {
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| Error::io("create", path, e))?;
+        match lock_exclusive(&file, true) {
+            Ok(_) => {}
+            // Without locks nothing can reclaim the file either (it must lock it first).
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "no lock on a new pack; it will not be reclaimed if this process dies")
+            }
+        }
+        let links = file
+            .metadata()
+            .map_err(|e| Error::io("stat", path, e))?
+            .nlink();
+        if links > 0 {
+            return Ok(file);
+        }
+    }
+    Err(Error::io(
+        "create",
+        path,
+        std::io::Error::other(format!(
+            "removed {CREATE_ATTEMPTS} times between its creation and its lock"
+        )),
+    ))
+}
+
+/// Takes an exclusive `flock` on `file`; `wait` blocks until it is free, otherwise a lock held
+/// elsewhere (any other open file description, in this process or another) returns false.
+fn lock_exclusive(file: &File, wait: bool) -> std::io::Result<bool> {
+    let operation = if wait {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_EX | libc::LOCK_NB
+    };
+    loop {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) if !wait => return Ok(false),
+            _ => return Err(e),
+        }
+    }
+}
+
+/// Removes an appender's object when the appender goes away unfinished (an error, a cancel, a
+/// panic): such an object holds nothing anyone can find, and a pack holds its whole
+/// preallocated size. Declared first in an appender so the file is removed while the
+/// appender's descriptor still holds the lock.
+struct RemoveUnlessFinished {
+    path: PathBuf,
+    finished: bool,
+}
+
+impl Drop for RemoveUnlessFinished {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "could not remove an unfinished pack; the next site open reclaims it")
+            }
+        }
     }
 }
 
 struct FileAppender {
+    cleanup: RemoveUnlessFinished,
     file: File,
     path: PathBuf,
     len: u64,
@@ -207,10 +353,17 @@ impl Appender for FileAppender {
     }
 
     fn finish_durable(self: Box<Self>) -> Result<()> {
-        self.file
-            .sync_data()
-            .map_err(|e| Error::io("fdatasync", &self.path, e))?;
-        sync_dir(self.path.parent().expect("has parent"))
+        let FileAppender {
+            mut cleanup,
+            file,
+            path,
+            ..
+        } = *self;
+        file.sync_data()
+            .map_err(|e| Error::io("fdatasync", &path, e))?;
+        sync_dir(path.parent().expect("has parent"))?;
+        cleanup.finished = true;
+        Ok(())
     }
 }
 
@@ -219,15 +372,21 @@ impl Appender for FileAppender {
 /// before the fdatasync (a fallocate that failed part-way may still have grown it). A crash
 /// before the seal leaves zeros after, or between, the records written so far, which a
 /// record-by-record read of an unsealed pack stops at, as it stops at any torn record; such a
-/// pack holds nothing committed, and (as before) nothing removes it, so a crash now leaves up
-/// to the reservation (~133 MiB) per open pack instead of what was written.
+/// pack holds nothing committed and up to the reservation (~133 MiB): an appender that fails
+/// or is dropped removes it, and after a crash `store::reclaim` does.
 struct DirectAppender {
+    cleanup: RemoveUnlessFinished,
     writer: DirectWriter,
 }
 
 impl DirectAppender {
-    fn new(buffered: File, direct: File, path: PathBuf, expected_bytes: u64) -> DirectAppender {
-        let writer = DirectWriter::new(buffered, direct, path);
+    fn new(
+        buffered: File,
+        direct: File,
+        cleanup: RemoveUnlessFinished,
+        expected_bytes: u64,
+    ) -> DirectAppender {
+        let writer = DirectWriter::new(buffered, direct, cleanup.path.clone());
         // The target, the chunk that crosses it and the footer. A pack can grow further (a
         // local worker seals between extents); writes past the reservation extend the file
         // one at a time, which is slower but correct.
@@ -235,7 +394,7 @@ impl DirectAppender {
         if expected_bytes > 0 {
             writer.reserve(0, reserve);
         }
-        DirectAppender { writer }
+        DirectAppender { cleanup, writer }
     }
 }
 
@@ -249,14 +408,20 @@ impl Appender for DirectAppender {
     }
 
     fn finish_durable(self: Box<Self>) -> Result<()> {
-        let len = self.writer.len();
-        let path = self.writer.path().to_path_buf();
-        let file = self.writer.finish()?;
+        let DirectAppender {
+            mut cleanup,
+            writer,
+        } = *self;
+        let len = writer.len();
+        let path = writer.path().to_path_buf();
+        let file = writer.finish()?;
         file.set_len(len)
             .map_err(|e| Error::io("truncate", &path, e))?;
         file.sync_data()
             .map_err(|e| Error::io("fdatasync", &path, e))?;
-        sync_dir(path.parent().expect("has parent"))
+        sync_dir(path.parent().expect("has parent"))?;
+        cleanup.finished = true;
+        Ok(())
     }
 }
 

@@ -157,6 +157,17 @@ impl Index {
         Ok(row.map(|g| g.value().to_string()))
     }
 
+    /// Every committed pack.
+    pub fn pack_ids(&self) -> Result<std::collections::HashSet<u64>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(PACKS)?;
+        let mut ids = std::collections::HashSet::new();
+        for row in table.iter()? {
+            ids.insert(row?.0.value());
+        }
+        Ok(ids)
+    }
+
     /// Makes a sealed pack's records findable. Called only after the pack is durable.
     pub fn commit_pack(&self, pack: &SealedPack) -> Result<()> {
         let txn = self.db.begin_write()?;

@@ -6,6 +6,7 @@ pub mod direct;
 pub mod index;
 pub mod pack_reader;
 pub mod pack_writer;
+pub mod reclaim;
 
 pub use backend::{Appender, Backend, LocalDir};
 pub use index::{Index, Location, SealedPack, SnapshotInfo};

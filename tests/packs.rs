@@ -1,0 +1,186 @@
+//! Pack space: a killed or failed backup leaves no preallocated pack behind once the site is
+//! opened again, and reclaiming never takes a pack that a live writer (here: this test
+//! process) is writing, nor a sealed one.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use mover::format::pack::{decode_trailer, RecordHeader, TRAILER_BYTES};
+use mover::format::{ChunkId, Codec};
+use mover::store::pack_writer::PackWriter;
+use mover::store::{Backend, LocalDir};
+
+const MIB: usize = 1024 * 1024;
+
+/// Pack files of the site's `hot` tier, each with whether it is sealed (ends with a trailer
+/// that fits it, as a seal leaves it).
+fn packs(site: &Path) -> Vec<(PathBuf, bool)> {
+    let mut out = Vec::new();
+    let Ok(folders) = std::fs::read_dir(site.join("tiers/hot/packs")) else {
+        return out;
+    };
+    for folder in folders {
+        for entry in std::fs::read_dir(folder.unwrap().path()).unwrap() {
+            let path = entry.unwrap().path();
+            let file = std::fs::File::open(&path).unwrap();
+            let len = file.metadata().unwrap().len();
+            let take = (TRAILER_BYTES as u64).min(len);
+            let mut tail = vec![0u8; take as usize];
+            file.read_exact_at(&mut tail, len - take).unwrap();
+            let sealed = take == TRAILER_BYTES as u64 && decode_trailer(&tail, len).is_ok();
+            out.push((path, sealed));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn unsealed(site: &Path) -> Vec<PathBuf> {
+    packs(site)
+        .into_iter()
+        .filter(|(_, sealed)| !sealed)
+        .map(|(path, _)| path)
+        .collect()
+}
+
+fn verify_clean(site: &Path) {
+    let report = run_json(mover().arg("verify").arg("--site-dir").arg(site));
+    assert_eq!(report["damage"].as_array().unwrap().len(), 0, "{report}");
+}
+
+#[test]
+fn a_backup_killed_mid_pack_leaves_no_unsealed_pack_after_the_next_open() {
+    let work = workdir();
+    let data = work.path().join("data");
+    for i in 0..4 {
+        write_random(&data.join(format!("f{i}.bin")), 32 * MIB, i as u64);
+    }
+    let site = init_site(work.path(), "a");
+    // The default pack target (128 MiB) is more than the data set: no pack is sealed before
+    // the end of the job, so a kill once the first pack exists lands inside a pack.
+    let mut child = mover()
+        .arg("backup")
+        .arg(&data)
+        .arg("--site-dir")
+        .arg(&site)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while packs(&site).is_empty() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the backup ended before it opened a pack"
+        );
+        assert!(Instant::now() < deadline, "no pack appeared within 60 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "the backup finished before the kill ({status}); the test needs a slower disk or more data"
+    );
+    assert!(
+        !unsealed(&site).is_empty(),
+        "the kill left no unsealed pack: {:?}",
+        packs(&site)
+    );
+
+    // Any command opens the site, which reclaims.
+    run_json(mover().arg("snapshots").arg("--site-dir").arg(&site));
+    assert_eq!(unsealed(&site), Vec::<PathBuf>::new());
+
+    backup(&site, &data);
+    assert_eq!(unsealed(&site), Vec::<PathBuf>::new());
+    verify_clean(&site);
+}
+
+#[test]
+fn a_backup_that_fails_mid_pack_leaves_no_pack() {
+    let work = workdir();
+    let data = work.path().join("data");
+    write_random(&data.join("big.bin"), 48 * MIB, 1);
+    let site = init_site(work.path(), "a");
+    set_engine(&site, "workers = 1");
+    // Files may not grow past 16 MiB in the backup's process: its pack write fails there
+    // (EFBIG, with SIGXFSZ ignored), which is an I/O error like a full disk.
+    let mut command = mover();
+    command
+        .arg("backup")
+        .arg(&data)
+        .arg("--site-dir")
+        .arg(&site);
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 16 << 20,
+                rlim_max: 16 << 20,
+            };
+            if libc::signal(libc::SIGXFSZ, libc::SIG_IGN) == libc::SIG_ERR
+                || libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let output = run(&mut command);
+    assert!(
+        !output.status.success(),
+        "the backup was expected to fail at the file size limit"
+    );
+    assert!(
+        stderr(&output).contains("File too large"),
+        "{}",
+        stderr(&output)
+    );
+    // Checked before anything opens the site again: the failing writer removed its pack.
+    assert_eq!(packs(&site), Vec::<(PathBuf, bool)>::new());
+
+    backup(&site, &data);
+    verify_clean(&site);
+}
+
+#[test]
+fn a_pack_being_written_by_another_process_survives_a_reclaim_and_a_sealed_one_too() {
+    let work = workdir();
+    let data = work.path().join("data");
+    write_random(&data.join("small.bin"), MIB, 2);
+    let site = init_site(work.path(), "a");
+
+    // This test process is the other writer: its pack is open, unsealed and preallocated,
+    // while `mover backup` opens the site and starts a job (both reclaim).
+    let backend: Arc<dyn Backend> = Arc::new(LocalDir::new(site.join("tiers/hot")));
+    let mut pack = PackWriter::create(&backend, "hot", 64 << 20).unwrap();
+    let payload = random_bytes(100_000, 3);
+    let id = ChunkId(*blake3::hash(&payload).as_bytes());
+    let header = RecordHeader::new(id, Codec::Raw, payload.len(), &payload);
+    pack.append(&header, &payload).unwrap();
+    let ours = unsealed(&site);
+    assert_eq!(ours.len(), 1);
+
+    backup(&site, &data);
+    let after = unsealed(&site);
+    assert_eq!(after, ours, "the live writer's pack was reclaimed");
+
+    let sealed = pack.seal().unwrap();
+    run_json(mover().arg("snapshots").arg("--site-dir").arg(&site));
+    assert!(
+        packs(&site)
+            .iter()
+            .any(|(path, is_sealed)| *is_sealed && path == &ours[0]),
+        "the sealed, uncommitted pack {:016x} was removed: {:?}",
+        sealed.pack_id,
+        packs(&site)
+    );
+    verify_clean(&site);
+}
