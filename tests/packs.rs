@@ -184,3 +184,57 @@ fn a_pack_being_written_by_another_process_survives_a_reclaim_and_a_sealed_one_t
     );
     verify_clean(&site);
 }
+
+#[test]
+fn two_tiers_in_one_directory_are_refused() {
+    let work = workdir();
+    let site = init_site(work.path(), "a");
+    let config = site.join("mover.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+
+    // As written in the config.
+    let shared = format!("{text}\n[tiers.warm]\npath = \"tiers/./hot\"\n");
+    std::fs::write(&config, shared).unwrap();
+    let output = run(mover().arg("snapshots").arg("--site-dir").arg(&site));
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(
+        message.contains("tiers \"hot\"")
+            && message.contains("\"warm\"")
+            && message.contains("a directory of its own"),
+        "{message}"
+    );
+
+    // Through a link: only the site's open can tell.
+    std::os::unix::fs::symlink("hot", site.join("tiers/warm")).unwrap();
+    let linked = format!("{text}\n[tiers.warm]\npath = \"tiers/warm\"\n");
+    std::fs::write(&config, linked).unwrap();
+    let output = run(mover().arg("snapshots").arg("--site-dir").arg(&site));
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(
+        message.contains("tiers \"hot\"")
+            && message.contains("\"warm\"")
+            && message.contains("a directory of its own"),
+        "{message}"
+    );
+    assert_eq!(message.trim().lines().count(), 1, "{message}");
+}
+
+#[test]
+fn an_oversized_pack_target_is_refused_at_its_position() {
+    let work = workdir();
+    let site = init_site(work.path(), "a");
+    set_engine(&site, "pack_target_bytes = 9223372036854775807");
+    let output = run(mover().arg("snapshots").arg("--site-dir").arg(&site));
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(
+        message.contains("mover.toml:") && !message.contains("mover.toml:0:0"),
+        "{message}"
+    );
+    assert!(
+        message.contains("engine.pack_target_bytes") && message.contains("1073741824 (1 GiB)"),
+        "{message}"
+    );
+}

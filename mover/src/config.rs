@@ -130,11 +130,31 @@ pub struct EngineSection {
     pub io_memory_bytes: u64,
     #[serde(default)]
     pub read_buffer_bytes: Option<usize>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "pack_target_bytes")]
     pub pack_target_bytes: Option<u64>,
     /// Pin workers to cores (default true). Off is useful when several movers share a node.
     #[serde(default)]
     pub pin_workers: Option<bool>,
+}
+
+/// Checked while parsing (not in `validate`) so that the error carries the value's line and
+/// column.
+fn pack_target_bytes<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<u64>, D::Error> {
+    let bytes = u64::deserialize(deserializer)?;
+    let (min, max) = (
+        constants::PACK_BYTES_TARGET_MIN,
+        constants::PACK_BYTES_TARGET_MAX,
+    );
+    if !(min..=max).contains(&bytes) {
+        return Err(serde::de::Error::custom(format!(
+            "engine.pack_target_bytes = {bytes}: expected {min} ({} MiB) to {max} ({} GiB)",
+            min >> 20,
+            max >> 30
+        )));
+    }
+    Ok(Some(bytes))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -219,14 +239,15 @@ impl Config {
                 )));
             }
         }
-        if let Some(size) = self.engine.pack_target_bytes {
-            if size < 2 * constants::CHUNK_BYTES_MAX as u64 {
-                return Err(invalid(format!(
-                    "engine.pack_target_bytes = {size}: expected at least {}",
-                    2 * constants::CHUNK_BYTES_MAX
-                )));
-            }
-        }
+        // Relative to the config's directory, as the site resolves them; links are resolved
+        // when the site opens.
+        let base = path.parent().unwrap_or(Path::new(""));
+        let dirs: Vec<(&str, PathBuf)> = self
+            .tiers
+            .iter()
+            .map(|(name, tier)| (name.as_str(), lexical_join(base, &tier.path)))
+            .collect();
+        check_tier_dirs(&dirs).map_err(invalid)?;
         Ok(())
     }
 
@@ -266,6 +287,38 @@ impl Config {
     pub fn pin_workers(&self) -> bool {
         self.engine.pin_workers.unwrap_or(true)
     }
+}
+
+/// Refuses two tiers whose directories are the same or one inside the other: each tier's
+/// packs, capacity and reclaim must be its own.
+pub fn check_tier_dirs(dirs: &[(&str, PathBuf)]) -> Result<(), String> {
+    for (i, (a, dir_a)) in dirs.iter().enumerate() {
+        for (b, dir_b) in &dirs[i + 1..] {
+            if dir_a.starts_with(dir_b) || dir_b.starts_with(dir_a) {
+                return Err(format!(
+                    "tiers {a:?} ({}) and {b:?} ({}) overlap: expected a directory of its own for each tier, not shared or inside another's",
+                    dir_a.display(),
+                    dir_b.display()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `base` joined with `path`, with `.` and `..` folded away without touching the file system.
+fn lexical_join(base: &Path, path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for part in base.join(path).components() {
+        match part {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
@@ -311,7 +364,7 @@ identity = "identity"   # key.pem (private, mode 0600) and cert.pem; `mover iden
 # A value > 0 must hold them all. Raise LimitMEMLOCK in the systemd unit before raising this.
 # io_memory_bytes = 0
 # read_buffer_bytes = 1048576  # one direct read, a multiple of 4096
-# pack_target_bytes = 134217728
+# pack_target_bytes = 134217728  # 8 MiB to 1 GiB; each open pack reserves this much on disk
 
 # The daemon's API socket (HTTP/1.1 + JSON; `curl --unix-socket`). Callers are checked by
 # their SO_PEERCRED uid/gid: root and the daemon's own user always, plus those listed here.
@@ -352,6 +405,52 @@ mod tests {
             .to_string();
         assert!(err.contains("m.toml:3:"), "{err}");
         assert!(err.contains("surprise"), "{err}");
+    }
+
+    fn engine_error(line: &str) -> String {
+        let text = format!("[site]\nname = \"a\"\n[engine]\n{line}\n[tiers.hot]\npath = \"x\"\n");
+        match Config::parse(&text, Path::new("m.toml")) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn pack_target_is_bounded_with_its_position() {
+        for too_large in ["9223372036854775807", "1073741825", "1099511627776"] {
+            let err = engine_error(&format!("pack_target_bytes = {too_large}"));
+            assert!(err.starts_with("m.toml:4:21: "), "{err}");
+            assert!(err.contains("engine.pack_target_bytes"), "{err}");
+            assert!(
+                err.contains("8388608 (8 MiB) to 1073741824 (1 GiB)"),
+                "{err}"
+            );
+        }
+        let err = engine_error("pack_target_bytes = 8388607");
+        assert!(err.starts_with("m.toml:4:21: "), "{err}");
+        assert_eq!(engine_error("pack_target_bytes = 8388608"), "");
+        assert_eq!(engine_error("pack_target_bytes = 1073741824"), "");
+    }
+
+    #[test]
+    fn tiers_sharing_a_directory_are_refused() {
+        for (a, b) in [
+            ("tiers/hot", "tiers/hot"),
+            ("tiers/hot", "./tiers/x/../hot/"),
+            ("tiers", "tiers/warm"),
+        ] {
+            let text = format!(
+                "[site]\nname = \"s\"\n[tiers.hot]\npath = {a:?}\n[tiers.warm]\npath = {b:?}\n"
+            );
+            let err = Config::parse(&text, Path::new("/site/mover.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("tiers \"hot\""), "{err}");
+            assert!(err.contains("\"warm\""), "{err}");
+            assert!(err.contains("a directory of its own"), "{err}");
+        }
+        let text = "[site]\nname = \"s\"\n[tiers.hot]\npath = \"tiers/hot\"\n[tiers.warm]\npath = \"tiers/hotter\"\n";
+        Config::parse(text, Path::new("/site/mover.toml")).unwrap();
     }
 
     #[test]

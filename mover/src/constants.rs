@@ -35,6 +35,13 @@ pub const IO_MEMORY_BYTES_DEFAULT_MAX: u64 = 64 * 1024 * 1024;
 /// A pack is sealed once it reaches this size: big enough that a tier holds few files and
 /// migrations move large objects, small enough to re-upload on failure.
 pub const PACK_BYTES_TARGET_DEFAULT: u64 = 128 * 1024 * 1024;
+/// Bounds of `engine.pack_target_bytes`. Below: a pack must hold the largest chunk and the one
+/// that crosses the target. Above: every open pack (one per worker and per received stream)
+/// reserves its target with `fallocate` until it is sealed, and a pack is the unit a migration
+/// moves or an upload retries; per-pack costs (a seal's fdatasync and directory fsync, one
+/// index commit) stopped mattering long before 1 GiB.
+pub const PACK_BYTES_TARGET_MIN: u64 = 2 * CHUNK_BYTES_MAX as u64;
+pub const PACK_BYTES_TARGET_MAX: u64 = 1024 * 1024 * 1024;
 
 /// Work items queued ahead of the workers; bounds the scanner's lead (and its memory).
 pub const WORK_QUEUE_DEPTH: usize = 256;
@@ -56,7 +63,10 @@ const _: () = assert!(CHUNK_BYTES_MIN < CHUNK_BYTES_AVG && CHUNK_BYTES_AVG < CHU
 const _: () = assert!(EXTENT_BYTES as usize >= 4 * CHUNK_BYTES_MAX);
 const _: () = assert!(EXTENT_BYTES as usize % IO_ALIGNMENT == 0);
 const _: () = assert!(READ_BUFFER_BYTES_DEFAULT % IO_ALIGNMENT == 0);
-const _: () = assert!(PACK_BYTES_TARGET_DEFAULT as usize > 2 * CHUNK_BYTES_MAX);
+const _: () = assert!(
+    PACK_BYTES_TARGET_MIN < PACK_BYTES_TARGET_DEFAULT
+        && PACK_BYTES_TARGET_DEFAULT <= PACK_BYTES_TARGET_MAX
+);
 // Record lengths are stored as u32.
 const _: () = assert!(CHUNK_BYTES_MAX <= u32::MAX as usize);
 

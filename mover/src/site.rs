@@ -231,6 +231,7 @@ impl Site {
 /// The backend of every tier of `config`, whose directories must exist.
 pub fn open_tiers(dir: &Path, config: &Config) -> Result<HashMap<String, Arc<dyn Backend>>> {
     let mut tiers: HashMap<String, Arc<dyn Backend>> = HashMap::new();
+    let mut resolved = Vec::new();
     for (name, tier) in &config.tiers {
         let path = dir.join(&tier.path);
         if !path.is_dir() {
@@ -239,8 +240,15 @@ pub fn open_tiers(dir: &Path, config: &Config) -> Result<HashMap<String, Arc<dyn
                 path.display()
             )));
         }
+        resolved.push((
+            name.as_str(),
+            path.canonicalize()
+                .map_err(|e| Error::io("resolve", &path, e))?,
+        ));
         tiers.insert(name.clone(), Arc::new(LocalDir::new(path)));
     }
+    // The config check compares paths as written; links can still join two tiers.
+    config::check_tier_dirs(&resolved).map_err(Error::Site)?;
     Ok(tiers)
 }
 
