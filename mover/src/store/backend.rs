@@ -204,7 +204,8 @@ impl Backend for LocalDir {
         let path = self.path_of(key);
         let file = match OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
+            // Never blocks on, nor follows, something swapped in for the listed file.
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&path)
         {
             Ok(file) => file,
