@@ -2,20 +2,38 @@
 //!
 //! Why a chain: the log is evidence, so changing it should not go unnoticed. Every entry carries
 //! `prev`, the BLAKE3 hash of the previous line's exact bytes, so editing or removing any line
-//! breaks the next line's `prev` (or the `seq` run). Removing lines from the end leaves a valid
-//! shorter chain, so a small head file beside the log (`audit.log.head`, one line
-//! `{"seq":N,"hash":"<hex>"}`) records the last sequence number and line hash after every append.
+//! breaks the next line's `prev` (or the `seq` run). Removing lines from the end, or adding
+//! well-chained lines at the end, leaves a valid chain, so a small head file beside the log
+//! (`audit.log.head`, one line `{"seq":N,"hash":"<hex>"}`) pins the last sequence number and
+//! line hash: a log that stops short of its head or runs past it is flagged.
 //!
 //! What it protects against: accidental damage, a torn write, and an editor who changes,
-//! inserts or deletes lines without rewriting everything after them and the head. What it does
-//! not: anyone who can write both files can rebuild the whole chain and the head consistently,
-//! and that is not detected (there is no key and no external anchor). It is tamper-evident
-//! against partial edits, not tamper-proof.
+//! inserts, deletes or appends lines without rewriting the head. What it does not: anyone who
+//! can write both files can rebuild the whole chain and the head consistently, and that is not
+//! detected (there is no key and no external anchor). It is tamper-evident against partial
+//! edits, not tamper-proof.
 //!
-//! Durability: each line is one `write` on an `O_APPEND` descriptor, then `fdatasync`; the head
-//! is replaced atomically afterwards. A crash between the two leaves the head one entry behind,
-//! which [`verify`] accepts and [`AuditLog::open`] repairs. A torn last line is never truncated
-//! silently: `open` refuses with the file and offset, so a person decides.
+//! Appending, and why a line past the head can be told from an added one: a crash between
+//! writing a line and updating the head leaves the log one line past its head, exactly as
+//! someone appending one well-chained line does; from the two files alone the cases are the
+//! same. So the head announces each line before it is written: an append (1) replaces the head
+//! with `{"seq":N,"hash":H,"next":X}`, X the hash of the line about to be written, durably
+//! (file and directory fsync); (2) writes the line in one `write` on an `O_APPEND` descriptor,
+//! then `fdatasync`; (3) replaces the head with `{"seq":N+1,"hash":X}`. Whatever the crash
+//! point, the files are then in one of three states, and only these are accepted (by
+//! [`verify`] and [`AuditLog::open`] alike, through one judgement): the log ends at the head;
+//! or it ends at the head and the head announces a line (crash before or during (2)); or it has
+//! exactly one line past the head and that line's hash is the announced `next` (crash before
+//! (3); `open` then advances the head). Anything else past the head is an addition: producing
+//! a line with the announced hash would need a BLAKE3 preimage, and a head at rest announces
+//! nothing. Step (3) therefore needs no directory fsync: if it is lost, the state is the
+//! accepted one of step (2).
+//!
+//! A failed append is undone (the log cut back to its previous length, the head left
+//! announcing a line that is not there, which is accepted), so the caller can refuse the
+//! unaudited action and retry later; if the undo fails the log stops taking appends, since its
+//! tail is unknown. A torn last line is never truncated silently: `open` refuses with the file
+//! and offset, so a person decides.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -33,6 +51,8 @@ pub const MAX_LINE: usize = 1 << 20;
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// How much of the log's tail `open` reads first to find the last line (doubled while needed).
 const TAIL_WINDOW: u64 = 64 << 10;
+/// How often `verify` reads on after a head that moved while the log was read.
+const VERIFY_ROUNDS_MAX: u32 = 100;
 /// Stop listing problems after this many.
 const MAX_PROBLEMS: usize = 100;
 
@@ -74,11 +94,78 @@ pub struct Entry {
     pub prev: String,
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Head {
     seq: u64,
     hash: String,
+    /// The hash of the line being appended after `seq`, set before that line is written (see
+    /// the module doc): the one line past the head that is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
+}
+
+impl Head {
+    fn at(seq: u64, hash: &str) -> Head {
+        Head {
+            seq,
+            hash: hash.to_owned(),
+            next: None,
+        }
+    }
+}
+
+/// The end of a log: its last entry's seq, the hash of that line and its `prev`.
+struct End<'a> {
+    seq: u64,
+    hash: &'a str,
+    prev: &'a str,
+}
+
+/// How the end of a log stands against its head, shared by [`verify`] and [`AuditLog::open`]
+/// so that they agree. `Ok(true)`: one line past the head, the one the head announced (a crash
+/// before the head caught up; `open` advances it). `Err`: why they disagree.
+fn judge(head: &Head, end: Option<End>) -> std::result::Result<bool, String> {
+    let Some(end) = end else {
+        return match head.seq {
+            0 => Ok(false),
+            n => Err(format!(
+                "head says {n} entries, log has 0 (lines removed from the end)"
+            )),
+        };
+    };
+    if end.seq < head.seq {
+        return Err(format!(
+            "head says {} entries, log has {} (lines removed from the end)",
+            head.seq, end.seq
+        ));
+    }
+    if end.seq == head.seq {
+        return match end.hash == head.hash {
+            true => Ok(false),
+            false => Err("the last line's hash differs from the head's (last line edited)".into()),
+        };
+    }
+    if end.seq > head.seq + 1 {
+        return Err(format!(
+            "the log runs {} lines past its head (seq {}): lines appended without the daemon",
+            end.seq - head.seq,
+            head.seq
+        ));
+    }
+    match &head.next {
+        Some(next) if next == end.hash && end.prev == head.hash => Ok(true),
+        Some(_) => Err(format!(
+            "the line with seq {} is not the one the head announced: a line appended or \
+             edited without the daemon",
+            end.seq
+        )),
+        None => Err(format!(
+            "the line with seq {} runs past the head (seq {}), which announced no further \
+             line: a line appended without the daemon",
+            end.seq, head.seq
+        )),
+    }
 }
 
 struct State {
@@ -128,7 +215,8 @@ fn read_head(path: &Path) -> Result<Option<Head>> {
         .map_err(|e| Error::io("read", path, e))?;
     let head: Head = serde_json::from_str(text.trim_end())
         .map_err(|e| Error::corrupt(format!("audit head {}", path.display()), e.to_string()))?;
-    if head.hash.len() != 64 || (head.seq == 0 && head.hash != GENESIS) {
+    let bad_next = head.next.as_ref().is_some_and(|n| n.len() != 64);
+    if head.hash.len() != 64 || bad_next || (head.seq == 0 && head.hash != GENESIS) {
         let detail = format!("bad hash {:?} for seq {}", head.hash, head.seq);
         return Err(Error::corrupt(
             format!("audit head {}", path.display()),
@@ -138,14 +226,12 @@ fn read_head(path: &Path) -> Result<Option<Head>> {
     Ok(Some(head))
 }
 
-/// Replaces the head atomically: temporary file, fsync, rename, directory fsync.
-fn write_head(path: &Path, seq: u64, hash: &str) -> Result<()> {
+/// Replaces the head atomically: temporary file, fsync, rename, then (when `durable`) a
+/// directory fsync so that the rename itself survives a crash.
+fn write_head(path: &Path, head: &Head, durable: bool) -> Result<()> {
     let tmp = with_suffix(path, ".tmp");
-    let mut body = serde_json::to_vec(&Head {
-        seq,
-        hash: hash.to_owned(),
-    })
-    .map_err(|e| Error::corrupt("audit head", e.to_string()))?;
+    let mut body =
+        serde_json::to_vec(head).map_err(|e| Error::corrupt("audit head", e.to_string()))?;
     body.push(b'\n');
     let mut f = OpenOptions::new()
         .write(true)
@@ -158,6 +244,9 @@ fn write_head(path: &Path, seq: u64, hash: &str) -> Result<()> {
         .map_err(|e| Error::io("write", &tmp, e))?;
     f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))?;
+    if !durable {
+        return Ok(());
+    }
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -211,9 +300,9 @@ fn last_line(file: &File, len: u64, path: &Path) -> Result<Option<(u64, Vec<u8>)
 
 impl AuditLog {
     /// Opens (creating with mode 0640 if absent) the log and continues its chain from the last
-    /// line, without verifying the whole file. A head that lags (crash after an append) is
-    /// rewritten; a torn or unparsable last line, a missing head, or a head that is ahead of
-    /// the log or disagrees with it is refused, so that evidence is not overwritten.
+    /// line, without verifying the whole file. A head one announced line behind (a crash
+    /// during an append) is advanced; a torn or unparsable last line, a missing head, or a head
+    /// the log stops short of or runs past is refused, so that evidence is not overwritten.
     pub fn open(path: &Path) -> Result<AuditLog> {
         let file = OpenOptions::new()
             .read(true)
@@ -245,27 +334,23 @@ impl AuditLog {
                 ),
             )
         };
+        let end = (seq > 0).then_some(End {
+            seq,
+            hash: &hash,
+            prev: &prev,
+        });
         match read_head(&head)? {
-            None if seq == 0 => write_head(&head, 0, GENESIS)?,
+            None if seq == 0 => write_head(&head, &Head::at(0, GENESIS), true)?,
             None => {
                 return Err(mismatch(format!(
                     "head file missing, log has {seq} entries"
                 )))
             }
-            Some(h) if h.seq > seq => {
-                return Err(mismatch(format!(
-                    "head says {} entries, log has {seq} (lines removed from the end)",
-                    h.seq
-                )))
-            }
-            Some(h) if h.seq == seq && h.hash != hash => {
-                return Err(mismatch("last line hash differs from the head's".into()))
-            }
-            Some(h) if h.seq + 1 == seq && h.hash != prev => {
-                return Err(mismatch("last line does not follow the head's hash".into()))
-            }
-            Some(h) if h.seq < seq => write_head(&head, seq, &hash)?,
-            Some(_) => {}
+            Some(h) => match judge(&h, end) {
+                Ok(true) => write_head(&head, &Head::at(seq, &hash), true)?,
+                Ok(false) => {}
+                Err(why) => return Err(mismatch(why)),
+            },
         }
         Ok(AuditLog {
             path: path.to_path_buf(),
@@ -284,8 +369,9 @@ impl AuditLog {
         &self.path
     }
 
-    /// Appends one entry (next seq, time now, prev = hash of the last line): one write of the
-    /// line and its newline, fdatasync, then the head. Returns the entry written.
+    /// Appends one entry (next seq, time now, prev = hash of the last line): announce it in
+    /// the head, one write of the line and its newline, fdatasync, then the head (see the
+    /// module doc). Returns the entry written; on `Err` nothing was added to the log.
     pub fn append(
         &self,
         who: Who,
@@ -323,20 +409,36 @@ impl AuditLog {
         }
         let hash = line_hash(&line);
         line.push(b'\n');
-        if let Err(e) = st.file.write_all(&line) {
-            // Undo a partial line so the chain stays parsable; if that fails, stop appending.
-            if let Err(t) = st.file.set_len(st.len) {
-                st.broken = Some(format!("a failed append could not be undone: {t}"));
+        let announce = Head {
+            seq: st.seq,
+            hash: st.hash.clone(),
+            next: Some(hash.clone()),
+        };
+        write_head(&self.head, &announce, true)?;
+        let written = match st.file.write_all(&line) {
+            Err(e) => Err(Error::io("append to", &self.path, e)),
+            Ok(()) => st
+                .file
+                .sync_data()
+                .map_err(|e| Error::io("fdatasync", &self.path, e)),
+        };
+        if let Err(e) = written {
+            // Cut back to the last whole line so the chain stays parsable and the caller can
+            // retry; a synced cut also takes back a line whose fdatasync failed. If even that
+            // fails, the tail is unknown: stop appending.
+            let undo = st.file.set_len(st.len).and_then(|()| st.file.sync_data());
+            if let Err(t) = undo {
+                st.broken = Some(format!("a failed append ({e}) could not be undone: {t}"));
             }
-            return Err(Error::io("append", &self.path, e));
+            return Err(e);
         }
         st.seq = entry.seq;
         st.hash = hash;
         st.len += line.len() as u64;
-        st.file
-            .sync_data()
-            .map_err(|e| Error::io("fdatasync", &self.path, e))?;
-        write_head(&self.head, st.seq, &st.hash)?;
+        if let Err(e) = write_head(&self.head, &Head::at(st.seq, &st.hash), false) {
+            // The line is durable and announced: the next append or start brings the head up.
+            tracing::warn!(log = %self.path.display(), error = %e, "audit head not advanced");
+        }
         Ok(entry)
     }
 }
@@ -383,63 +485,73 @@ fn open_reader(path: &Path) -> Result<BufReader<File>> {
     Ok(BufReader::with_capacity(64 << 10, f))
 }
 
-/// Checks every line (a JSON [`Entry`], seq consecutive from 1, `prev` chained), then the head:
-/// the line with the head's seq must exist and hash to the head's hash; lines beyond it are
-/// accepted (a crash between an append and its head update).
-pub fn verify(path: &Path) -> Result<Verification> {
-    let head_file = head_path(path);
-    // The head first: an append racing this check only adds lines beyond it.
-    let head = read_head(&head_file);
-    let mut reader = open_reader(path)?;
-    let mut problems = Vec::new();
-    let mut more = false;
-    let mut note = |p: String| {
-        if problems.len() < MAX_PROBLEMS {
-            problems.push(p);
+/// The chain check of [`verify`], fed the log's lines as they are read.
+struct Chain {
+    problems: Vec<String>,
+    more: bool,
+    lines: u64,
+    expected: u64,
+    /// The hash of the last line read (empty after an overlong one).
+    prev_hash: String,
+    /// The last entry read: its seq, line hash and `prev`.
+    last: Option<(u64, String, String)>,
+}
+
+impl Chain {
+    fn note(&mut self, p: String) {
+        if self.problems.len() < MAX_PROBLEMS {
+            self.problems.push(p);
         } else {
-            more = true;
+            self.more = true;
         }
-    };
-    let (mut n, mut expected, mut last_seq) = (0u64, 1u64, 0u64);
-    let mut prev_hash = GENESIS.to_owned();
-    let mut head_line: Option<(u64, String)> = None;
-    let head_seq = head.as_ref().ok().and_then(|h| h.as_ref().map(|h| h.seq));
-    let mut buf = Vec::new();
-    while let Some(terminated) =
-        read_line_bounded(&mut reader, &mut buf).map_err(|e| Error::io("read", path, e))?
-    {
-        n += 1;
+    }
+
+    /// Checks lines up to the end of the file as it is now; returns how many were read.
+    fn read_on<R: BufRead>(&mut self, reader: &mut R, path: &Path) -> Result<u64> {
+        let (start, mut buf) = (self.lines, Vec::new());
+        while let Some(terminated) =
+            read_line_bounded(reader, &mut buf).map_err(|e| Error::io("read", path, e))?
+        {
+            self.lines += 1;
+            self.line(&buf, terminated);
+        }
+        Ok(self.lines - start)
+    }
+
+    fn line(&mut self, buf: &[u8], terminated: bool) {
+        let n = self.lines;
         if buf.len() > MAX_LINE {
-            note(format!("line {n}: longer than {MAX_LINE} bytes"));
-            prev_hash.clear();
-            expected += 1;
-            continue;
+            self.note(format!("line {n}: longer than {MAX_LINE} bytes"));
+            self.prev_hash.clear();
+            self.expected += 1;
+            return;
         }
         if !terminated {
-            note(format!(
+            self.note(format!(
                 "line {n}: no newline at the end of the file (a torn write)"
             ));
         }
-        let hash = line_hash(&buf);
-        match serde_json::from_slice::<Entry>(&buf) {
+        let hash = line_hash(buf);
+        match serde_json::from_slice::<Entry>(buf) {
             Err(e) => {
-                note(format!("line {n}: not a JSON audit entry: {e}"));
-                expected += 1;
+                self.note(format!("line {n}: not a JSON audit entry: {e}"));
+                self.expected += 1;
             }
             Ok(entry) => {
-                if entry.seq != expected {
-                    let why = if entry.seq > expected {
+                if entry.seq != self.expected {
+                    let why = if entry.seq > self.expected {
                         "a line was removed"
                     } else {
                         "a line was repeated or moved"
                     };
-                    note(format!(
+                    let expected = self.expected;
+                    self.note(format!(
                         "line {n}: seq {}, expected {expected} ({why})",
                         entry.seq
                     ));
                 }
-                if entry.prev != prev_hash {
-                    note(if n == 1 {
+                if entry.prev != self.prev_hash {
+                    self.note(if n == 1 {
                         "line 1: prev hash is not the first entry's (lines removed from the start)"
                             .to_owned()
                     } else {
@@ -451,36 +563,72 @@ pub fn verify(path: &Path) -> Result<Verification> {
                         )
                     });
                 }
-                if Some(entry.seq) == head_seq {
-                    head_line = Some((n, hash.clone()));
-                }
-                expected = entry.seq + 1;
-                last_seq = entry.seq;
+                self.expected = entry.seq + 1;
+                self.last = Some((entry.seq, hash.clone(), entry.prev));
             }
         }
-        prev_hash = hash;
+        self.prev_hash = hash;
     }
-    match head {
-        Err(e) => note(format!("head: {e}")),
-        Ok(None) if n > 0 => note(format!("head: {} is missing", head_file.display())),
-        Ok(None) => {}
-        Ok(Some(h)) if h.seq > last_seq => note(format!(
-            "head says {} entries ending in {}, log has {last_seq} (lines removed from the end)",
-            h.seq, h.hash
-        )),
-        Ok(Some(h)) if h.seq == 0 => {}
-        Ok(Some(h)) => match head_line {
-            None => note(format!("head: no line has seq {}", h.seq)),
-            Some((_, hash)) if hash == h.hash => {}
-            Some(_) if h.seq == last_seq => {
-                note("head: last line hash differs (last line edited)".into())
+
+    fn end(&self) -> Option<End<'_>> {
+        self.last.as_ref().map(|(seq, hash, prev)| End {
+            seq: *seq,
+            hash,
+            prev,
+        })
+    }
+}
+
+/// Checks every line (a JSON [`Entry`], seq consecutive from 1, `prev` chained), then the end
+/// of the log against the head as [`AuditLog::open`] does: one line past the head only if the
+/// head announced it. Safe beside a running daemon: when the head has moved on while the log
+/// was read, the lines appended since are read and the end judged again.
+pub fn verify(path: &Path) -> Result<Verification> {
+    let head_file = head_path(path);
+    let mut reader = open_reader(path)?;
+    let mut chain = Chain {
+        problems: Vec::new(),
+        more: false,
+        lines: 0,
+        expected: 1,
+        prev_hash: GENESIS.to_owned(),
+        last: None,
+    };
+    chain.read_on(&mut reader, path)?;
+    let mut seen: Option<Head> = None;
+    let mut rounds = 0;
+    let verdict = loop {
+        rounds += 1;
+        let head = match read_head(&head_file) {
+            Err(e) => break Some(format!("head: {e}")),
+            Ok(None) if chain.lines > 0 => {
+                break Some(format!("head: {} is missing", head_file.display()))
             }
-            Some((line, _)) => note(format!(
-                "head: line {line} (seq {}) hash differs (line {line} edited)",
-                h.seq
-            )),
-        },
+            Ok(None) => break None,
+            Ok(Some(h)) => h,
+        };
+        let why = match judge(&head, chain.end()) {
+            Ok(_) => break None,
+            Err(why) => why,
+        };
+        // A daemon appending meanwhile moves the head; an unchanged head and no new lines
+        // make the verdict final (as does a daemon that never pauses long enough).
+        let moved = seen.as_ref() != Some(&head);
+        seen = Some(head);
+        let read = chain.read_on(&mut reader, path)?;
+        if (read == 0 && !moved) || rounds > VERIFY_ROUNDS_MAX {
+            break Some(why);
+        }
+    };
+    if let Some(problem) = verdict {
+        chain.note(problem);
     }
+    let Chain {
+        mut problems,
+        more,
+        lines,
+        ..
+    } = chain;
     if more {
         problems.push(format!(
             "(more problems not listed after the first {MAX_PROBLEMS})"
@@ -488,7 +636,7 @@ pub fn verify(path: &Path) -> Result<Verification> {
     }
     Ok(Verification {
         path: path.display().to_string(),
-        entries: n,
+        entries: lines,
         intact: problems.is_empty(),
         problems,
     })
@@ -634,6 +782,7 @@ mod tests {
             p[0].starts_with("head says 5 entries") && p[0].contains("log has 4"),
             "{p:?}"
         );
+        assert_eq!(p.len(), 1, "{p:?}");
         assert!(
             AuditLog::open(&path).is_err(),
             "open must not paper over a truncation"
@@ -642,7 +791,7 @@ mod tests {
         rewrite(&path, |l| l[4] = l[4].replace("job-4", "job-9"));
         assert_eq!(
             problems(&path),
-            ["head: last line hash differs (last line edited)"]
+            ["the last line's hash differs from the head's (last line edited)"]
         );
         std::fs::write(&path, orig.replace("\"ok\",", "\"ok\",\"x\":1,")).unwrap();
         assert!(problems(&path)[0].contains("line 1: not a JSON audit entry: unknown field"));
@@ -672,21 +821,118 @@ mod tests {
         assert!(err.contains("longer than"), "{err}");
     }
 
+    /// A well-chained line added to the log alone, as someone able to append would add it.
+    fn forge_next(path: &Path) -> String {
+        let text = std::fs::read_to_string(path).unwrap();
+        let last = text.lines().last().unwrap();
+        let mut entry: Entry = serde_json::from_str(last).unwrap();
+        entry.seq += 1;
+        entry.prev = line_hash(last.as_bytes());
+        entry.target = "forged".into();
+        let line = serde_json::to_string(&entry).unwrap();
+        let mut f = OpenOptions::new().append(true).open(path).unwrap();
+        f.write_all(format!("{line}\n").as_bytes()).unwrap();
+        line
+    }
+
     #[test]
-    fn lines_beyond_head_accepted_and_repaired() {
+    fn a_line_appended_past_the_head_is_flagged() {
         let (_dir, path) = log_with(3);
         let head = head_path(&path);
-        let old_head = std::fs::read(&head).unwrap();
+        let head_before = std::fs::read(&head).unwrap();
+        forge_next(&path);
+        let p = problems(&path);
+        assert!(
+            p.len() == 1 && p[0].contains("seq 4 runs past the head (seq 3)"),
+            "{p:?}"
+        );
+        let err = AuditLog::open(&path).err().expect("refused").to_string();
+        assert!(err.contains("runs past the head"), "{err}");
+        assert_eq!(
+            std::fs::read(&head).unwrap(),
+            head_before,
+            "head adopted it"
+        );
+        forge_next(&path);
+        let p = problems(&path);
+        assert!(p[0].contains("runs 2 lines past its head (seq 3)"), "{p:?}");
+        assert!(AuditLog::open(&path).is_err());
+    }
+
+    #[test]
+    fn an_announced_line_past_the_head_is_a_crash_and_repaired() {
+        let (_dir, path) = log_with(3);
+        let head = head_path(&path);
+        let at_rest = read_head(&head).unwrap().unwrap();
+        // Killed after writing the announced line, before the head caught up.
         let log = AuditLog::open(&path).unwrap();
         add(&log, "job-3");
         drop(log);
-        std::fs::write(&head, &old_head).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let line4 = line_hash(text.lines().last().unwrap().as_bytes());
+        let announced = Head {
+            next: Some(line4.clone()),
+            ..Head::at(at_rest.seq, &at_rest.hash)
+        };
+        write_head(&head, &announced, true).unwrap();
         assert!(problems(&path).is_empty());
-        AuditLog::open(&path).unwrap();
-        let h = read_head(&head).unwrap().unwrap();
-        assert_eq!(h.seq, 4);
+        let log = AuditLog::open(&path).unwrap();
+        assert!(read_head(&head).unwrap().unwrap() == Head::at(4, &line4));
+        assert_eq!(add(&log, "job-4").seq, 5);
+        drop(log);
         assert!(problems(&path).is_empty());
+        // The head announces one line only: one more past it is an addition.
+        let announced = Head {
+            next: Some(hash_of_line(&path, 5)),
+            ..Head::at(4, &hash_of_line(&path, 4))
+        };
+        write_head(&head, &announced, true).unwrap();
+        assert!(problems(&path).is_empty());
+        forge_next(&path);
+        let p = problems(&path);
+        assert!(p[0].contains("runs 2 lines past its head (seq 4)"), "{p:?}");
+        assert!(AuditLog::open(&path).is_err());
         std::fs::remove_file(&head).unwrap();
         assert!(problems(&path)[0].contains("is missing"));
+    }
+
+    fn hash_of_line(path: &Path, n: usize) -> String {
+        let text = std::fs::read_to_string(path).unwrap();
+        line_hash(text.lines().nth(n - 1).unwrap().as_bytes())
+    }
+
+    #[test]
+    fn killed_after_the_announcement_before_the_line() {
+        let (_dir, path) = log_with(2);
+        let head = head_path(&path);
+        let rest = read_head(&head).unwrap().unwrap();
+        let announced = Head {
+            next: Some("ab".repeat(32)),
+            ..Head::at(rest.seq, &rest.hash)
+        };
+        write_head(&head, &announced, true).unwrap();
+        assert!(problems(&path).is_empty());
+        let log = AuditLog::open(&path).unwrap();
+        assert_eq!(add(&log, "job-2").seq, 3);
+        assert!(problems(&path).is_empty());
+    }
+
+    #[test]
+    fn a_failed_append_adds_nothing_and_the_next_one_succeeds() {
+        let (_dir, path) = log_with(2);
+        let log = AuditLog::open(&path).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        // The head's temporary name taken by a directory: the append cannot announce its line.
+        let blocker = with_suffix(&head_path(&path), ".tmp");
+        std::fs::create_dir(&blocker).unwrap();
+        let root = Who::this_process();
+        let failed = log.append(root, "job.submit", "x", "ok", serde_json::Value::Null);
+        let err = failed.err().expect("append failed").to_string();
+        assert!(err.contains(&blocker.display().to_string()), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), before, "a line was added");
+        assert!(problems(&path).is_empty());
+        std::fs::remove_dir(&blocker).unwrap();
+        assert_eq!(add(&log, "job-2").seq, 3);
+        assert!(problems(&path).is_empty());
     }
 }

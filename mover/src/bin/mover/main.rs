@@ -155,8 +155,8 @@ enum Command {
         #[command(flatten)]
         submit: Submit,
     },
-    /// Show the audit log; --verify checks its hash chain (exit 3 if a line was edited or
-    /// removed).
+    /// Show the audit log; --verify checks its hash chain (exit 3 if a line was edited,
+    /// removed or added without the daemon).
     Audit {
         #[arg(long)]
         verify: bool,

@@ -114,7 +114,7 @@ pub fn audit(
         }
         if !result.intact {
             eprintln!(
-                "mover: audit log {} was edited or cut: {}",
+                "mover: audit log {} was edited, cut or added to: {}",
                 log.display(),
                 result.problems.first().map(String::as_str).unwrap_or("")
             );
