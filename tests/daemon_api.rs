@@ -412,21 +412,8 @@ fn a_caller_not_allowed_is_refused_and_audited() {
         eprintln!("skipped: switching to another uid needs root (CI runs as root)");
         return;
     }
-    // The CI creates `mover-test`; nobody (65534) exists everywhere else.
-    let uid = Command::new("id")
-        .args(["-u", "mover-test"])
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse::<u32>().ok())
-        .unwrap_or(65534);
-    let d = Daemon::new_with_api("socket_mode = \"0666\"\n");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(
-        d.socket.parent().unwrap(),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
+    let uid = other_uid();
+    let d = Daemon::new_open_to_all();
     let as_user = |args: &[&str]| {
         let mut command = Command::new("setpriv");
         command
@@ -474,7 +461,31 @@ fn a_caller_not_allowed_is_refused_and_audited() {
     assert!(allowed.status.success(), "{}", stderr(&allowed));
 }
 
+/// A uid the daemon does not allow: the CI creates `mover-test`; nobody (65534) exists
+/// everywhere else.
+fn other_uid() -> u32 {
+    Command::new("id")
+        .args(["-u", "mover-test"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(65534)
+}
+
 impl Daemon {
+    /// A daemon whose socket anyone can connect to (the caller check then decides).
+    fn new_open_to_all() -> Daemon {
+        let d = Daemon::new_with_api("socket_mode = \"0666\"\n");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            d.socket.parent().unwrap(),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        d
+    }
+
     /// A daemon whose config has `lines` in its `[api]` section.
     fn new_with_api(lines: &str) -> Daemon {
         let mut d = Daemon::new("");
@@ -626,4 +637,106 @@ fn an_edited_or_removed_audit_line_is_detected() {
     without.remove(1);
     std::fs::write(&log, without.join("\n") + "\n").unwrap();
     assert_eq!(verify(&d.site).status.code(), Some(3));
+}
+
+/// A tmpfs of `size` mounted over `dir`, with `dir`'s files moved in; lazily unmounted on
+/// drop (a daemon may still hold files there).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn over(dir: &Path, size: &str) -> Tmpfs {
+        let kept = dir.with_extension("on-disk");
+        std::fs::rename(dir, &kept).unwrap();
+        std::fs::create_dir(dir).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            mounted.status.success(),
+            "mount -t tmpfs failed (needs root with CAP_SYS_ADMIN): {}",
+            stderr(&mounted)
+        );
+        let mount = Tmpfs(dir.to_path_buf());
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(kept.join("."))
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(copied.status.success(), "{}", stderr(&copied));
+        mount
+    }
+
+    /// Writes a file until the file system is full; returns it.
+    fn fill(&self) -> PathBuf {
+        let path = self.0.join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let block = vec![0xa5u8; 64 << 10];
+        loop {
+            match file.write_all(&block) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return path,
+                Err(e) => panic!("filling {}: {e}", path.display()),
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_refuses_jobs_with_503_until_the_audit_log_can_be_written() {
+    assert!(
+        is_root(),
+        "this test mounts a small tmpfs to fill the disk and needs root; CI runs as root"
+    );
+    let mut d = Daemon::new("");
+    d.kill9();
+    let disk = Tmpfs::over(&d.site, "16m");
+    d.start();
+    let filler = disk.fill();
+    let verify_job = json!({"kind": "verify", "idempotency_key": "after-the-epilog"});
+    for _ in 0..2 {
+        let (status, body) = d.http("POST", "/v1/jobs", Some(&verify_job));
+        assert_eq!(status, 503, "{body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        let log = d.site.join("audit.log");
+        assert!(
+            error.contains(&format!("audit log {}", log.display()))
+                && error.contains("No space left on device"),
+            "{error}"
+        );
+    }
+    let (status, jobs) = d.http("GET", "/v1/jobs", None);
+    assert_eq!((status, jobs.clone()), (200, json!([])), "{jobs}");
+    assert!(
+        d.log_text().contains("job submit refused"),
+        "{}",
+        d.log_text()
+    );
+
+    // Space again: the next submit (same idempotency key) is taken and audited.
+    std::fs::remove_file(&filler).unwrap();
+    let (status, job) = d.http("POST", "/v1/jobs", Some(&verify_job));
+    assert_eq!(status, 201, "{job}");
+    let job = d.wait_job(job["id"].as_str().unwrap());
+    assert_eq!(job["state"], "done", "{job}");
+    let submits: Vec<Value> = d
+        .audit()
+        .into_iter()
+        .filter(|e| e["action"] == "job.submit")
+        .collect();
+    assert_eq!(submits.len(), 1, "{submits:#?}");
+    assert_eq!(submits[0]["target"], job["id"]);
+    let verify = run(mover()
+        .args(["audit", "--verify", "--site-dir"])
+        .arg(&d.site));
+    assert!(verify.status.success(), "{}", stderr(&verify));
+    d.kill9();
 }

@@ -30,7 +30,8 @@ use crate::job::{now_unix_ms, rfc3339_ms as time_text};
 pub enum SubmitError {
     /// The request is wrong (400).
     Invalid(String),
-    /// The daemon cannot take it now: draining or the queue is full (503).
+    /// The daemon cannot take it now: draining, the queue is full, or the audit log cannot be
+    /// written (503).
     Unavailable(String),
     /// The database failed (500).
     Internal(String),
@@ -129,6 +130,11 @@ impl Board {
             }
         }
         let submitted = now_unix_ms();
+        let detail = serde_json::to_value(&request).unwrap_or_default();
+        // Audited inside the queue's transaction, before it commits: a job whose submit cannot
+        // be audited is never stored, so it never runs unaudited.
+        let mut audit_failure = None;
+        let mut audited = None;
         let make = |seq: u64| {
             let record = JobRecord {
                 id: format!("{}-{seq}", request.kind.letter()),
@@ -155,13 +161,41 @@ impl Board {
                 result: None,
             };
             let json = serde_json::to_string(&record).expect("record serialises");
-            (record.id, json)
+            if let Err(e) =
+                self.audit
+                    .append(caller, "job.submit", &record.id, "ok", detail.clone())
+            {
+                let why = format!(
+                    "the audit log {} cannot be written ({e}); new jobs are refused until it \
+                     can be",
+                    self.audit.path().display()
+                );
+                audit_failure = Some(why.clone());
+                return Err(Error::Refused(why));
+            }
+            audited = Some(record.id.clone());
+            Ok((record.id, json))
         };
-        let (json, created) = self
+        let submitted = self
             .site
             .index
-            .submit_job(request.idempotency_key.as_deref(), make)
-            .map_err(|e| SubmitError::Internal(e.to_string()))?;
+            .submit_job(request.idempotency_key.as_deref(), make);
+        let (json, created) = match submitted {
+            Ok(stored) => stored,
+            Err(_) if audit_failure.is_some() => {
+                let why = audit_failure.unwrap_or_default();
+                tracing::error!(uid = caller.uid, pid = caller.pid, error = %why, "job submit refused");
+                return Err(SubmitError::Unavailable(why));
+            }
+            Err(e) => {
+                if let Some(id) = audited {
+                    // The audit already says submitted: record that it did not happen.
+                    let detail = serde_json::json!({ "error": e.to_string() });
+                    self.audit_event(caller, "job.submit", &id, "failed", detail);
+                }
+                return Err(SubmitError::Internal(e.to_string()));
+            }
+        };
         let stored: JobRecord = serde_json::from_str(&json)
             .map_err(|e| SubmitError::Internal(format!("job queue row: {e}")))?;
         if !created {
@@ -171,13 +205,6 @@ impl Board {
         lock(&self.state)
             .records
             .insert(stored.id.clone(), stored.clone());
-        self.audit_event(
-            caller,
-            "job.submit",
-            &stored.id,
-            "ok",
-            serde_json::to_value(&stored.request).unwrap_or_default(),
-        );
         self.bump();
         self.schedule();
         Ok((self.get(&stored.id).unwrap_or(stored), true))
@@ -465,6 +492,11 @@ impl Board {
         self.changed.send_modify(|g| *g = g.wrapping_add(1));
     }
 
+    /// Audits an event that goes ahead whether or not it can be audited; an unaudited one is
+    /// logged loudly instead. Only submits start work, so only they are refused when the log
+    /// cannot be written (see `submit`). Cancels go ahead: they only stop work, and on a full
+    /// disk stopping jobs is how an operator makes room; refusing them would keep unaudited
+    /// work running rather than prevent it.
     pub fn audit_event(
         &self,
         who: Who,
@@ -474,7 +506,16 @@ impl Board {
         detail: serde_json::Value,
     ) {
         if let Err(e) = self.audit.append(who, action, target, result, detail) {
-            tracing::error!(action, target, error = %e, "could not append to the audit log");
+            tracing::error!(
+                action,
+                target,
+                result,
+                uid = who.uid,
+                pid = who.pid,
+                log = %self.audit.path().display(),
+                error = %e,
+                "UNAUDITED: this event is missing from the audit log"
+            );
         }
     }
 

@@ -266,10 +266,11 @@ impl Index {
     /// Adds a job to the persistent queue in one transaction: a job already submitted under
     /// `key` is returned instead (`false`), otherwise `make(seq)` builds the new record from
     /// the next sequence number and it is stored with the key (`true`). Durable on return.
+    /// An `Err` from `make` abandons the transaction: nothing is stored.
     pub fn submit_job(
         &self,
         key: Option<&str>,
-        make: impl FnOnce(u64) -> (String, String),
+        make: impl FnOnce(u64) -> Result<(String, String)>,
     ) -> Result<(String, bool)> {
         let txn = self.db.begin_write()?;
         let outcome = {
@@ -291,7 +292,7 @@ impl Index {
                     let mut meta = txn.open_table(META)?;
                     let seq = meta.get("job_seq")?.map_or(0, |v| v.value()) + 1;
                     meta.insert("job_seq", seq)?;
-                    let (id, record) = make(seq);
+                    let (id, record) = make(seq)?;
                     queue.insert(id.as_str(), record.as_str())?;
                     if let Some(key) = key {
                         keys.insert(key, id.as_str())?;
