@@ -927,7 +927,7 @@ mod tests {
         std::fs::create_dir(&blocker).unwrap();
         let root = Who::this_process();
         let failed = log.append(root, "job.submit", "x", "ok", serde_json::Value::Null);
-        let err = failed.err().expect("append failed").to_string();
+        let err = failed.expect_err("append failed").to_string();
         assert!(err.contains(&blocker.display().to_string()), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), before, "a line was added");
         assert!(problems(&path).is_empty());
