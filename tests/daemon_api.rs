@@ -639,6 +639,41 @@ fn an_edited_or_removed_audit_line_is_detected() {
     assert_eq!(verify(&d.site).status.code(), Some(3));
 }
 
+#[test]
+fn a_flood_of_refused_requests_is_audited_as_a_count() {
+    assert!(
+        is_root(),
+        "this test runs curl as another uid (setpriv) and needs root; CI runs as root"
+    );
+    let uid = other_uid();
+    let mut d = Daemon::new_open_to_all();
+    let flood = Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            "sh",
+            "-c",
+            "for i in $(seq 200); do curl -s -o /dev/null --unix-socket \"$0\" http://mover/v1/jobs || exit 1; done",
+        ])
+        .arg(&d.socket)
+        .output()
+        .expect("setpriv and curl are installed (.ci/run installs them)");
+    assert!(flood.status.success(), "{}", stderr(&flood));
+    // A window stays open a minute; the drain at SIGTERM writes its count.
+    assert!(d.terminate().success(), "{}", d.log_text());
+    let refused: Vec<Value> = d
+        .audit()
+        .into_iter()
+        .filter(|e| e["action"] == "request.refused")
+        .collect();
+    assert_eq!(refused.len(), 2, "{refused:#?}");
+    assert!(refused.iter().all(|e| e["uid"] == uid), "{refused:#?}");
+    assert!(refused[0]["detail"]["repeats"].is_null(), "{refused:#?}");
+    assert_eq!(refused[1]["detail"]["repeats"], 199, "{refused:#?}");
+    assert_eq!(refused[1]["target"], "GET /v1/jobs");
+}
+
 /// A tmpfs of `size` mounted over `dir`, with `dir`'s files moved in; lazily unmounted on
 /// drop (a daemon may still hold files there).
 struct Tmpfs(PathBuf);

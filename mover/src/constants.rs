@@ -112,6 +112,9 @@ pub const API_CONNECTIONS_MAX: usize = 256;
 pub const API_HEAD_TIMEOUT_S: u64 = 10;
 /// Longest a `wait` request is held open before answering with the job as it stands.
 pub const API_WAIT_S_MAX: u64 = 3600;
+/// A refused caller's first refusal is audited, further ones within this window are counted
+/// into one line: a flood costs two audit lines a window per uid, not one per request.
+pub const API_REFUSAL_WINDOW_S: u64 = 60;
 /// Jobs waiting in the queue; a submit beyond this is refused (503) rather than queued.
 pub const JOBS_QUEUED_MAX_DEFAULT: usize = 10_000;
 /// Finished jobs kept in the daemon's memory for `GET /v1/jobs` (all stay in the database).

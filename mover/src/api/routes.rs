@@ -22,9 +22,12 @@ use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 
+use super::refusals::{self, Refusals};
 use super::server::Access;
 use crate::audit::Who;
-use crate::constants::{API_BODY_BYTES_MAX, API_HEAD_TIMEOUT_S, API_WAIT_S_MAX};
+use crate::constants::{
+    API_BODY_BYTES_MAX, API_HEAD_TIMEOUT_S, API_REFUSAL_WINDOW_S, API_WAIT_S_MAX,
+};
 use crate::job::JobState;
 use crate::jobs::board::{CancelError, SubmitError};
 use crate::jobs::{Board, JobRequest};
@@ -36,6 +39,7 @@ pub struct Api {
     pub started: Instant,
     pub started_unix_s: f64,
     pub socket: std::path::PathBuf,
+    refusals: std::sync::Mutex<Refusals>,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -52,25 +56,52 @@ impl Api {
             started: Instant::now(),
             started_unix_s,
             socket,
+            refusals: std::sync::Mutex::new(Refusals::new(Duration::from_secs(
+                API_REFUSAL_WINDOW_S,
+            ))),
         }
     }
 
-    /// Audits a refused caller (once per connection).
+    /// Counts a refused request and audits it at a bounded rate (see [`refusals`]). Writes to
+    /// the audit log (fsync): call it off the async threads.
     pub fn refused(&self, caller: &Who, request: &Request<Incoming>, reason: &str) {
-        tracing::warn!(
-            uid = caller.uid,
-            gid = caller.gid,
-            pid = caller.pid,
-            "API caller refused"
-        );
         metrics::global().add(names::API_REFUSED, &[("reason", "caller")], 1);
-        self.board.audit_event(
-            *caller,
-            "request.refused",
-            &format!("{} {}", request.method(), request.uri().path()),
-            "refused",
-            json!({ "reason": reason }),
-        );
+        let target = format!("{} {}", request.method(), request.uri().path());
+        let lines = self
+            .lock_refusals()
+            .refused(*caller, &target, reason, Instant::now());
+        self.audit_refusals(lines);
+    }
+
+    /// Audits the counts of refusal windows that have ended (`all`: every open window, at
+    /// shutdown). Writes to the audit log: call it off the async threads.
+    pub fn sweep_refusals(&self, all: bool) {
+        let lines = match all {
+            true => self.lock_refusals().close_all(),
+            false => self.lock_refusals().sweep(Instant::now()),
+        };
+        self.audit_refusals(lines);
+    }
+
+    fn lock_refusals(&self) -> std::sync::MutexGuard<'_, Refusals> {
+        self.refusals.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn audit_refusals(&self, lines: Vec<refusals::Line>) {
+        let window = self.lock_refusals().window();
+        for line in lines {
+            let who = line.who;
+            tracing::warn!(
+                uid = who.uid,
+                gid = who.gid,
+                pid = who.pid,
+                repeats = line.repeats,
+                "API caller refused"
+            );
+            let detail = line.detail(window);
+            self.board
+                .audit_event(who, "request.refused", &line.target, "refused", detail);
+        }
     }
 }
 

@@ -4,12 +4,11 @@
 //! place, so there is no instant at which it exists with looser permissions. Each accepted
 //! connection is checked against `[api]` by SO_PEERCRED (uid, gid and the process's
 //! supplementary groups); a refused caller still gets HTTP answers (403 with the reason), and
-//! the refusal is audited once per connection.
+//! its refusals are audited at a bounded rate (`refusals`).
 
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -20,7 +19,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use super::routes::{self, Api};
 use crate::audit::Who;
 use crate::config::ApiSection;
-use crate::constants::{API_CONNECTIONS_MAX, API_HEAD_BYTES_MAX, API_HEAD_TIMEOUT_S};
+use crate::constants::{
+    API_CONNECTIONS_MAX, API_HEAD_BYTES_MAX, API_HEAD_TIMEOUT_S, API_REFUSAL_WINDOW_S,
+};
 use crate::error::{Error, Result};
 
 /// Who may call, reloadable on SIGHUP.
@@ -161,6 +162,18 @@ pub async fn serve(
         }
     };
     let slots = Arc::new(tokio::sync::Semaphore::new(API_CONNECTIONS_MAX));
+    // Writes the counts of refusal windows that end while their caller is quiet.
+    let sweeper = tokio::spawn({
+        let api = api.clone();
+        async move {
+            let mut tick =
+                tokio::time::interval(Duration::from_secs(API_REFUSAL_WINDOW_S.div_ceil(4)));
+            loop {
+                tick.tick().await;
+                tokio::task::block_in_place(|| api.sweep_refusals(false));
+            }
+        }
+    });
     tokio::pin!(shutdown);
     loop {
         // Beyond the connection limit, callers wait in the listen backlog.
@@ -194,15 +207,12 @@ pub async fn serve(
         tokio::spawn(async move {
             let _permit = permit;
             let refusal = api.access.check(&caller).err();
-            let audited = Arc::new(AtomicBool::new(false));
             let service = service_fn(move |request| {
-                let (api, refusal, audited) = (api.clone(), refusal.clone(), audited.clone());
+                let (api, refusal) = (api.clone(), refusal.clone());
                 async move {
                     let response = match refusal {
                         Some(reason) => {
-                            if !audited.swap(true, Ordering::Relaxed) {
-                                api.refused(&caller, &request, &reason);
-                            }
+                            tokio::task::block_in_place(|| api.refused(&caller, &request, &reason));
                             routes::refuse(&request, &reason)
                         }
                         None => routes::handle(&api, caller, request).await,
@@ -220,6 +230,8 @@ pub async fn serve(
             }
         });
     }
+    sweeper.abort();
+    tokio::task::block_in_place(|| api.sweep_refusals(true));
     let _ = std::fs::remove_file(&path);
     tracing::info!(socket = %path.display(), "API socket closed");
 }
