@@ -640,6 +640,41 @@ fn an_edited_or_removed_audit_line_is_detected() {
 }
 
 #[test]
+fn a_line_appended_to_the_audit_log_alone_is_flagged_and_the_daemon_refuses_to_start() {
+    let mut d = Daemon::new("");
+    let (status, _) = d.http("POST", "/v1/jobs", Some(&json!({"kind": "verify"})));
+    assert_eq!(status, 201);
+    assert!(d.terminate().success(), "{}", d.log_text());
+    // A well-chained line added after the daemon's last one; the head is left alone.
+    let log = d.site.join("audit.log");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let last = text.lines().last().unwrap();
+    let mut forged: Value = serde_json::from_str(last).unwrap();
+    forged["seq"] = json!(forged["seq"].as_u64().unwrap() + 1);
+    forged["prev"] = json!(blake3::hash(last.as_bytes()).to_hex().to_string());
+    forged["action"] = json!("job.cancel");
+    std::fs::write(&log, format!("{text}{forged}\n")).unwrap();
+
+    let verify = run(mover()
+        .args(["audit", "--verify", "--site-dir"])
+        .arg(&d.site));
+    assert_eq!(verify.status.code(), Some(3), "{}", stderr(&verify));
+    assert!(
+        stderr(&verify).contains("runs past the head"),
+        "{}",
+        stderr(&verify)
+    );
+    let (mut child, line) = spawn_daemon(&d.site.join("mover.toml"), &d.log);
+    let exit = child.wait().unwrap();
+    assert!(line.is_empty() && !exit.success(), "daemon started: {line}");
+    let said = d.log_text();
+    assert!(
+        said.contains(&format!("audit log {}", log.display())) && said.contains("runs past"),
+        "{said}"
+    );
+}
+
+#[test]
 fn a_flood_of_refused_requests_is_audited_as_a_count() {
     assert!(
         is_root(),
