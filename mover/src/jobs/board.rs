@@ -176,18 +176,17 @@ impl Board {
             audited = Some(record.id.clone());
             Ok((record.id, json))
         };
-        let submitted = self
+        let outcome = self
             .site
             .index
             .submit_job(request.idempotency_key.as_deref(), make);
-        let (json, created) = match submitted {
-            Ok(stored) => stored,
-            Err(_) if audit_failure.is_some() => {
-                let why = audit_failure.unwrap_or_default();
+        let (json, created) = match (outcome, audit_failure) {
+            (Ok(stored), _) => stored,
+            (Err(_), Some(why)) => {
                 tracing::error!(uid = caller.uid, pid = caller.pid, error = %why, "job submit refused");
                 return Err(SubmitError::Unavailable(why));
             }
-            Err(e) => {
+            (Err(e), None) => {
                 if let Some(id) = audited {
                     // The audit already says submitted: record that it did not happen.
                     let detail = serde_json::json!({ "error": e.to_string() });
