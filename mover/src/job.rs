@@ -206,6 +206,9 @@ pub struct Job {
     pub wire_bytes_sent: u64,
     pub wire_bytes_received: u64,
     pub bytes_read: u64,
+    /// Restore: data bytes written into the target. Holes are not written, so a sparse
+    /// file's throughput is this over the time, not `bytes_total` (its apparent size).
+    pub bytes_written: u64,
     /// Plaintext bytes of chunks the destination did not have.
     pub bytes_new: u64,
     pub bytes_reused: u64,
@@ -257,6 +260,7 @@ impl Job {
             bytes_total: 0,
             bytes_done: 0,
             bytes_sent: 0,
+            bytes_written: 0,
             wire_bytes_sent: 0,
             wire_bytes_received: 0,
             bytes_read: 0,

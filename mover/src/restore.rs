@@ -548,6 +548,7 @@ impl Restorer<'_> {
                 at += chunk.len as u64;
                 self.job.bytes_done += chunk.len as u64;
                 self.job.bytes_read += chunk.len as u64;
+                self.job.bytes_written += chunk.len as u64;
                 self.control.done(chunk.len as u64);
             }
         }
