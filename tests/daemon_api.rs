@@ -810,3 +810,84 @@ fn a_full_disk_refuses_jobs_with_503_until_the_audit_log_can_be_written() {
     assert!(verify.status.success(), "{}", stderr(&verify));
     d.kill9();
 }
+
+#[test]
+fn ended_jobs_stay_findable_beyond_the_memory_bound_until_their_retention() {
+    // More ended jobs than the daemon keeps in memory (1000), all in the table.
+    const JOBS: usize = 1003;
+    let mut d = Daemon::new("");
+    let first = run_json(d.cli().args(["verify", "--idempotency-key", "epilog-1"]));
+    assert_eq!(first["id"], "v-1", "{first}");
+    std::thread::scope(|scope| {
+        for t in 0..4 {
+            let d = &d;
+            scope.spawn(move || {
+                for _ in (1 + t..JOBS).step_by(4) {
+                    let (status, job) =
+                        d.http("POST", "/v1/jobs", Some(&json!({"kind": "verify"})));
+                    assert_eq!(status, 201, "{job}");
+                }
+            });
+        }
+    });
+    // One job runs at a time, in submission order: the last one ends last.
+    assert_eq!(d.wait_job(&format!("v-{JOBS}"))["state"], "done");
+
+    let (status, job) = d.http("GET", "/v1/jobs/v-1", None);
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(job["state"], "done", "{job}");
+    let waited = run(d.cli().args(["wait", "v-1"]));
+    assert_eq!(waited.status.code(), Some(0), "{}", stderr(&waited));
+    // The Slurm epilog's retry: same key, --wait.
+    let again = run_json(
+        d.cli()
+            .args(["verify", "--wait", "--idempotency-key", "epilog-1"]),
+    );
+    assert_eq!(again["id"], "v-1", "{again}");
+    let (status, body) = d.http("DELETE", "/v1/jobs/v-2", None);
+    assert_eq!(status, 409, "{body}");
+    let (_, daemon) = d.http("GET", "/v1/status", None);
+    assert_eq!(daemon["jobs"]["done"], JOBS, "{daemon}");
+    let (_, jobs) = d.http("GET", "/v1/jobs?limit=5000", None);
+    let jobs = jobs.as_array().unwrap();
+    assert_eq!(jobs.len(), JOBS);
+    assert_eq!(jobs[0]["id"], "v-1");
+    let (_, done) = d.http("GET", "/v1/jobs?state=done&limit=2", None);
+    let ids: Vec<&str> = done
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [format!("v-{}", JOBS - 1), format!("v-{JOBS}")]);
+
+    // Retention: a restart with room for 1001 ended jobs deletes the two oldest rows and
+    // frees their idempotency keys.
+    d.kill9();
+    let config = d.site.join("mover.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("[api]\n", "[api]\nended_jobs_kept = 1001\n"),
+    )
+    .unwrap();
+    d.start();
+    for gone in ["v-1", "v-2"] {
+        let (status, body) = d.http("GET", &format!("/v1/jobs/{gone}"), None);
+        assert_eq!(status, 404, "{body}");
+        assert!(body["error"]
+            .as_str()
+            .unwrap()
+            .contains("api.ended_jobs_kept"));
+    }
+    assert_eq!(d.http("GET", "/v1/jobs/v-3", None).0, 200);
+    let (_, daemon) = d.http("GET", "/v1/status", None);
+    assert_eq!(daemon["jobs"]["done"], 1001, "{daemon}");
+    let (status, fresh) = d.http(
+        "POST",
+        "/v1/jobs",
+        Some(&json!({"kind": "verify", "idempotency_key": "epilog-1"})),
+    );
+    assert_eq!(status, 201, "{fresh}");
+    assert_eq!(fresh["id"], format!("v-{}", JOBS + 1));
+}

@@ -48,6 +48,13 @@ pub struct ApiSection {
     pub running_jobs_max: usize,
     #[serde(default = "default_queued_jobs_max")]
     pub queued_jobs_max: usize,
+    /// Retention of ended jobs (done, failed, cancelled) in the queue table: the newest this
+    /// many are kept, and none longer than `ended_jobs_kept_days` after it ended. Within it,
+    /// `GET /v1/jobs/ID`, `mover wait` and a retried idempotency key find the job.
+    #[serde(default = "default_ended_jobs_kept")]
+    pub ended_jobs_kept: usize,
+    #[serde(default = "default_ended_jobs_kept_days")]
+    pub ended_jobs_kept_days: u32,
 }
 
 impl Default for ApiSection {
@@ -59,6 +66,8 @@ impl Default for ApiSection {
             allowed_gids: Vec::new(),
             running_jobs_max: default_running_jobs_max(),
             queued_jobs_max: default_queued_jobs_max(),
+            ended_jobs_kept: default_ended_jobs_kept(),
+            ended_jobs_kept_days: default_ended_jobs_kept_days(),
         }
     }
 }
@@ -73,6 +82,14 @@ fn default_running_jobs_max() -> usize {
 
 fn default_queued_jobs_max() -> usize {
     constants::JOBS_QUEUED_MAX_DEFAULT
+}
+
+fn default_ended_jobs_kept() -> usize {
+    constants::ENDED_JOBS_KEPT_DEFAULT
+}
+
+fn default_ended_jobs_kept_days() -> u32 {
+    constants::ENDED_JOBS_KEPT_DAYS_DEFAULT
 }
 
 impl ApiSection {
@@ -228,6 +245,17 @@ impl Config {
                 "api.queued_jobs_max = 0: expected at least 1".into(),
             ));
         }
+        if self.api.ended_jobs_kept == 0 {
+            return Err(invalid(
+                "api.ended_jobs_kept = 0: expected at least 1".into(),
+            ));
+        }
+        if !(1..=36_500).contains(&self.api.ended_jobs_kept_days) {
+            return Err(invalid(format!(
+                "api.ended_jobs_kept_days = {}: expected 1 to 36500",
+                self.api.ended_jobs_kept_days
+            )));
+        }
         if self.tiers.values().filter(|t| t.default).count() > 1 {
             return Err(invalid("more than one tier has default = true".into()));
         }
@@ -375,6 +403,11 @@ identity = "identity"   # key.pem (private, mode 0600) and cert.pem; `mover iden
 # allowed_gids = []
 # running_jobs_max = 1         # more wait in the queue by priority, then submission order
 # queued_jobs_max = 10000
+# Ended jobs stay findable (GET /v1/jobs/ID, `mover wait`, a retried --idempotency-key) while
+# they are among the newest `ended_jobs_kept` and ended less than `ended_jobs_kept_days` ago;
+# older rows are deleted from the queue table.
+# ended_jobs_kept = 10000
+# ended_jobs_kept_days = 30
 
 # Storage tiers of this site. Backups land in the default tier.
 [tiers.hot]

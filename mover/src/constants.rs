@@ -117,8 +117,15 @@ pub const API_WAIT_S_MAX: u64 = 3600;
 pub const API_REFUSAL_WINDOW_S: u64 = 60;
 /// Jobs waiting in the queue; a submit beyond this is refused (503) rather than queued.
 pub const JOBS_QUEUED_MAX_DEFAULT: usize = 10_000;
-/// Finished jobs kept in the daemon's memory for `GET /v1/jobs` (all stay in the database).
-pub const JOBS_LISTED_MAX: usize = 1000;
+/// Ended jobs whose records the daemon keeps in memory (the newest); older ones are read from
+/// the queue table when asked for, so memory stays bounded however many the table keeps.
+pub const ENDED_JOBS_IN_MEMORY_MAX: usize = 1000;
+/// Ended jobs kept in the queue table by default (`api.ended_jobs_kept`): a week of a busy
+/// scheduler's jobs, a few tens of MB of rows.
+pub const ENDED_JOBS_KEPT_DEFAULT: usize = 10_000;
+/// Days an ended job stays in the queue table by default (`api.ended_jobs_kept_days`): long
+/// enough for a scheduler's retries and a person's look the next morning or after a holiday.
+pub const ENDED_JOBS_KEPT_DAYS_DEFAULT: u32 = 30;
 /// Longest idempotency key accepted.
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
 /// How long a draining daemon waits for running jobs to checkpoint before it exits anyway.

@@ -289,27 +289,44 @@ fn list(api: &Api, query: &str) -> Reply {
             )
         }
     };
-    reply(StatusCode::OK, &json!(api.board.list(only, limit)))
+    match tokio::task::block_in_place(|| api.board.list(only, limit)) {
+        Ok(jobs) => reply(StatusCode::OK, &json!(jobs)),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
 }
 
-fn no_job(id: &str) -> Reply {
+fn no_job(api: &Api, id: &str) -> Reply {
+    let kept = &api.board.site().config.api;
     error(
         StatusCode::NOT_FOUND,
-        format!("job {id:?}: no such job (see GET /v1/jobs)"),
+        format!(
+            "job {id:?}: no such job (see GET /v1/jobs; ended jobs are kept for {} days, the newest {}: api.ended_jobs_kept_days, api.ended_jobs_kept)",
+            kept.ended_jobs_kept_days, kept.ended_jobs_kept
+        ),
     )
 }
 
+/// The job from memory or, once it has ended, from the table (a read: off the async threads).
+fn lookup(api: &Api, id: &str) -> Result<crate::jobs::JobRecord, Box<Reply>> {
+    match tokio::task::block_in_place(|| api.board.get(id)) {
+        Ok(Some(record)) => Ok(record),
+        Ok(None) => Err(Box::new(no_job(api, id))),
+        Err(e) => Err(Box::new(error(StatusCode::INTERNAL_SERVER_ERROR, e))),
+    }
+}
+
 fn get(api: &Api, id: &str) -> Reply {
-    match api.board.get(id) {
-        Some(record) => reply(StatusCode::OK, &json!(record)),
-        None => no_job(id),
+    match lookup(api, id) {
+        Ok(record) => reply(StatusCode::OK, &json!(record)),
+        Err(reply) => *reply,
     }
 }
 
 fn cancel(api: &Api, caller: Who, id: &str) -> Reply {
     match tokio::task::block_in_place(|| api.board.cancel(id, caller)) {
         Ok(record) => reply(StatusCode::ACCEPTED, &json!(record)),
-        Err(CancelError::NotFound) => no_job(id),
+        Err(CancelError::NotFound) => no_job(api, id),
+        Err(CancelError::Internal(reason)) => error(StatusCode::INTERNAL_SERVER_ERROR, reason),
         Err(CancelError::Finished(state)) => error(
             StatusCode::CONFLICT,
             format!(
@@ -337,8 +354,9 @@ async fn wait(api: &Api, id: &str, query: &str) -> Reply {
     let mut changes = api.board.watch();
     loop {
         changes.borrow_and_update();
-        let Some(record) = api.board.get(id) else {
-            return no_job(id);
+        let record = match lookup(api, id) {
+            Ok(record) => record,
+            Err(reply) => return *reply,
         };
         if record.state.is_terminal() || tokio::time::Instant::now() >= deadline {
             return reply(StatusCode::OK, &json!(record));

@@ -10,13 +10,19 @@
 //! Jobs run on their own threads (a backup then starts its pinned workers); at most
 //! `api.running_jobs_max` at once, chosen by priority, then submission order. Waiters (the
 //! API's `wait`) watch a generation counter bumped on every change.
+//!
+//! Ended jobs stay in the table for the configured retention (`api.ended_jobs_kept`, count,
+//! and `api.ended_jobs_kept_days`, age) and are served from it: memory holds the jobs not yet
+//! ended, the newest ended ones and a small entry per ended job (to count, list and expire
+//! them without reading the table).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::audit::{AuditLog, Who};
+use crate::constants::ENDED_JOBS_IN_MEMORY_MAX;
 use crate::error::{Error, Result};
 use crate::job::{JobControl, JobKind, JobState};
 use crate::metrics::{self, names};
@@ -43,21 +49,82 @@ struct Running {
     control: Arc<JobControl>,
 }
 
+/// What the board remembers of every ended job in the table, its record in memory or not.
+#[derive(Clone, Debug)]
+struct Ended {
+    id: String,
+    state: JobState,
+    idempotency_key: Option<String>,
+}
+
+/// Ended jobs by (end time in ms since the epoch, submission order): the newest last.
+type EndedJobs = BTreeMap<(u64, u64), Ended>;
+
 struct State {
+    /// Jobs not yet ended and the newest ended ones ([`ENDED_JOBS_IN_MEMORY_MAX`]); every
+    /// ended record here also has its entry in `ended`.
     records: HashMap<String, JobRecord>,
+    ended: EndedJobs,
     running: HashMap<String, Running>,
     draining: bool,
+}
+
+impl State {
+    /// Notes that a record in `records` has just ended.
+    fn ended_now(&mut self, id: &str) {
+        if let Some(r) = self.records.get(id) {
+            self.ended.insert(ended_key(r), ended_entry(r));
+        }
+    }
+}
+
+fn ended_key(r: &JobRecord) -> (u64, u64) {
+    (r.finished_unix_ms.unwrap_or(r.submitted_unix_ms), r.seq)
+}
+
+fn ended_entry(r: &JobRecord) -> Ended {
+    Ended {
+        id: r.id.clone(),
+        state: r.state,
+        idempotency_key: r.idempotency_key.clone(),
+    }
+}
+
+/// How long and how many ended jobs the table keeps.
+#[derive(Clone, Copy, Debug)]
+struct Retention {
+    kept: usize,
+    max_age_ms: u64,
+}
+
+impl Retention {
+    /// The ended jobs past retention: all but the newest `kept`, and those that ended more
+    /// than `max_age_ms` before `now_ms`.
+    fn expired(&self, ended: &EndedJobs, now_ms: u64) -> Vec<(u64, u64)> {
+        let surplus = ended.len().saturating_sub(self.kept);
+        ended
+            .keys()
+            .enumerate()
+            .filter(|(i, (finished, _))| {
+                *i < surplus || now_ms.saturating_sub(*finished) > self.max_age_ms
+            })
+            .map(|(_, key)| *key)
+            .collect()
+    }
 }
 
 pub struct Board {
     site: Arc<Site>,
     audit: Arc<AuditLog>,
     state: Mutex<State>,
-    /// Serialises record writes so the table always ends with a record's latest state.
+    /// Serialises record writes so the table always ends with a record's latest state; held
+    /// from a job's end to its write, and by `retire`, so a record is never dropped from
+    /// memory (or deleted) with its end not yet written.
     persist_lock: Mutex<()>,
     changed: tokio::sync::watch::Sender<u64>,
     running_max: usize,
     queued_max: usize,
+    retention: Retention,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -69,6 +136,7 @@ impl Board {
     /// then the queue starts.
     pub fn open(site: Arc<Site>, audit: Arc<AuditLog>) -> Result<Arc<Board>> {
         let mut records = HashMap::new();
+        let mut ended = EndedJobs::new();
         let mut resumed = Vec::new();
         for text in site.index.queue_records()? {
             let mut record: JobRecord = serde_json::from_str(&text)
@@ -77,16 +145,24 @@ impl Board {
                 record.state = JobState::Queued;
                 resumed.push(record.id.clone());
             }
+            if record.state.is_terminal() {
+                ended.insert(ended_key(&record), ended_entry(&record));
+            }
             records.insert(record.id.clone(), record);
         }
         let api = &site.config.api;
         let board = Arc::new(Board {
             running_max: api.running_jobs_max,
             queued_max: api.queued_jobs_max,
+            retention: Retention {
+                kept: api.ended_jobs_kept,
+                max_age_ms: u64::from(api.ended_jobs_kept_days) * 86_400_000,
+            },
             site,
             audit,
             state: Mutex::new(State {
                 records,
+                ended,
                 running: HashMap::new(),
                 draining: false,
             }),
@@ -97,6 +173,7 @@ impl Board {
             tracing::info!(job = %id, "resuming a job the previous daemon left running");
             board.persist(id)?;
         }
+        board.retire(now_unix_ms());
         board.schedule();
         Ok(board)
     }
@@ -199,50 +276,98 @@ impl Board {
             .map_err(|e| SubmitError::Internal(format!("job queue row: {e}")))?;
         if !created {
             // The live record (it may have moved on since it was queued).
-            return Ok((self.get(&stored.id).unwrap_or(stored), false));
+            let live = self.get(&stored.id).ok().flatten();
+            return Ok((live.unwrap_or(stored), false));
         }
         lock(&self.state)
             .records
             .insert(stored.id.clone(), stored.clone());
         self.bump();
         self.schedule();
-        Ok((self.get(&stored.id).unwrap_or(stored), true))
+        let live = self.get(&stored.id).ok().flatten();
+        Ok((live.unwrap_or(stored), true))
     }
 
-    /// A job as it stands, progress included.
-    pub fn get(&self, id: &str) -> Option<JobRecord> {
-        let state = lock(&self.state);
-        let mut record = state.records.get(id)?.clone();
-        if let Some(running) = state.running.get(id) {
-            fill_progress(&mut record, &running.control);
+    /// A job as it stands, progress included: from memory, else (an older ended job) from
+    /// the table. `None` when neither holds it (never submitted, or past retention).
+    pub fn get(&self, id: &str) -> Result<Option<JobRecord>> {
+        {
+            let state = lock(&self.state);
+            if let Some(record) = state.records.get(id) {
+                let mut record = record.clone();
+                if let Some(running) = state.running.get(id) {
+                    fill_progress(&mut record, &running.control);
+                }
+                return Ok(Some(record));
+            }
         }
-        Some(record)
+        self.stored(id)
+    }
+
+    fn stored(&self, id: &str) -> Result<Option<JobRecord>> {
+        match self.site.index.queue_record(id)? {
+            Some(text) => serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| Error::corrupt(format!("job queue row {id}"), e.to_string())),
+            None => Ok(None),
+        }
     }
 
     /// All jobs (oldest first), optionally only those in `state`; at most `limit`, the newest.
-    pub fn list(&self, only: Option<JobState>, limit: usize) -> Vec<JobRecord> {
-        let state = lock(&self.state);
-        let mut out: Vec<JobRecord> = state
-            .records
-            .values()
-            .filter(|r| only.is_none_or(|s| r.state == s))
-            .cloned()
-            .collect();
-        for record in &mut out {
-            if let Some(running) = state.running.get(&record.id) {
-                fill_progress(record, &running.control);
+    pub fn list(&self, only: Option<JobState>, limit: usize) -> Result<Vec<JobRecord>> {
+        let wanted = |s: JobState| only.is_none_or(|o| o == s);
+        let (mut out, from_table) = {
+            let state = lock(&self.state);
+            // (submission order, id) of every matching job, memory or table.
+            let mut order: Vec<(u64, &str)> = state
+                .records
+                .values()
+                .filter(|r| !r.state.is_terminal() && wanted(r.state))
+                .map(|r| (r.seq, r.id.as_str()))
+                .chain(
+                    state
+                        .ended
+                        .iter()
+                        .filter(|(_, e)| wanted(e.state))
+                        .map(|((_, seq), e)| (*seq, e.id.as_str())),
+                )
+                .collect();
+            order.sort_unstable();
+            let skip = order.len().saturating_sub(limit);
+            let mut out = Vec::new();
+            let mut from_table = Vec::new();
+            for (_, id) in &order[skip..] {
+                match state.records.get(*id) {
+                    Some(record) => {
+                        let mut record = record.clone();
+                        if let Some(running) = state.running.get(*id) {
+                            fill_progress(&mut record, &running.control);
+                        }
+                        out.push(record);
+                    }
+                    None => from_table.push(id.to_string()),
+                }
             }
+            (out, from_table)
+        };
+        for id in from_table {
+            // Gone meanwhile (retention) is not an error: the list is a moment's view.
+            out.extend(self.stored(&id)?);
         }
         out.sort_by_key(|r| r.seq);
-        let skip = out.len().saturating_sub(limit);
-        out.drain(..skip);
-        out
+        Ok(out)
     }
 
+    /// Jobs by state: those in the table, ended ones included.
     pub fn counts(&self) -> HashMap<JobState, usize> {
         let mut counts = HashMap::new();
-        for r in lock(&self.state).records.values() {
-            *counts.entry(r.state).or_insert(0) += 1;
+        let state = lock(&self.state);
+        let live = state.records.values().map(|r| r.state);
+        for s in live
+            .filter(|s| !s.is_terminal())
+            .chain(state.ended.values().map(|e| e.state))
+        {
+            *counts.entry(s).or_insert(0) += 1;
         }
         counts
     }
@@ -250,38 +375,65 @@ impl Board {
     /// Cancels a queued job at once, or asks a running one to stop (it ends `cancelled`
     /// once the engine reaches its next check). `Err` names why nothing changed.
     pub fn cancel(&self, id: &str, caller: Who) -> std::result::Result<JobRecord, CancelError> {
+        let order = lock(&self.persist_lock);
         let outcome = {
             let mut state = lock(&self.state);
             let State {
                 records, running, ..
             } = &mut *state;
-            let record = records.get_mut(id).ok_or(CancelError::NotFound)?;
-            match record.state {
-                JobState::Queued => {
-                    let now = now_unix_ms();
-                    record.state = JobState::Cancelled;
-                    record.finished = Some(time_text(now));
-                    record.finished_unix_ms = Some(now);
-                    record.error = Some("cancelled before it started".into());
-                    Ok(())
-                }
-                JobState::Running => {
-                    record.cancel_requested = true;
-                    if let Some(r) = running.get(id) {
-                        r.control.cancel();
+            // Some(Ok(true)): ended now; Some(Ok(false)): asked to stop.
+            let outcome = match records.get_mut(id) {
+                None => None,
+                Some(record) => Some(match record.state {
+                    JobState::Queued => {
+                        let now = now_unix_ms();
+                        record.state = JobState::Cancelled;
+                        record.finished = Some(time_text(now));
+                        record.finished_unix_ms = Some(now);
+                        record.error = Some("cancelled before it started".into());
+                        Ok(true)
                     }
-                    Ok(())
-                }
-                other => Err(CancelError::Finished(other)),
+                    JobState::Running => {
+                        record.cancel_requested = true;
+                        if let Some(r) = running.get(id) {
+                            r.control.cancel();
+                        }
+                        Ok(false)
+                    }
+                    other => Err(CancelError::Finished(other)),
+                }),
+            };
+            if let Some(Ok(true)) = outcome {
+                state.ended_now(id);
             }
+            outcome
         };
-        outcome?;
-        if let Err(e) = self.persist(id) {
+        match outcome {
+            Some(outcome) => {
+                outcome?;
+            }
+            None => {
+                drop(order);
+                // Not in memory: an older ended job, or none at all.
+                return Err(match self.stored(id) {
+                    Ok(Some(record)) => CancelError::Finished(record.state),
+                    Ok(None) => CancelError::NotFound,
+                    Err(e) => CancelError::Internal(e.to_string()),
+                });
+            }
+        }
+        if let Err(e) = self.save(&order, id) {
             tracing::error!(job = %id, error = %e, "could not record the cancel");
         }
+        drop(order);
         self.audit_event(caller, "job.cancel", id, "ok", serde_json::Value::Null);
         self.bump();
-        Ok(self.get(id).expect("present above"))
+        self.retire(now_unix_ms());
+        match self.get(id) {
+            Ok(Some(record)) => Ok(record),
+            Ok(None) => Err(CancelError::NotFound),
+            Err(e) => Err(CancelError::Internal(e.to_string())),
+        }
     }
 
     /// A receiver that changes whenever any job does (for waiting without polling).
@@ -313,6 +465,7 @@ impl Board {
     /// Starts queued jobs while there is room: highest priority first, then oldest.
     fn schedule(self: &Arc<Self>) {
         loop {
+            let order = lock(&self.persist_lock);
             let started = {
                 let mut state = lock(&self.state);
                 if state.draining || state.running.len() >= self.running_max {
@@ -355,13 +508,15 @@ impl Board {
                         record.error = Some(format!("could not start a job thread: {e}"));
                         record.finished = Some(time_text(now));
                         record.finished_unix_ms = Some(now);
+                        state.ended_now(&id);
                         id
                     }
                 }
             };
-            if let Err(e) = self.persist(&started) {
+            if let Err(e) = self.save(&order, &started) {
                 tracing::error!(job = %started, error = %e, "could not record the job start");
             }
+            drop(order);
             self.bump();
         }
     }
@@ -384,6 +539,7 @@ impl Board {
             Err(Error::Resource(format!("internal error (panic): {what}")))
         });
         let now = now_unix_ms();
+        let order = lock(&self.persist_lock);
         let final_record = {
             let mut state = lock(&self.state);
             state.running.remove(&record.id);
@@ -414,11 +570,16 @@ impl Board {
                 r.finished = Some(time_text(now));
                 r.finished_unix_ms = Some(now);
             }
-            r.clone()
+            let r = r.clone();
+            if r.state.is_terminal() {
+                state.ended_now(&record.id);
+            }
+            r
         };
-        if let Err(e) = self.persist(&record.id) {
+        if let Err(e) = self.save(&order, &record.id) {
             tracing::error!(job = %record.id, error = %e, "could not record the job's end");
         }
+        drop(order);
         let elapsed = final_record
             .started_unix_ms
             .map_or(0.0, |s| now.saturating_sub(s) as f64 / 1e3);
@@ -446,37 +607,51 @@ impl Board {
         }
         self.bump();
         self.schedule();
-        self.forget_old();
+        self.retire(now_unix_ms());
     }
 
-    /// Keeps the in-memory list bounded; finished jobs beyond it stay in the database.
-    fn forget_old(&self) {
-        let mut state = lock(&self.state);
-        let finished = state
-            .records
-            .values()
-            .filter(|r| r.state.is_terminal())
-            .count();
-        if finished <= crate::constants::JOBS_LISTED_MAX {
+    /// Applies the retention of ended jobs at `now_ms`: deletes the rows past it (and their
+    /// idempotency keys) and keeps only the newest ended records in memory; the others are
+    /// read from the table when asked for.
+    fn retire(&self, now_ms: u64) {
+        let _order = lock(&self.persist_lock);
+        let expired: Vec<(String, Option<String>)> = {
+            let mut state = lock(&self.state);
+            let State { records, ended, .. } = &mut *state;
+            let expired: Vec<Ended> = self
+                .retention
+                .expired(ended, now_ms)
+                .into_iter()
+                .filter_map(|key| ended.remove(&key))
+                .collect();
+            for e in &expired {
+                records.remove(&e.id);
+            }
+            for e in ended.values().rev().skip(ENDED_JOBS_IN_MEMORY_MAX) {
+                records.remove(&e.id);
+            }
+            expired
+                .into_iter()
+                .map(|e| (e.id, e.idempotency_key))
+                .collect()
+        };
+        if expired.is_empty() {
             return;
         }
-        let mut old: Vec<(u64, String)> = state
-            .records
-            .values()
-            .filter(|r| r.state.is_terminal())
-            .map(|r| (r.seq, r.id.clone()))
-            .collect();
-        old.sort();
-        for (_, id) in old
-            .into_iter()
-            .take(finished - crate::constants::JOBS_LISTED_MAX)
-        {
-            state.records.remove(&id);
+        match self.site.index.remove_queue_records(&expired) {
+            Ok(()) => tracing::info!(jobs = expired.len(), "ended jobs past retention deleted"),
+            // They stay in the table; the next start expires them again.
+            Err(e) => tracing::error!(error = %e, "could not delete ended jobs past retention"),
         }
     }
 
     fn persist(&self, id: &str) -> Result<()> {
-        let _order = lock(&self.persist_lock);
+        let order = lock(&self.persist_lock);
+        self.save(&order, id)
+    }
+
+    /// Writes a record's current state; the caller holds `persist_lock` (`_order`).
+    fn save(&self, _order: &MutexGuard<'_, ()>, id: &str) -> Result<()> {
         let json = {
             let state = lock(&self.state);
             match state.records.get(id) {
@@ -531,6 +706,8 @@ impl Board {
 pub enum CancelError {
     NotFound,
     Finished(JobState),
+    /// The table could not be read (500).
+    Internal(String),
 }
 
 fn fill_progress(record: &mut JobRecord, control: &JobControl) {
@@ -688,5 +865,54 @@ fn record_metrics(site: &Site, record: &JobRecord) {
             }
         }
         JobKind::Verify => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ended(jobs: &[(u64, u64)]) -> EndedJobs {
+        jobs.iter()
+            .map(|&(finished, seq)| {
+                let entry = Ended {
+                    id: format!("v-{seq}"),
+                    state: JobState::Done,
+                    idempotency_key: None,
+                };
+                ((finished, seq), entry)
+            })
+            .collect()
+    }
+
+    const DAY: u64 = 86_400_000;
+
+    #[test]
+    fn retention_keeps_the_newest_ended_jobs_within_the_age() {
+        let retention = Retention {
+            kept: 3,
+            max_age_ms: 30 * DAY,
+        };
+        let now = 100 * DAY;
+        // Five ended jobs; the long-running v-1 ended last, so it counts as the newest.
+        let jobs = ended(&[
+            (now - 4, 2),
+            (now - 3, 3),
+            (now - 2, 4),
+            (now - 1, 5),
+            (now, 1),
+        ]);
+        assert_eq!(
+            retention.expired(&jobs, now),
+            vec![(now - 4, 2), (now - 3, 3)]
+        );
+        // The clock moves on: past the age, even the newest go.
+        let old = ended(&[(now - 31 * DAY, 1), (now - 30 * DAY, 2), (now - DAY, 3)]);
+        assert_eq!(retention.expired(&old, now), vec![(now - 31 * DAY, 1)]);
+        assert_eq!(
+            retention.expired(&old, now + 29 * DAY),
+            vec![(now - 31 * DAY, 1), (now - 30 * DAY, 2)]
+        );
+        assert!(retention.expired(&EndedJobs::new(), now).is_empty());
     }
 }

@@ -325,6 +325,34 @@ impl Index {
         Ok(out)
     }
 
+    /// One job record of the queue and journal (JSON), if the table holds it.
+    pub fn queue_record(&self, id: &str) -> Result<Option<String>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(QUEUE)?;
+        let record = table.get(id)?.map(|v| v.value().to_string());
+        Ok(record)
+    }
+
+    /// Deletes job records, each with its idempotency key if the key still names that job,
+    /// in one transaction (the retention of ended jobs); durable on return.
+    pub fn remove_queue_records(&self, jobs: &[(String, Option<String>)]) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut queue = txn.open_table(QUEUE)?;
+            let mut keys = txn.open_table(IDEMPOTENCY)?;
+            for (id, key) in jobs {
+                queue.remove(id.as_str())?;
+                let Some(key) = key else { continue };
+                let ours = keys.get(key.as_str())?.is_some_and(|v| v.value() == id);
+                if ours {
+                    keys.remove(key.as_str())?;
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
     pub fn chunk_count(&self) -> Result<u64> {
         use redb::ReadableTableMetadata;
         let txn = self.db.begin_read()?;
