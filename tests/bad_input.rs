@@ -378,3 +378,63 @@ fn io_memory_beyond_memlock_is_a_named_error() {
         stderr(&output)
     );
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_the_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let work = workdir();
+    let site = init_site(work.path(), "a");
+    let data = work.path().join("data");
+    write_random(&data.join("f"), 10, 1);
+    backup(&site, &data);
+    let site_arg = ["--site-dir", site.to_str().unwrap()];
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["snapshots"],
+        vec!["snapshots", "--json"],
+        vec!["identity"],
+        vec!["sites"],
+        vec!["verify"],
+        vec!["backup", data.to_str().unwrap()],
+        // The error line on a closed stderr.
+        vec!["restore", "abcd", "--to", "/nonexistent/x"],
+    ];
+    for args in commands {
+        let closes_stderr = args[0] == "restore";
+        let mut command = mover();
+        command.args(&args).args(site_arg);
+        command.stdout(pipe_without_reader());
+        if closes_stderr {
+            command.stderr(pipe_without_reader());
+        } else {
+            command.stderr(std::process::Stdio::piped());
+        }
+        let output = command.output().unwrap();
+        let message = stderr(&output);
+        assert_eq!(
+            output.status.signal(),
+            Some(libc::SIGPIPE),
+            "{args:?}: {:?}: {message}",
+            output.status
+        );
+        assert!(!message.contains("panicked"), "{args:?}: {message}");
+    }
+}
+
+#[test]
+fn workers_beyond_the_cores_are_a_named_error() {
+    let work = workdir();
+    let site = init_site(work.path(), "a");
+    set_engine(&site, "workers = 100000");
+    let data = work.path().join("data");
+    write_random(&data.join("f"), 10, 1);
+    for args in [vec!["backup", data.to_str().unwrap()], vec!["snapshots"]] {
+        let output = run(mover().args(&args).arg("--site-dir").arg(&site));
+        let message = stderr(&output);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {message}");
+        assert!(
+            message.contains("engine.workers = 100000: expected 0 (one per core) to"),
+            "{args:?}: {message}"
+        );
+        assert_eq!(message.trim().lines().count(), 1, "{message}");
+    }
+}

@@ -278,6 +278,21 @@ fn jobs_via_curl_and_cli() {
     let missing = run(d.cli().args(["status", "b-999"]));
     assert_eq!(missing.status.code(), Some(5), "{}", stderr(&missing));
     assert!(stderr(&missing).contains("no such job"));
+    // `mover jobs | head -0`: a quiet end, as a closed pipe ends any filter.
+    let piped = d
+        .cli()
+        .arg("jobs")
+        .stdout(pipe_without_reader())
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        piped.status.signal(),
+        Some(libc::SIGPIPE),
+        "{}",
+        stderr(&piped)
+    );
+    assert!(!stderr(&piped).contains("panicked"), "{}", stderr(&piped));
     let nowhere = run(mover()
         .env("MOVER_SOCKET", d.root.join("nothing.sock"))
         .arg("jobs"));

@@ -253,15 +253,39 @@ fn a_tmpfs_source_falls_back_to_buffered_reads() {
     assert_same_tree(data.path(), &restored);
 }
 
-/// Backs up two files several chunk windows long with `engine` settings and restores them.
-fn window_round_trip(engine: &str) -> serde_json::Value {
+/// Backs up two files several chunk windows long with `engine` settings (and the backup's
+/// RLIMIT_MEMLOCK lowered to `memlock` bytes) and restores them.
+fn window_round_trip(engine: &str, memlock: Option<u64>) -> serde_json::Value {
     let work = workdir();
     let site = init_site(work.path(), "a");
     set_engine(&site, engine);
     let data = work.path().join("data");
     write_random(&data.join("big.bin"), 40_000_000, 21);
     write_random(&data.join("tail.bin"), 5_000_123, 22);
-    let job = backup(&site, &data);
+    let mut command = mover();
+    command
+        .arg("backup")
+        .arg(&data)
+        .arg("--site-dir")
+        .arg(&site);
+    if let Some(limit) = memlock {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setrlimit is async-signal-safe; lowering a limit needs no privilege.
+        unsafe {
+            command.pre_exec(move || {
+                let rlimit = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                match libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlimit) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                }
+            });
+        }
+    }
+    let job = run_json(&mut command);
+    assert_eq!(job["state"], "done", "{job}");
     let restored = work.path().join("restored");
     let restore_job = restore(&site, "latest", &restored);
     // Files of 8 MiB and more are restored with O_DIRECT (the target is on the same disk).
@@ -279,7 +303,7 @@ fn reads_into_a_registered_window_round_trip() {
         eprintln!("skipped: RLIMIT_MEMLOCK is below one chunk window here");
         return;
     }
-    let job = window_round_trip(&format!("workers = 1\nio_memory_bytes = {window}"));
+    let job = window_round_trip(&format!("workers = 1\nio_memory_bytes = {window}"), None);
     assert_eq!(job["registered_reads"], true, "{job}");
     assert_eq!(job["direct_io"], true, "{job}");
     assert_eq!(job["memcpy_per_byte"], 1.0, "{job}");
@@ -287,8 +311,8 @@ fn reads_into_a_registered_window_round_trip() {
 
 #[test]
 fn reads_into_an_unregistered_window_round_trip() {
-    // Ten workers' windows (70 MiB) exceed the default budget on any machine (3/4 of
-    // RLIMIT_MEMLOCK, at most 64 MiB), so they read into unregistered windows.
-    let job = window_round_trip("workers = 10\npin_workers = false");
+    // One worker's window (7 MiB) exceeds the default budget (3/4 of RLIMIT_MEMLOCK) under
+    // a 4 MiB limit, so it reads into an unregistered window.
+    let job = window_round_trip("workers = 1", Some(4 << 20));
     assert_eq!(job["registered_reads"], false, "{job}");
 }

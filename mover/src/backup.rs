@@ -132,7 +132,7 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
     job.tier = Some(tier.clone()).filter(|t| !t.is_empty());
     job.destination = remote.as_ref().map(|r| r.link.site.clone());
 
-    let workers = worker_count(site);
+    let workers = site.config.workers();
     let plan = ReadPlan::new(
         workers,
         site.config.engine.read_buffer_bytes,
@@ -517,15 +517,6 @@ fn local_parent(site: &Site, source_bytes: &[u8]) -> Result<Option<([u8; 32], Ma
             tracing::warn!(snapshot = %info.id, error = %e, "parent snapshot unreadable; reading every file");
             Ok(None)
         }
-    }
-}
-
-fn worker_count(site: &Site) -> usize {
-    match site.config.engine.workers {
-        0 => std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-        n => n,
     }
 }
 

@@ -259,6 +259,13 @@ impl Config {
         if self.tiers.values().filter(|t| t.default).count() > 1 {
             return Err(invalid("more than one tier has default = true".into()));
         }
+        let cores = available_cores();
+        if self.engine.workers > cores {
+            return Err(invalid(format!(
+                "engine.workers = {}: expected 0 (one per core) to {cores}, the cores this process may run on",
+                self.engine.workers
+            )));
+        }
         if let Some(size) = self.engine.read_buffer_bytes {
             if size == 0 || size % constants::IO_ALIGNMENT != 0 || size > 64 * 1024 * 1024 {
                 return Err(invalid(format!(
@@ -312,6 +319,15 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from(constants::API_SOCKET_DEFAULT))
     }
 
+    /// Worker threads of a job (and of the daemon's runtime): `engine.workers`, or one per
+    /// core; validated not to exceed the cores.
+    pub fn workers(&self) -> usize {
+        match self.engine.workers {
+            0 => available_cores(),
+            n => n,
+        }
+    }
+
     pub fn pin_workers(&self) -> bool {
         self.engine.pin_workers.unwrap_or(true)
     }
@@ -349,6 +365,11 @@ fn lexical_join(base: &Path, path: &Path) -> PathBuf {
     out
 }
 
+/// The cores this process may run on (affinity and cgroup quota included).
+fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
@@ -384,7 +405,7 @@ identity = "identity"   # key.pem (private, mode 0600) and cert.pem; `mover iden
 
 [engine]
 # One pinned worker per core reads with io_uring and O_DIRECT, chunks, hashes and compresses.
-# workers = 0                  # 0 = one per available core
+# workers = 0                  # 0 = one per available core; at most the available cores
 # pin_workers = true
 # Reads land in each worker's chunk window (largest chunk + 3 reads: 7 MiB by default), which
 # is registered with io_uring (locked memory) when every worker's window fits this budget.

@@ -227,10 +227,7 @@ where
         )));
     }
     let audit = Arc::new(AuditLog::open(&site.dir.join(AUDIT_FILE_NAME))?);
-    let threads = match site.config.engine.workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
+    let threads = site.config.workers();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .thread_name("mover-daemon")

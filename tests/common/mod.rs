@@ -139,3 +139,16 @@ pub fn spawn_daemon(config: &Path, log: &Path) -> (std::process::Child, String) 
         .unwrap();
     (child, line)
 }
+
+/// The write end of a pipe whose reader has already gone (`mover ... | head -0`, with head
+/// done before mover writes).
+pub fn pipe_without_reader() -> std::process::Stdio {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills both descriptors, which are then owned here exactly once.
+    unsafe {
+        assert_eq!(libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC), 0);
+        libc::close(fds[0]);
+        std::process::Stdio::from(std::os::fd::OwnedFd::from_raw_fd(fds[1]))
+    }
+}

@@ -55,7 +55,7 @@ impl Session {
                 } else {
                     ""
                 };
-                println!("{id}{again}");
+                outln!("{id}{again}");
             }
             return Ok(ExitCode::SUCCESS);
         }
@@ -81,7 +81,7 @@ impl Session {
             if let Some(bar) = &bar {
                 update_bar(bar, &record);
             } else if !self.json && !is_terminal(state) && last_line.elapsed().as_secs() >= 10 {
-                eprintln!("{}", progress_line(&record, started.elapsed()));
+                errln!("{}", progress_line(&record, started.elapsed()));
                 last_line = Instant::now();
             }
             if is_terminal(state) {
@@ -114,7 +114,7 @@ impl Session {
         if self.json {
             crate::print_json(record);
         } else {
-            println!("{}", summary(record));
+            outln!("{}", summary(record));
         }
         let error = record["error"].as_str().unwrap_or("");
         match state {
@@ -141,7 +141,7 @@ impl Session {
         if self.json {
             crate::print_json(&record);
         } else {
-            println!("{}", summary(&record));
+            outln!("{}", summary(&record));
         }
         Ok(ExitCode::SUCCESS)
     }
@@ -155,8 +155,8 @@ impl Session {
         } else {
             let state = record["state"].as_str().unwrap_or("");
             match state {
-                "cancelled" => println!("job {id} cancelled"),
-                _ => println!("job {id}: cancel requested; it stops at its next checkpoint"),
+                "cancelled" => outln!("job {id} cancelled"),
+                _ => outln!("job {id}: cancel requested; it stops at its next checkpoint"),
             }
         }
         Ok(ExitCode::SUCCESS)
@@ -174,10 +174,10 @@ impl Session {
         }
         let jobs = list.as_array().cloned().unwrap_or_default();
         if jobs.is_empty() {
-            println!("no jobs");
+            outln!("no jobs");
         }
         for r in &jobs {
-            println!(
+            outln!(
                 "{:<10} {:<9} {:<9} {:>10}/{:<10} {}",
                 r["id"].as_str().unwrap_or(""),
                 r["kind"].as_str().unwrap_or(""),

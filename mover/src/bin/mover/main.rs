@@ -7,7 +7,25 @@
 //! 5 refused by the daemon (not allowed, bad request, no such job); 6 daemon unreachable or
 //! unavailable (not running, stopping, queue full: retry later); 7 `wait --timeout` expired.
 
+/// `outln!` that ends the command quietly when its reader has gone (see `out`).
+macro_rules! outln {
+    () => {
+        $crate::out::line(false, format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::out::line(false, format_args!($($arg)*))
+    };
+}
+
+/// `errln!` likewise.
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        $crate::out::line(true, format_args!($($arg)*))
+    };
+}
+
 mod client;
+mod out;
 mod report;
 
 use std::path::{Path, PathBuf};
@@ -227,7 +245,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             // One line: the chain of contexts joined, outermost first.
-            eprintln!("mover: {e:#}");
+            errln!("mover: {e:#}");
             ExitCode::from(1)
         }
     }
@@ -246,7 +264,7 @@ fn site_dir(cli_dir: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
 }
 
 fn print_json(value: &impl serde::Serialize) {
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(value).expect("serialisable")
     );
@@ -270,7 +288,7 @@ fn outcome(result: client::Outcome) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(failed) => {
-            eprintln!("mover: {}", failed.message);
+            errln!("mover: {}", failed.message);
             ExitCode::from(failed.code)
         }
     }
@@ -397,9 +415,9 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
                     "fingerprint": done.fingerprint,
                 }));
             } else {
-                println!("created site {site} in {}", done.dir.display());
-                println!("config:      {}", done.config_path.display());
-                println!("fingerprint: {}", done.fingerprint);
+                outln!("created site {site} in {}", done.dir.display());
+                outln!("config:      {}", done.config_path.display());
+                outln!("fingerprint: {}", done.fingerprint);
             }
         }
         Command::Identity { config } => {
@@ -413,7 +431,7 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
                     &serde_json::json!({"site": config.site.name, "fingerprint": fingerprint}),
                 );
             } else {
-                println!("{} {fingerprint}", config.site.name);
+                outln!("{} {fingerprint}", config.site.name);
             }
         }
         Command::Backup { path, tier, to, .. } => {
@@ -431,7 +449,7 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
             if cli.json {
                 print_json(&job);
             } else {
-                println!(
+                outln!(
                     "snapshot {}  {} files, {:.3} GB in {:.2} s ({:.2} GB/s); read {:.3} GB, new {:.3} GB, {} {:.3} GB",
                     job.snapshot.as_deref().unwrap_or("-"),
                     job.files,
@@ -444,7 +462,7 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
                     job.bytes_sent as f64 / 1e9,
                 );
                 if let Some(peer) = &job.destination {
-                    println!(
+                    outln!(
                         "to {peer}: {:.3} GB on the wire ({:.3} GB back)",
                         job.wire_bytes_sent as f64 / 1e9,
                         job.wire_bytes_received as f64 / 1e9
@@ -467,7 +485,7 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
             if cli.json {
                 print_json(&job);
             } else {
-                println!(
+                outln!(
                     "restored {} to {}: {} files, {:.3} GB in {:.2} s",
                     job.snapshot.as_deref().unwrap_or("-"),
                     to.display(),
@@ -492,7 +510,7 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
                         "config": path, "replaced": replaced,
                     }));
                 } else {
-                    println!(
+                    outln!(
                         "{} peer {name} at {address} ({fingerprint}) in {}; a running daemon picks it up on SIGHUP",
                         if replaced { "replaced" } else { "added" },
                         path.display()
@@ -511,7 +529,7 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
                     print_json(&peers);
                 } else {
                     for (name, p) in &config.peers {
-                        println!("{name}  {}  {}", p.address, p.fingerprint);
+                        outln!("{name}  {}  {}", p.address, p.fingerprint);
                     }
                 }
             }
@@ -521,23 +539,22 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
             let site_name = mover::config::Config::load(config)?.site.name;
             mover::daemon::run_foreground(config, |ready| {
                 // One line on stdout once peers and callers can connect (tests and scripts
-                // wait for it).
+                // wait for it). Nobody reading it is no reason to stop serving.
+                use std::io::Write;
                 let peers = ready.peers.map(|a| a.to_string());
                 let socket = ready.socket.as_ref().map(|p| p.display().to_string());
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::json!({"site": site_name, "listening": peers, "socket": socket})
-                    );
+                let line = if json {
+                    serde_json::json!({"site": site_name, "listening": peers, "socket": socket})
+                        .to_string()
                 } else {
-                    println!(
+                    format!(
                         "mover daemon: site {site_name} listening on {}, api on {}",
                         peers.as_deref().unwrap_or("(no peers: site.listen unset)"),
                         socket.as_deref().unwrap_or("-")
-                    );
-                }
-                use std::io::Write;
-                let _ = std::io::stdout().flush();
+                    )
+                };
+                let mut stdout = std::io::stdout().lock();
+                let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
             })?;
         }
         Command::RepairIndex => {
@@ -546,9 +563,9 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&report);
             } else {
                 for skipped in &report.skipped {
-                    println!("skipped {skipped}");
+                    outln!("skipped {skipped}");
                 }
-                println!(
+                outln!(
                     "rebuilt {}: {} packs ({} chunks), {} snapshots; {} packs skipped, {} snapshots left out; the job history and queue are not recoverable",
                     report.index,
                     report.packs_indexed,
@@ -602,7 +619,7 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
             if cli.json {
                 print_json(&job);
             } else {
-                println!(
+                outln!(
                     "replicated {} to {to}: {} chunks ({:.3} GB) sent, {:.3} GB on the wire",
                     job.snapshot.as_deref().unwrap_or("-"),
                     job.chunks_new,
@@ -628,7 +645,7 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&report);
             } else {
                 for d in &report.damage {
-                    eprintln!(
+                    errln!(
                         "damaged: snapshot {} file {:?} chunk {}: {}",
                         &d.snapshot[..12],
                         d.path,
@@ -636,7 +653,7 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
                         d.reason
                     );
                 }
-                println!(
+                outln!(
                     "verified {} snapshot(s): {} chunks, {:.3} GB in {:.2} s; damaged: {} snapshot(s), {} file(s), {} chunk(s)",
                     report.snapshots.len(),
                     report.chunks_checked,
@@ -649,7 +666,7 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if let Some(d) = report.damage.first() {
                 if cli.json {
-                    eprintln!(
+                    errln!(
                         "mover: snapshot {} is damaged: file {:?}, chunk {}: {}",
                         &d.snapshot[..12],
                         d.path,
@@ -664,7 +681,7 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
             let json = cli.json;
             let mut progress = |line: &str| {
                 if !json {
-                    println!("{line}");
+                    outln!("{line}");
                 }
             };
             let report = mover::quickstart::run(path.as_deref(), dir.as_deref(), &mut progress)
@@ -685,6 +702,6 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn print_warnings(warnings: &[mover::job::Warning]) {
     for w in warnings {
-        eprintln!("warning: {}: {}", w.path, w.reason);
+        errln!("warning: {}: {}", w.path, w.reason);
     }
 }

@@ -1,50 +1,55 @@
 //! Text reports of in-process runs.
 
 pub fn quickstart(r: &mover::quickstart::QuickstartReport) {
-    println!();
-    println!("quickstart report");
-    println!(
+    outln!();
+    outln!("quickstart report");
+    outln!(
         "  data        {} ({} files, {:.0} MB)",
         r.data,
         r.files,
         r.bytes_total as f64 / 1e6
     );
-    println!(
+    outln!(
         "  backup      {:.2} GB/s ({:.2} s)",
-        r.backup_gb_per_s, r.backup_s
+        r.backup_gb_per_s,
+        r.backup_s
     );
-    println!(
+    outln!(
         "  dedup       {:.2}x   compression {:.2}x   stored {:.0} MB",
         r.dedup_ratio,
         r.compression_ratio,
         r.bytes_stored as f64 / 1e6
     );
-    println!(
+    outln!(
         "  unchanged   re-backup in {:.3} s, {} bytes read",
-        r.second_backup_s, r.second_backup_bytes_read
+        r.second_backup_s,
+        r.second_backup_bytes_read
     );
-    println!(
+    outln!(
         "  restore     {:.2} GB/s ({:.2} s), verified {} chunks, identical: {}",
-        r.restore_gb_per_s, r.restore_s, r.verify_chunks, r.identical
+        r.restore_gb_per_s,
+        r.restore_s,
+        r.verify_chunks,
+        r.identical
     );
-    println!(
+    outln!(
         "  DR copy     {:.2} GB/s ({:.2} s) to site dr, {:.0} MB on the wire",
         r.dr_backup_gb_per_s,
         r.dr_backup_s,
         r.dr_wire_bytes as f64 / 1e6
     );
-    println!(
+    outln!(
         "  DR restore  {:.2} s, {:.0} MB on the wire, verified {} chunks at dr, identical: {}",
         r.dr_restore_s,
         r.dr_restore_wire_bytes as f64 / 1e6,
         r.dr_verify_chunks,
         r.dr_identical
     );
-    println!("  snapshot    {}", r.snapshot);
-    println!("  sites       {} and {}", r.site, r.dr_site);
-    println!();
-    println!("next: mover snapshots --site-dir {}", r.site);
-    println!(
+    outln!("  snapshot    {}", r.snapshot);
+    outln!("  sites       {} and {}", r.site, r.dr_site);
+    outln!();
+    outln!("next: mover snapshots --site-dir {}", r.site);
+    outln!(
         "      mover daemon --config {}/mover.toml   (then backup --to dr, restore --from dr)",
         r.dr_site
     );
@@ -53,16 +58,20 @@ pub fn quickstart(r: &mover::quickstart::QuickstartReport) {
 pub fn snapshots_value(list: &serde_json::Value) {
     let snapshots = list.as_array().cloned().unwrap_or_default();
     if snapshots.is_empty() {
-        println!("no snapshots");
+        outln!("no snapshots");
         return;
     }
-    println!(
+    outln!(
         "{:<12}  {:<20}  {:<5}  {:>8}  {:>12}  source",
-        "id", "time", "tier", "files", "bytes"
+        "id",
+        "time",
+        "tier",
+        "files",
+        "bytes"
     );
     for s in &snapshots {
         let id = s["id"].as_str().unwrap_or("");
-        println!(
+        outln!(
             "{:<12}  {:<20}  {:<5}  {:>8}  {:>12}  {}",
             &id[..12.min(id.len())],
             s["time"].as_str().unwrap_or(""),
@@ -77,7 +86,7 @@ pub fn snapshots_value(list: &serde_json::Value) {
 pub fn sites(list: &serde_json::Value) {
     for s in list.as_array().cloned().unwrap_or_default() {
         let local = s["local"].as_bool().unwrap_or(false);
-        println!(
+        outln!(
             "{:<16} {:<6} {:<24} {}",
             s["site"].as_str().unwrap_or(""),
             if local { "local" } else { "peer" },
@@ -103,9 +112,9 @@ pub fn audit(
             crate::print_json(&result);
         } else {
             for problem in &result.problems {
-                println!("{}: {problem}", log.display());
+                outln!("{}: {problem}", log.display());
             }
-            println!(
+            outln!(
                 "{}: {} entries, {}",
                 log.display(),
                 result.entries,
@@ -113,7 +122,7 @@ pub fn audit(
             );
         }
         if !result.intact {
-            eprintln!(
+            errln!(
                 "mover: audit log {} was edited, cut or added to: {}",
                 log.display(),
                 result.problems.first().map(String::as_str).unwrap_or("")
@@ -126,9 +135,15 @@ pub fn audit(
             crate::print_json(&entries);
         } else {
             for e in &entries {
-                println!(
+                outln!(
                     "{:>6} {} uid={} pid={} {} {} {}",
-                    e.seq, e.time, e.uid, e.pid, e.action, e.target, e.result
+                    e.seq,
+                    e.time,
+                    e.uid,
+                    e.pid,
+                    e.action,
+                    e.target,
+                    e.result
                 );
             }
         }
