@@ -438,3 +438,53 @@ fn workers_beyond_the_cores_are_a_named_error() {
         assert_eq!(message.trim().lines().count(), 1, "{message}");
     }
 }
+
+#[test]
+fn errors_are_said_once_and_where() {
+    let work = workdir();
+    let site = init_site(work.path(), "a");
+
+    // An OS error once, not once per layer.
+    let output = run(mover()
+        .args(["backup", "/nonexistent/path", "--site-dir"])
+        .arg(&site));
+    let message = stderr(&output);
+    assert_eq!(
+        message.matches("No such file or directory").count(),
+        1,
+        "{message}"
+    );
+
+    // --json on a failed in-process job prints the job document.
+    let output = run(mover()
+        .args(["backup", "/nonexistent/path", "--json", "--site-dir"])
+        .arg(&site));
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let job: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("no job document ({e}): {}", stderr(&output)));
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["kind"], "backup", "{job}");
+    assert_eq!(job["site"], "a", "{job}");
+    assert!(
+        job["error"].as_str().unwrap().contains("/nonexistent/path"),
+        "{job}"
+    );
+
+    // A value the types accept but the checks refuse is named at its line and column.
+    let config = site.join("mover.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[api]\n", "[api]\nrunning_jobs_max = 0\n");
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("running_jobs_max = 0"))
+        .unwrap()
+        + 1;
+    std::fs::write(&config, text).unwrap();
+    let output = run(mover().arg("snapshots").arg("--site-dir").arg(&site));
+    let message = stderr(&output);
+    assert!(
+        message.contains(&format!("mover.toml:{line}:1: api.running_jobs_max = 0")),
+        "{message}"
+    );
+}

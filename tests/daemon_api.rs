@@ -416,6 +416,16 @@ fn bad_requests_get_a_reason_and_the_daemon_keeps_serving() {
     big_head.extend_from_slice(b"\r\n\r\n");
     let (got, _) = raw_http(&d.socket, &big_head);
     assert_eq!(got, 431);
+    // A snapshot spec that cannot name a snapshot is refused at submit.
+    for spec in ["1", "../../etc/passwd", "latest:../../etc"] {
+        let request = json!({"kind": "restore", "snapshot": spec, "to": "/tmp/r"});
+        let (status, body) = d.http("POST", "/v1/jobs", Some(&request));
+        assert_eq!(status, 400, "{spec}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("`snapshot`"),
+            "{body}"
+        );
+    }
     let (status, daemon) = d.http("GET", "/v1/status", None);
     assert_eq!(status, 200, "{daemon}");
     assert_eq!(daemon["site"], "a");

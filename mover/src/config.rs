@@ -191,10 +191,11 @@ impl Config {
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
         let config: Config = toml::from_str(text).map_err(|e| {
+            // Without a span (a missing section) the file as a whole is at fault.
             let (line, column) = e
                 .span()
                 .map(|span| line_column(text, span.start))
-                .unwrap_or((0, 0));
+                .unwrap_or((1, 1));
             Error::Config {
                 path: path.to_path_buf(),
                 line,
@@ -202,76 +203,102 @@ impl Config {
                 message: e.message().to_string(),
             }
         })?;
-        config.validate(path)?;
+        config.validate(text, path)?;
         Ok(config)
     }
 
-    fn validate(&self, path: &Path) -> Result<(), Error> {
-        let invalid = |message: String| Error::Config {
-            path: path.to_path_buf(),
-            line: 0,
-            column: 0,
-            message,
+    /// Checks what the types cannot; each error names the key, at its line and column.
+    fn validate(&self, text: &str, path: &Path) -> Result<(), Error> {
+        let at = |keys: &[&str], message: String| {
+            let (line, column) = position(text, keys);
+            Error::Config {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message,
+            }
         };
         transport::identity::validate_site_name(&self.site.name)
-            .map_err(|e| invalid(e.to_string()))?;
+            .map_err(|e| at(&["site", "name"], e.to_string()))?;
         if self.tiers.is_empty() {
-            return Err(invalid("expected at least one [tiers.NAME] section".into()));
+            return Err(at(
+                &["tiers"],
+                "expected at least one [tiers.NAME] section".into(),
+            ));
         }
         for name in self.tiers.keys() {
             transport::identity::validate_site_name(name).map_err(|_| {
-                invalid(format!(
-                    "tier name {name:?} is not valid: expected a-z, 0-9, '-' or '_'"
-                ))
+                at(
+                    &["tiers", name],
+                    format!("tier name {name:?} is not valid: expected a-z, 0-9, '-' or '_'"),
+                )
             })?;
         }
         for (name, peer) in &self.peers {
-            crate::peers::check(name, peer).map_err(|e| invalid(format!("[peers.{name}]: {e}")))?;
+            crate::peers::check(name, peer)
+                .map_err(|e| at(&["peers", name], format!("[peers.{name}]: {e}")))?;
         }
         if self.api.socket_mode_bits().is_none() {
-            return Err(invalid(format!(
-                "api.socket_mode = {:?}: expected octal permission bits such as \"0660\"",
-                self.api.socket_mode
-            )));
+            return Err(at(
+                &["api", "socket_mode"],
+                format!(
+                    "api.socket_mode = {:?}: expected octal permission bits such as \"0660\"",
+                    self.api.socket_mode
+                ),
+            ));
         }
         if self.api.running_jobs_max == 0 || self.api.running_jobs_max > 64 {
-            return Err(invalid(format!(
-                "api.running_jobs_max = {}: expected 1 to 64",
-                self.api.running_jobs_max
-            )));
+            return Err(at(
+                &["api", "running_jobs_max"],
+                format!(
+                    "api.running_jobs_max = {}: expected 1 to 64",
+                    self.api.running_jobs_max
+                ),
+            ));
         }
         if self.api.queued_jobs_max == 0 {
-            return Err(invalid(
+            return Err(at(
+                &["api", "queued_jobs_max"],
                 "api.queued_jobs_max = 0: expected at least 1".into(),
             ));
         }
         if self.api.ended_jobs_kept == 0 {
-            return Err(invalid(
+            return Err(at(
+                &["api", "ended_jobs_kept"],
                 "api.ended_jobs_kept = 0: expected at least 1".into(),
             ));
         }
         if !(1..=36_500).contains(&self.api.ended_jobs_kept_days) {
-            return Err(invalid(format!(
-                "api.ended_jobs_kept_days = {}: expected 1 to 36500",
-                self.api.ended_jobs_kept_days
-            )));
+            return Err(at(
+                &["api", "ended_jobs_kept_days"],
+                format!(
+                    "api.ended_jobs_kept_days = {}: expected 1 to 36500",
+                    self.api.ended_jobs_kept_days
+                ),
+            ));
         }
-        if self.tiers.values().filter(|t| t.default).count() > 1 {
-            return Err(invalid("more than one tier has default = true".into()));
+        if let Some((second, _)) = self.tiers.iter().filter(|(_, t)| t.default).nth(1) {
+            return Err(at(
+                &["tiers", second, "default"],
+                "more than one tier has default = true".into(),
+            ));
         }
         let cores = available_cores();
         if self.engine.workers > cores {
-            return Err(invalid(format!(
+            return Err(at(&["engine", "workers"], format!(
                 "engine.workers = {}: expected 0 (one per core) to {cores}, the cores this process may run on",
                 self.engine.workers
             )));
         }
         if let Some(size) = self.engine.read_buffer_bytes {
             if size == 0 || size % constants::IO_ALIGNMENT != 0 || size > 64 * 1024 * 1024 {
-                return Err(invalid(format!(
-                    "engine.read_buffer_bytes = {size}: expected a multiple of {} up to 64 MiB",
-                    constants::IO_ALIGNMENT
-                )));
+                return Err(at(
+                    &["engine", "read_buffer_bytes"],
+                    format!(
+                        "engine.read_buffer_bytes = {size}: expected a multiple of {} up to 64 MiB",
+                        constants::IO_ALIGNMENT
+                    ),
+                ));
             }
         }
         // Relative to the config's directory, as the site resolves them; links are resolved
@@ -282,7 +309,7 @@ impl Config {
             .iter()
             .map(|(name, tier)| (name.as_str(), lexical_join(base, &tier.path)))
             .collect();
-        check_tier_dirs(&dirs).map_err(invalid)?;
+        check_tier_dirs(&dirs).map_err(|message| at(&["tiers"], message))?;
         Ok(())
     }
 
@@ -363,6 +390,27 @@ fn lexical_join(base: &Path, path: &Path) -> PathBuf {
         }
     }
     out
+}
+
+/// Where the key at `keys` (from the top: `["api", "running_jobs_max"]`) is written in
+/// `text`: the line and column of its deepest key that is there, else 1:1.
+fn position(text: &str, keys: &[&str]) -> (usize, usize) {
+    let Ok(document) = toml_edit::ImDocument::parse(text) else {
+        return (1, 1);
+    };
+    let mut table: &dyn toml_edit::TableLike = document.as_table();
+    let mut found = None;
+    for key in keys {
+        let Some((key, item)) = table.get_key_value(key) else {
+            break;
+        };
+        found = key.span().map(|span| span.start).or(found);
+        match item.as_table_like() {
+            Some(inner) => table = inner,
+            None => break,
+        }
+    }
+    found.map_or((1, 1), |offset| line_column(text, offset))
 }
 
 /// The cores this process may run on (affinity and cgroup quota included).
@@ -505,6 +553,29 @@ mod tests {
         }
         let text = "[site]\nname = \"s\"\n[tiers.hot]\npath = \"tiers/hot\"\n[tiers.warm]\npath = \"tiers/hotter\"\n";
         Config::parse(text, Path::new("/site/mover.toml")).unwrap();
+    }
+
+    #[test]
+    fn invalid_values_are_named_at_their_line_and_column() {
+        let text =
+            "[site]\nname = \"a\"\n[api]\n  running_jobs_max = 0\n[tiers.hot]\npath = \"x\"\n";
+        let err = Config::parse(text, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("m.toml:4:3: api.running_jobs_max = 0"),
+            "{err}"
+        );
+        let text = "[site]\nname = \"a\"\n[tiers.hot]\npath = \"x\"\ndefault = true\n[tiers.warm]\npath = \"y\"\ndefault = true\n";
+        let err = Config::parse(text, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("m.toml:8:1: more than one tier"), "{err}");
+        let text = "[site]\nname = \"a\"\n";
+        let err = Config::parse(text, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("m.toml:1:1: "), "{err}");
     }
 
     #[test]

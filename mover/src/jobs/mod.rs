@@ -118,6 +118,10 @@ impl JobRequest {
                 refuse("tier", &self.tier)?;
             }
         }
+        if let Some(spec) = &self.snapshot {
+            check_snapshot_spec(spec)
+                .map_err(|why| format!("{kind} job: `snapshot` = {spec:?}: {why}"))?;
+        }
         if !PRIORITY_RANGE.contains(&self.priority) {
             return Err(format!(
                 "`priority` = {}: expected {} to {}",
@@ -138,6 +142,32 @@ impl JobRequest {
         }
         Ok(())
     }
+}
+
+/// Checks `ID[:SUBPATH]` at submit, so a job that cannot name a snapshot is refused there
+/// rather than failing later: ID is `latest` or 4 to 64 hex digits (a unique prefix is
+/// looked up when the job runs: the snapshot may come from a backup queued before it, or
+/// live at a peer); SUBPATH is relative to the snapshot's root, without `..`.
+pub fn check_snapshot_spec(spec: &str) -> Result<(), String> {
+    let (id, subpath) = match spec.split_once(':') {
+        Some((id, subpath)) => (id, Some(subpath)),
+        None => (spec, None),
+    };
+    let hex = (4..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_hexdigit());
+    if id != "latest" && !hex {
+        return Err(
+            "expected ID[:SUBPATH] with ID `latest` or 4 to 64 hex digits of a snapshot id".into(),
+        );
+    }
+    if let Some(subpath) = subpath {
+        if subpath.contains('\0') {
+            return Err("expected a SUBPATH without NUL bytes".into());
+        }
+        if subpath.split('/').any(|part| part == "..") {
+            return Err("expected a SUBPATH inside the snapshot, without `..`".into());
+        }
+    }
+    Ok(())
 }
 
 /// What the daemon keeps about a job: one row of the queue table, rewritten on every state
@@ -205,6 +235,20 @@ mod tests {
         assert!(bad(r#"{"kind":"verify","path":"/x"}"#).contains("does not apply"));
         assert!(bad(r#"{"kind":"verify","priority":5000}"#).contains("priority"));
         assert!(bad(r#"{"kind":"verify","idempotency_key":""}"#).contains("idempotency_key"));
+        ok(r#"{"kind":"restore","snapshot":"3fA9:sub/dir/","to":"/r"}"#);
+        ok(r#"{"kind":"verify","snapshot":"latest"}"#);
+        for spec in [
+            "1",
+            "../../etc/passwd",
+            "latest:../x",
+            "abcd:a/../../b",
+            "",
+            "xyz1",
+        ] {
+            let request = format!(r#"{{"kind":"restore","snapshot":{spec:?},"to":"/r"}}"#);
+            let reason = bad(&request);
+            assert!(reason.contains("`snapshot`"), "{spec}: {reason}");
+        }
     }
 
     #[test]

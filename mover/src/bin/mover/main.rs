@@ -244,11 +244,48 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            // One line: the chain of contexts joined, outermost first.
-            errln!("mover: {e:#}");
+            errln!("mover: {}", one_line(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// A failed command in one line: its contexts, outermost first, down to the first engine
+/// error, whose own line already ends with its cause (`{:#}` would print that cause twice).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut parts = Vec::new();
+    for link in e.chain() {
+        parts.push(link.to_string());
+        if link.downcast_ref::<mover::Error>().is_some() {
+            break;
+        }
+    }
+    parts.join(": ")
+}
+
+/// Runs an in-process job on the site; with `--json` a job that fails still prints its
+/// document (`state: failed`, the error), as the daemon's jobs do.
+fn in_process<T>(
+    cli: &Cli,
+    kind: mover::job::JobKind,
+    subject: String,
+    job: impl FnOnce(&Site) -> mover::Result<T>,
+) -> anyhow::Result<T> {
+    let dir = site_dir(&cli.site_dir)?;
+    let mut site_name = String::new();
+    let result = Site::open(&dir).and_then(|site| {
+        site_name = site.name().to_string();
+        job(&site)
+    });
+    result.map_err(|e| {
+        if cli.json {
+            let mut document = mover::job::Job::new(kind, &site_name, subject, None);
+            document.state = mover::job::JobState::after(&e);
+            document.error = Some(e.to_string());
+            print_json(&document);
+        }
+        e.into()
+    })
 }
 
 fn site_dir(cli_dir: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -435,16 +472,18 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Backup { path, tier, to, .. } => {
-            let site = Site::open(&site_dir(&cli.site_dir)?)?;
-            let job = mover::backup::run(
-                &site,
-                &mover::backup::BackupOptions {
-                    control: None,
-                    source: path,
-                    tier: tier.as_deref(),
-                    to: to.as_deref(),
-                },
-            )?;
+            let kind = mover::job::JobKind::Backup;
+            let job = in_process(&cli, kind, path.display().to_string(), |site| {
+                mover::backup::run(
+                    site,
+                    &mover::backup::BackupOptions {
+                        control: None,
+                        source: path,
+                        tier: tier.as_deref(),
+                        to: to.as_deref(),
+                    },
+                )
+            })?;
             print_warnings(&job.warnings);
             if cli.json {
                 print_json(&job);
@@ -471,17 +510,19 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Restore { spec, to, from, .. } => {
-            let site = Site::open(&site_dir(&cli.site_dir)?)?;
-            let job = mover::restore::run(
-                &site,
-                &mover::restore::RestoreOptions {
-                    control: None,
-                    resume: false,
-                    spec,
-                    target: to,
-                    from: from.as_deref(),
-                },
-            )?;
+            let kind = mover::job::JobKind::Restore;
+            let job = in_process(&cli, kind, to.display().to_string(), |site| {
+                mover::restore::run(
+                    site,
+                    &mover::restore::RestoreOptions {
+                        control: None,
+                        resume: false,
+                        spec,
+                        target: to,
+                        from: from.as_deref(),
+                    },
+                )
+            })?;
             if cli.json {
                 print_json(&job);
             } else {
@@ -607,15 +648,17 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Replicate { snapshot, to, .. } => {
-            let site = Site::open(&site_dir(&cli.site_dir)?)?;
-            let job = mover::replicate::run(
-                &site,
-                &mover::replicate::ReplicateOptions {
-                    spec: snapshot,
-                    to,
-                    control: None,
-                },
-            )?;
+            let kind = mover::job::JobKind::Replicate;
+            let job = in_process(&cli, kind, snapshot.clone(), |site| {
+                mover::replicate::run(
+                    site,
+                    &mover::replicate::ReplicateOptions {
+                        spec: snapshot,
+                        to,
+                        control: None,
+                    },
+                )
+            })?;
             if cli.json {
                 print_json(&job);
             } else {
@@ -639,8 +682,11 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
             return report::audit(&log, *verify, *last, cli.json);
         }
         Command::Verify { snapshot, .. } => {
-            let site = Site::open(&site_dir(&cli.site_dir)?)?;
-            let report = mover::verify::run(&site, snapshot.as_deref())?;
+            let kind = mover::job::JobKind::Verify;
+            let subject = snapshot.clone().unwrap_or_default();
+            let report = in_process(&cli, kind, subject, |site| {
+                mover::verify::run(site, snapshot.as_deref())
+            })?;
             if cli.json {
                 print_json(&report);
             } else {
