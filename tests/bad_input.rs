@@ -488,3 +488,34 @@ fn errors_are_said_once_and_where() {
         "{message}"
     );
 }
+
+#[test]
+fn dot_dot_targets_make_no_stray_directories_and_control_characters_are_escaped() {
+    use std::os::unix::ffi::OsStrExt;
+    let work = workdir();
+    let site = init_site(work.path(), "a");
+    let data = work.path().join("data");
+    write_random(&data.join("f"), 10, 1);
+    // A fifo (a warning naming it) whose name would clear a terminal and break the line.
+    let fifo = data.join("p\x1b[2J\nq");
+    let name = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+    let output = run(mover()
+        .arg("backup")
+        .arg(&data)
+        .arg("--site-dir")
+        .arg(&site));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let message = stderr(&output);
+    assert!(
+        !message.contains('\x1b') && message.contains("p\\u{1b}[2J\\nq"),
+        "{message:?}"
+    );
+    assert_eq!(message.trim().lines().count(), 1, "{message:?}");
+
+    // `..` after a name that does not exist: the kernel's meaning, no stray directory.
+    let target = work.path().join("missing/../restored");
+    restore(&site, "latest", &target);
+    assert!(!work.path().join("missing").exists());
+    assert!(work.path().join("restored/f").is_file());
+}

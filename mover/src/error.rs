@@ -1,18 +1,19 @@
 //! The engine's error type. Every variant renders as one line naming the thing and what was
 //! expected, because that line is what the CLI prints and what lands in a job's result.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{op} {}: {source}", path.display())]
+    #[error("{op} {}: {source}", escaped(&path.to_string_lossy()))]
     Io {
         op: &'static str,
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{}:{line}:{column}: {message}", path.display())]
+    #[error("{}:{line}:{column}: {message}", escaped(&path.to_string_lossy()))]
     Config {
         path: PathBuf,
         line: usize,
@@ -38,6 +39,25 @@ pub enum Error {
     /// A peer site could not be reached, refused us, or broke the protocol.
     #[error("peer {site}: {detail}")]
     Peer { site: String, detail: String },
+}
+
+/// `text` with control characters (NUL, newline, escape, ...) written as Rust escapes
+/// (`\u{0}`, `\n`, `\u{1b}`), so a name cannot break a line or drive a terminal.
+pub fn escaped(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    Cow::Owned(
+        text.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
 }
 
 impl Error {

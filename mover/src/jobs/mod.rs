@@ -68,6 +68,14 @@ impl JobRequest {
             Some(v) if !v.starts_with('/') => Err(format!(
                 "{kind} job: `{field}` = {v:?}: expected an absolute path (the daemon has no working directory of yours)"
             )),
+            // `..` would leave directories on the way created (restore) and makes the path
+            // say less than it seems; the CLI resolves it before submitting.
+            Some(v) if v.split('/').any(|part| part == "..") => Err(format!(
+                "{kind} job: `{field}` = {v:?}: expected an absolute path without `..`"
+            )),
+            Some(v) if v.contains('\0') => Err(format!(
+                "{kind} job: `{field}` = {v:?}: expected a path without NUL bytes"
+            )),
             _ => Ok(()),
         }
         };
@@ -230,6 +238,8 @@ mod tests {
         ok(r#"{"kind":"verify"}"#);
         assert!(bad(r#"{"kind":"backup"}"#).contains("`path` is required"));
         assert!(bad(r#"{"kind":"backup","path":"rel"}"#).contains("absolute"));
+        assert!(bad(r#"{"kind":"restore","snapshot":"latest","to":"/a/../b"}"#).contains("`..`"));
+        assert!(bad(r#"{"kind":"backup","path":"/a\u0000b"}"#).contains("NUL"));
         assert!(bad(r#"{"kind":"backup","path":"/d","to":"nowhere"}"#).contains("no peer"));
         assert!(bad(r#"{"kind":"restore","snapshot":"x"}"#).contains("`to` is required"));
         assert!(bad(r#"{"kind":"verify","path":"/x"}"#).contains("does not apply"));

@@ -114,7 +114,7 @@ impl Session {
         if self.json {
             crate::print_json(record);
         } else {
-            outln!("{}", summary(record));
+            outln!("{}", mover::error::escaped(&summary(record)));
         }
         let error = record["error"].as_str().unwrap_or("");
         match state {
@@ -141,7 +141,7 @@ impl Session {
         if self.json {
             crate::print_json(&record);
         } else {
-            outln!("{}", summary(&record));
+            outln!("{}", mover::error::escaped(&summary(&record)));
         }
         Ok(ExitCode::SUCCESS)
     }

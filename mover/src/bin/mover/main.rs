@@ -244,7 +244,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            errln!("mover: {}", one_line(&e));
+            errln!("mover: {}", mover::error::escaped(&one_line(&e)));
             ExitCode::from(1)
         }
     }
@@ -325,20 +325,50 @@ fn outcome(result: client::Outcome) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(failed) => {
-            errln!("mover: {}", failed.message);
+            errln!("mover: {}", mover::error::escaped(&failed.message));
             ExitCode::from(failed.code)
         }
     }
 }
 
+/// PATH made absolute with `.` and `..` resolved as the kernel would: the part that exists
+/// is canonicalised (symlinks followed), and `..` after a name that does not exist yet drops
+/// that name (it is no symlink). Creating the result then makes no stray directories.
+fn resolve(path: &Path) -> anyhow::Result<PathBuf> {
+    use std::path::Component;
+    let context = || format!("resolve {}", path.display());
+    let absolute = std::path::absolute(path).with_context(context)?;
+    let mut out = PathBuf::from("/");
+    // Trailing names of `out` that do not exist.
+    let mut missing = 0usize;
+    for component in absolute.components() {
+        match component {
+            Component::Prefix(_) | Component::RootDir | Component::CurDir => {}
+            Component::ParentDir => {
+                // `out` up to the missing names is canonical: its parent is lexical.
+                out.pop();
+                missing = missing.saturating_sub(1);
+            }
+            Component::Normal(name) if missing > 0 => {
+                out.push(name);
+                missing += 1;
+            }
+            Component::Normal(name) => match out.join(name).canonicalize() {
+                Ok(real) => out = real,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    out.push(name);
+                    missing = 1;
+                }
+                Err(e) => return Err(e).with_context(context),
+            },
+        }
+    }
+    Ok(out)
+}
+
 /// An absolute path for the daemon, which does not share our working directory.
 fn absolute(path: &Path) -> anyhow::Result<String> {
-    let path = if path.exists() {
-        path.canonicalize()
-            .with_context(|| format!("resolve {}", path.display()))?
-    } else {
-        std::path::absolute(path).with_context(|| format!("resolve {}", path.display()))?
-    };
+    let path = resolve(path)?;
     path.to_str()
         .map(str::to_string)
         .ok_or_else(|| anyhow::anyhow!("{}: the API takes UTF-8 paths", path.display()))
@@ -511,6 +541,7 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Restore { spec, to, from, .. } => {
             let kind = mover::job::JobKind::Restore;
+            let to = &resolve(to)?;
             let job = in_process(&cli, kind, to.display().to_string(), |site| {
                 mover::restore::run(
                     site,
@@ -748,6 +779,7 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn print_warnings(warnings: &[mover::job::Warning]) {
     for w in warnings {
-        errln!("warning: {}: {}", w.path, w.reason);
+        let escaped = mover::error::escaped;
+        errln!("warning: {}: {}", escaped(&w.path), escaped(&w.reason));
     }
 }
