@@ -107,8 +107,14 @@ fn every_entry_kind_round_trips() {
     let snapshot = snapshot_id(&job);
 
     let restored = work.path().join("restored");
-    restore(&site, &snapshot, &restored);
+    let restore_job = restore(&site, &snapshot, &restored);
     assert_same_tree(&data, &restored);
+    // Throughput is over what was written: the 200 MiB sparse file is mostly a hole.
+    let written = restore_job["bytes_written"].as_u64().unwrap();
+    assert!(
+        restore_job["bytes_total"].as_u64().unwrap() > 200 << 20 && written < 20 << 20,
+        "{restore_job}"
+    );
 
     // Holes stay holes: 200 MiB logical, a few KiB allocated.
     let meta = std::fs::metadata(restored.join("sparse.img")).unwrap();

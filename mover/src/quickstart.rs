@@ -169,7 +169,7 @@ pub fn run(
         },
     )?;
     let restore_gb_per_s = if restored.elapsed_s > 0.0 {
-        restored.bytes_total as f64 / restored.elapsed_s / 1e9
+        restored.bytes_written as f64 / restored.elapsed_s / 1e9
     } else {
         0.0
     };

@@ -265,11 +265,19 @@ pub fn summary(r: &Value) -> String {
         human(r["bytes_total"].as_u64().unwrap_or(0)),
     );
     if let Some(s) = result["elapsed_s"].as_f64() {
-        let total = r["bytes_total"].as_u64().unwrap_or(0) as f64;
+        // A restore's holes are not written: its rate is over the bytes it wrote.
+        let written = result["bytes_written"]
+            .as_u64()
+            .filter(|_| r["kind"] == "restore");
+        let moved = written.unwrap_or(r["bytes_total"].as_u64().unwrap_or(0)) as f64;
         line.push_str(&format!(
-            " in {s:.2} s ({:.2} GB/s)",
-            total / s.max(1e-6) / 1e9
+            " in {s:.2} s ({:.2} GB/s",
+            moved / s.max(1e-6) / 1e9
         ));
+        if let Some(written) = written {
+            line.push_str(&format!(" over {} written", human(written)));
+        }
+        line.push(')');
     }
     line.push_str(&format!(
         ", {} sent",

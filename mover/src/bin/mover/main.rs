@@ -557,13 +557,16 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
             if cli.json {
                 print_json(&job);
             } else {
+                // Holes are not written: the rate is over the bytes written.
                 outln!(
-                    "restored {} to {}: {} files, {:.3} GB in {:.2} s",
+                    "restored {} to {}: {} files, {:.3} GB ({:.3} GB written) in {:.2} s ({:.2} GB/s written)",
                     job.snapshot.as_deref().unwrap_or("-"),
                     to.display(),
                     job.files,
                     job.bytes_total as f64 / 1e9,
-                    job.elapsed_s
+                    job.bytes_written as f64 / 1e9,
+                    job.elapsed_s,
+                    job.bytes_written as f64 / job.elapsed_s.max(1e-6) / 1e9
                 );
             }
         }
