@@ -124,7 +124,8 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
         subpath: subpath.unwrap_or_default().to_string(),
         from: options.from.unwrap_or_default().to_string(),
     };
-    let resume = claim_target(&target, &job.id, &restore_of, options.resume)?;
+    // Held (and so locked) until the restore ends.
+    let (resume, _marker) = claim_target(&target, &job.id, &restore_of, options.resume)?;
     for &i in &selected {
         if let EntryKind::File { size, .. } = &manifest.entries[i].kind {
             job.bytes_total += size;
@@ -341,7 +342,14 @@ impl RestoreOf {
 /// after a kill) is resumed: finished files are kept, the rest rewritten. Anything else is
 /// refused, naming the partial restore it holds if it holds one: a restore never deletes files
 /// it did not write.
-fn claim_target(target: &TargetDir, job: &str, of: &RestoreOf, retried: bool) -> Result<bool> {
+/// The marker stays locked while the returned file is open, so two restores never write into
+/// one target at once (the second is refused).
+fn claim_target(
+    target: &TargetDir,
+    job: &str,
+    of: &RestoreOf,
+    retried: bool,
+) -> Result<(bool, std::fs::File)> {
     let shown = target.display(b"");
     let resume = if target.is_empty()? {
         false
@@ -372,8 +380,9 @@ fn claim_target(target: &TargetDir, job: &str, of: &RestoreOf, retried: bool) ->
             }
         }
     };
-    target.write_top_file(RESTORE_MARKER, format!("{job}\n{}\n", of.line()).as_bytes())?;
-    Ok(resume)
+    let marker =
+        target.claim_top_file(RESTORE_MARKER, format!("{job}\n{}\n", of.line()).as_bytes())?;
+    Ok((resume, marker))
 }
 
 /// Creates the target directory (and its parents) when it does not exist yet.

@@ -302,19 +302,34 @@ impl TargetDir {
         Ok(true)
     }
 
-    /// Replaces file `name` in the target itself with `contents` (a symlink there is refused,
-    /// not followed).
-    pub fn write_top_file(&self, name: &str, contents: &[u8]) -> Result<()> {
+    /// Takes file `name` in the target itself (created if missing; a symlink there is refused,
+    /// not followed) under an exclusive lock and replaces its contents. The lock lasts as long
+    /// as the returned file is open: it tells another restore that this target is being
+    /// written right now.
+    pub fn claim_top_file(&self, name: &str, contents: &[u8]) -> Result<File> {
         let shown = self.path.join(name);
         let fd = rustix::fs::openat(
             &self.root,
             name,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::RUSR | Mode::WUSR | Mode::RGRP | Mode::ROTH,
         )
         .map_err(|e| Error::io("create", &shown, e.into()))?;
-        std::io::Write::write_all(&mut File::from(fd), contents)
-            .map_err(|e| Error::io("write", &shown, e))
+        match rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(Errno::WOULDBLOCK) => {
+                return Err(Error::Refused(format!(
+                    "restore target {} is being written by another restore right now: wait for it to end",
+                    self.path.display()
+                )))
+            }
+            Err(e) => return Err(Error::io("lock", &shown, e.into())),
+        }
+        let file = File::from(fd);
+        file.set_len(0)
+            .and_then(|()| std::os::unix::fs::FileExt::write_all_at(&file, contents, 0))
+            .map_err(|e| Error::io("write", &shown, e))?;
+        Ok(file)
     }
 
     /// The contents of file `name` in the target itself, up to `max` bytes; `None` if absent.
@@ -360,5 +375,63 @@ fn times(mtime_ns: i64) -> Timestamps {
             tv_sec: mtime_ns.div_euclid(1_000_000_000),
             tv_nsec: mtime_ns.rem_euclid(1_000_000_000) as _,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claimed_marker_refuses_a_second_claim_until_released() {
+        // Two jobs of one daemon restoring into the same target: the second is refused while
+        // the first holds the marker, and may claim it once the first is done.
+        let dir = tempfile::tempdir().unwrap();
+        let first = TargetDir::open(dir.path()).unwrap();
+        let second = TargetDir::open(dir.path()).unwrap();
+        let held = first.claim_top_file("marker", b"job-1\n").unwrap();
+        let refused = second.claim_top_file("marker", b"job-2\n").unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("being written by another restore"),
+            "{refused}"
+        );
+        assert_eq!(
+            first.read_top_file("marker", 100).unwrap().unwrap(),
+            b"job-1\n"
+        );
+        drop(held);
+        second.claim_top_file("marker", b"job-2\n").unwrap();
+        assert_eq!(
+            first.read_top_file("marker", 100).unwrap().unwrap(),
+            b"job-2\n"
+        );
+    }
+
+    #[test]
+    fn nothing_is_reached_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("real")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
+        let mut target = TargetDir::open(dir.path()).unwrap();
+        target.mkdir(b"real/sub").unwrap();
+        for result in [
+            target.create_file(b"link/file").map(drop),
+            target.mkdir(b"link/dir"),
+            target.symlink(b"x", b"link/s"),
+        ] {
+            let e = result.unwrap_err().to_string();
+            assert!(e.contains("no longer the directory"), "{e}");
+        }
+        let meta = Metadata {
+            owner: None,
+            mode: 0o777,
+            mtime_ns: 0,
+        };
+        assert!(target.set_dir_metadata(b"link", &meta).is_err());
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+        assert!(target.claim_top_file("link", b"x").is_err());
     }
 }
