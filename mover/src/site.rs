@@ -18,6 +18,7 @@ use std::sync::Arc;
 use crate::config::{self, Config, CONFIG_FILE_NAME};
 use crate::error::{Error, Result};
 use crate::format::manifest::{self, Manifest};
+use crate::store::inflight::InFlight;
 use crate::store::pack_reader::ChunkReader;
 use crate::store::reclaim::{self, Reclaimed};
 use crate::store::{manifest_key, Backend, Index, LocalDir};
@@ -32,6 +33,9 @@ pub struct Site {
     pub metadata: LocalDir,
     /// The peers jobs may use: `config.peers` at open, replaced when a daemon reloads.
     pub peers: std::sync::RwLock<std::collections::BTreeMap<String, crate::config::PeerSection>>,
+    /// Chunks being stored by this site's writers (jobs, peers' streams) and not yet indexed,
+    /// shared so that writers running at the same time store each chunk once.
+    pub in_flight: InFlight,
 }
 
 pub struct InitOptions<'a> {
@@ -160,6 +164,7 @@ impl Site {
             config,
             index,
             tiers,
+            in_flight: InFlight::default(),
         };
         for tier in site.tiers.keys() {
             site.reclaim_packs(tier);

@@ -28,6 +28,7 @@ use crate::format::ChunkId;
 use crate::remote::ship::Shipper;
 use crate::scan::WorkItem;
 use crate::store::index::{Index, SealedPack};
+use crate::store::inflight::{Claim, Owner};
 use crate::store::pack_writer::PackWriter;
 use crate::store::Backend;
 use crate::window::{Span, Window};
@@ -77,9 +78,12 @@ pub struct JobShared<'a> {
     pub plan: ReadPlan,
     pub pack_target_bytes: u64,
     pub cancelled: AtomicBool,
-    /// Chunks written by this job and not yet committed to the index, so two workers do not
-    /// both store a chunk they meet at the same time.
-    pub pending: Mutex<HashSet<ChunkId>>,
+    /// A local job's claims in the site's in-flight set: a chunk another job (or another of
+    /// this job's workers) is storing is not stored again (`store::inflight`).
+    pub claims: Owner<'a>,
+    /// A cross-site job's chunks already offered to the peer, so two of its workers do not
+    /// both ship a chunk they meet at the same time (the destination dedups across jobs).
+    pub shipped: Mutex<HashSet<ChunkId>>,
     /// "O_DIRECT refused, reading buffered" is logged once per job, not per file.
     pub buffered_noted: AtomicBool,
     /// Set for a cross-site backup: new chunks go to this peer instead of a local pack.
@@ -151,6 +155,9 @@ struct Worker<'a> {
     shipper: Option<Shipper>,
     /// Shipped payload bytes already added to the job's live progress.
     sent_reported: u64,
+    /// Chunks referenced while another job held their claim, with the extent that met them:
+    /// settled (committed by their owner, or stored here) before this worker finishes.
+    borrowed: Vec<(ChunkId, WorkItem)>,
     stats: WorkerStats,
 }
 
@@ -187,6 +194,7 @@ impl<'a> Worker<'a> {
             pack: None,
             shipper: None,
             sent_reported: 0,
+            borrowed: Vec::new(),
             stats,
         })
     }
@@ -205,9 +213,54 @@ impl<'a> Worker<'a> {
     /// Seals the local pack, or ships what is left and waits for the peer's acknowledgements.
     async fn finish(&mut self, reports: &Sender<Report>) -> Result<()> {
         self.seal_pack(reports)?;
+        self.settle_borrowed(reports).await?;
         if let Some(shipper) = self.shipper.take() {
             self.stats.ship = shipper.finish().await?;
             self.report_sent(self.stats.ship.payload_bytes_sent);
+        }
+        Ok(())
+    }
+
+    /// Waits until every chunk this worker referenced under another job's claim is committed;
+    /// an extent whose chunk was given up by its owner is read again and stored here. The
+    /// worker's own pack is sealed before each wait, so a waiting worker holds no claim that
+    /// only it could commit: two jobs waiting on each other's chunks both make progress.
+    async fn settle_borrowed(&mut self, reports: &Sender<Report>) -> Result<()> {
+        while !self.borrowed.is_empty() {
+            let mut again: Vec<WorkItem> = Vec::new();
+            for (id, item) in std::mem::take(&mut self.borrowed) {
+                let cancelled = || self.shared.cancelled.load(Ordering::Relaxed);
+                if !self.shared.claims.wait(&id, cancelled) {
+                    // The job stops: no snapshot will name the chunk.
+                    return Ok(());
+                }
+                let stored = self.shared.index.reader()?.contains(&id)?;
+                let queued = again
+                    .iter()
+                    .any(|i| i.entry == item.entry && i.extent == item.extent);
+                if !stored && !queued {
+                    again.push(item);
+                }
+            }
+            for item in again {
+                let report = match self.extent(&item).await {
+                    // Its bytes were counted the first time.
+                    Ok(done) => Report::Extent(ExtentDone {
+                        bytes_read: 0,
+                        ..done
+                    }),
+                    Err(ExtentError::DirectRefused) => unreachable!("extent() retries buffered"),
+                    Err(ExtentError::Skip(reason)) => Report::Skipped {
+                        entry: item.entry,
+                        reason,
+                    },
+                    Err(ExtentError::Fatal(e)) => return Err(e),
+                };
+                if reports.send(report).is_err() {
+                    return Ok(());
+                }
+            }
+            self.seal_pack(reports)?;
         }
         Ok(())
     }
@@ -396,7 +449,7 @@ impl<'a> Worker<'a> {
                 while !self.window.is_empty() && cut_is_final(self.window.len(), at_end) {
                     let len = next_chunk_len(self.window.held());
                     let chunk_ref = self
-                        .store_chunk(len, &index)
+                        .store_chunk(len, &index, item)
                         .await
                         .map_err(ExtentError::Fatal)?;
                     chunks.push(chunk_ref);
@@ -429,6 +482,7 @@ impl<'a> Worker<'a> {
         &mut self,
         len: usize,
         index: &crate::store::index::IndexReader,
+        item: &WorkItem,
     ) -> Result<ChunkRef> {
         let data = &self.window.held()[..len];
         let id = ChunkId::of(data);
@@ -437,14 +491,30 @@ impl<'a> Worker<'a> {
             id,
             len: len as u32,
         };
-        if self.shipper.is_none() && index.contains(&id)? {
-            return Ok(chunk_ref);
-        }
-        if !self
+        if self.shipper.is_none() {
+            if index.contains(&id)? {
+                return Ok(chunk_ref);
+            }
+            match self.shared.claims.claim(&id) {
+                Claim::Held => return Ok(chunk_ref),
+                Claim::Other => {
+                    self.borrowed.push((id, item.clone()));
+                    return Ok(chunk_ref);
+                }
+                Claim::New => {
+                    // `index` is as of the extent's start; a claim that ended since was
+                    // committed before it ended, and a fresh look finds it.
+                    if self.shared.index.reader()?.contains(&id)? {
+                        self.shared.claims.release([&id]);
+                        return Ok(chunk_ref);
+                    }
+                }
+            }
+        } else if !self
             .shared
-            .pending
+            .shipped
             .lock()
-            .expect("pending set lock")
+            .expect("shipped set lock")
             .insert(id)
         {
             return Ok(chunk_ref);

@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod direct;
 pub mod index;
+pub mod inflight;
 pub mod pack_reader;
 pub mod pack_writer;
 pub mod reclaim;
