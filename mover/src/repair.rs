@@ -133,7 +133,7 @@ fn pack_id_of(key: &str) -> Option<u64> {
 }
 
 /// The footer of a sealed pack, checked against its header, trailer and checksum.
-fn read_footer(
+pub(crate) fn read_footer(
     backend: &dyn Backend,
     key: &str,
 ) -> Result<(Vec<crate::format::pack::FooterEntry>, u64)> {

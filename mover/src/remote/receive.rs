@@ -12,7 +12,13 @@
 //! What a peer can make one Store stream hold: its QUIC stream window, plus
 //! `INBOUND_QUEUE + STORE_QUEUE_CHUNKS + 3` chunk frames (≤ 4 MiB + 37 B each, plus the
 //! receive buffers behind their large pieces, see `FrameReader::next_piecewise`) in flight
-//! between the three parts, plus the open pack's staging buffers.
+//! between the three parts, plus the open pack's staging buffers, plus up to a pack target
+//! of chunks deferred while another writer of the site stores them (`PackStore::deferred`).
+//!
+//! Each chunk is stored once per site even when several writers receive it at the same time
+//! (another stream, a resumed sender's stale stream still draining, a local job): the store
+//! thread claims it in the site's in-flight set (`store::inflight`) and acknowledges a chunk
+//! another writer claimed only once that writer committed it.
 
 use std::sync::Arc;
 
@@ -27,6 +33,7 @@ use crate::error::Error;
 use crate::format::pack::{check_received, check_received_pieces, RecordHeader};
 use crate::format::{ChunkId, Codec, PieceHasher};
 use crate::site::Site;
+use crate::store::inflight::{Claim, Owner};
 use crate::store::pack_writer::PackWriter;
 use crate::store::Backend;
 
@@ -243,6 +250,9 @@ fn store_thread(
         site,
         backend,
         tier,
+        claims: site.in_flight.owner(),
+        deferred: Vec::new(),
+        deferred_bytes: 0,
         pack: None,
         chunks: 0,
         bytes: 0,
@@ -286,6 +296,14 @@ struct PackStore<'a> {
     site: &'a Site,
     backend: Arc<dyn Backend>,
     tier: &'a str,
+    /// This stream's claims in the site's in-flight set: a chunk another writer (another
+    /// stream, a resumed sender's stale one, a local job) is storing is not stored again.
+    claims: Owner<'a>,
+    /// Verified chunks another writer held the claim of when they arrived: acknowledged only
+    /// once that writer committed them, or stored here if it gave up (`seal`). Bounded by
+    /// the pack target (`chunk`).
+    deferred: Vec<ChunkPieces>,
+    deferred_bytes: u64,
     pack: Option<PackWriter>,
     /// Chunks and payload bytes appended (durable once the pack holding them is sealed).
     chunks: u64,
@@ -297,20 +315,81 @@ struct PackStore<'a> {
 }
 
 impl PackStore<'_> {
-    /// Verifies and appends one chunk; returns whether a pack was sealed (an Ack is due).
+    /// Verifies and appends one chunk unless this site has it or another writer is storing
+    /// it; returns whether a pack was sealed (an Ack is due).
     fn chunk(&mut self, chunk: ChunkPieces) -> Result<bool, Failure> {
+        let id = ChunkId(chunk.id);
+        self.chunks += 1;
+        self.bytes += chunk.len as u64;
+        match self.claims.claim(&id) {
+            // Sent twice on this stream: the first copy is in this stream's pack.
+            Claim::Held => return Ok(false),
+            Claim::Other => {
+                self.verify(&chunk)?;
+                self.deferred_bytes += chunk.len as u64;
+                self.deferred.push(chunk);
+                // Held no longer than a pack's worth: settling them now holds up this
+                // stream's queue, and so its sender, instead.
+                if self.deferred_bytes >= self.site.config.pack_target_bytes() {
+                    self.seal()?;
+                    return Ok(true);
+                }
+                return Ok(false);
+            }
+            Claim::New => {
+                // Committed by another writer since the sender asked (a claim ends only
+                // after its commit).
+                if self.site.index.reader()?.contains(&id)? {
+                    self.claims.release([&id]);
+                    return Ok(false);
+                }
+            }
+        }
+        self.append(&chunk)?;
+        if self.full() {
+            self.seal()?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn full(&self) -> bool {
+        self.pack
+            .as_ref()
+            .is_some_and(|pack| pack.bytes() >= self.site.config.pack_target_bytes())
+    }
+
+    /// Checks a chunk against its id without storing it.
+    fn verify(&mut self, chunk: &ChunkPieces) -> Result<(), Failure> {
+        let codec =
+            Codec::from_u8(chunk.codec).ok_or_else(|| Failure::protocol("unknown codec"))?;
+        self.gathered.clear();
+        for piece in &chunk.pieces {
+            self.gathered.extend_from_slice(piece);
+        }
+        check_received(
+            &ChunkId(chunk.id),
+            codec,
+            chunk.raw_len,
+            &self.gathered,
+            &mut self.plaintext,
+        )?;
+        Ok(())
+    }
+
+    /// Verifies and appends one chunk to the open pack.
+    fn append(&mut self, chunk: &ChunkPieces) -> Result<(), Failure> {
         let id = ChunkId(chunk.id);
         let codec =
             Codec::from_u8(chunk.codec).ok_or_else(|| Failure::protocol("unknown codec"))?;
         let in_place = codec == Codec::Raw
             && chunk.len >= PIECE_BYTES_FOR_HASHING_IN_PLACE * chunk.pieces.len();
-        let header = if in_place {
+        if in_place {
             // Raw payload in large pieces: hash and store them where quinn left them.
             check_received_pieces(&id, &chunk.pieces, &mut self.hasher)?;
             let parts: Vec<&[u8]> = chunk.pieces.iter().map(|p| &p[..]).collect();
             let header = RecordHeader::of_parts(id, codec, chunk.raw_len as usize, &parts);
             self.open_pack()?.append_parts(&header, &parts)?;
-            header
         } else {
             self.gathered.clear();
             for piece in &chunk.pieces {
@@ -328,18 +407,8 @@ impl PackStore<'_> {
             let appended = self.open_pack()?.append(&header, &payload);
             self.gathered = payload;
             appended?;
-            header
-        };
-        self.chunks += 1;
-        self.bytes += header.stored_len as u64;
-        let full = self
-            .pack
-            .as_ref()
-            .is_some_and(|pack| pack.bytes() >= self.site.config.pack_target_bytes());
-        if full {
-            self.seal()?;
         }
-        Ok(full)
+        Ok(())
     }
 
     fn open_pack(&mut self) -> Result<&mut PackWriter, Error> {
@@ -353,8 +422,43 @@ impl PackStore<'_> {
         Ok(self.pack.as_mut().expect("created above"))
     }
 
-    /// Seals the open pack and commits its chunks: after this they are durable and findable.
+    /// Makes every chunk received so far durable and findable: seals and commits the open
+    /// pack, then waits for the writers that held the deferred chunks' claims and stores
+    /// those they gave up. The pack is sealed before each wait, so a waiting stream holds no
+    /// claim that only its own progress could end (ARCHITECTURE.md, "Durability protocol").
     fn seal(&mut self) -> Result<(), Failure> {
+        loop {
+            self.seal_pack()?;
+            if self.deferred.is_empty() {
+                return Ok(());
+            }
+            self.deferred_bytes = 0;
+            for chunk in std::mem::take(&mut self.deferred) {
+                let id = ChunkId(chunk.id);
+                // Claims end with their writer's commit or its end, which a stream reaches
+                // at the latest when its connection times out.
+                self.claims.wait(&id, || false);
+                if self.site.index.reader()?.contains(&id)? {
+                    continue;
+                }
+                match self.claims.claim(&id) {
+                    Claim::Other => {
+                        self.deferred_bytes += chunk.len as u64;
+                        self.deferred.push(chunk);
+                    }
+                    Claim::New | Claim::Held => {
+                        self.append(&chunk)?;
+                        if self.full() {
+                            self.seal_pack()?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Seals the open pack and commits its chunks, ending their claims.
+    fn seal_pack(&mut self) -> Result<(), Failure> {
         let Some(writer) = self.pack.take() else {
             return Ok(());
         };
@@ -367,6 +471,111 @@ impl PackStore<'_> {
         let committing = std::time::Instant::now();
         self.site.index.commit_pack(&sealed)?;
         crate::worker::stage("index_commit", committing);
+        self.claims.release(sealed.entries.iter().map(|e| &e.id));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(n: u32) -> ChunkPieces {
+        let payload: Vec<u8> = (0..64 * 1024u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(n) >> 13) as u8)
+            .collect();
+        ChunkPieces {
+            id: ChunkId::of(&payload).0,
+            codec: Codec::Raw as u8,
+            raw_len: payload.len() as u32,
+            len: payload.len(),
+            pieces: vec![bytes::Bytes::from(payload)],
+        }
+    }
+
+    /// The records in every sealed pack of `site`'s default tier.
+    fn records(site: &Site) -> u64 {
+        let backend = site.tier(site.config.default_tier()).unwrap();
+        backend
+            .list("packs")
+            .unwrap()
+            .iter()
+            .map(|key| {
+                crate::repair::read_footer(backend.as_ref(), key)
+                    .unwrap()
+                    .0
+                    .len() as u64
+            })
+            .sum()
+    }
+
+    fn stream(
+        site: &Arc<Site>,
+    ) -> (
+        mpsc::Sender<StoreOp>,
+        mpsc::UnboundedReceiver<StoreEvent>,
+        std::thread::JoinHandle<(u64, u64)>,
+    ) {
+        let (ops, ops_rx) = mpsc::channel(STORE_QUEUE_CHUNKS);
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let site = site.clone();
+        let thread = std::thread::spawn(move || {
+            let tier = site.config.default_tier().to_string();
+            let backend = site.tier(&tier).unwrap().clone();
+            store_thread(&site, backend, &tier, ops_rx, events_tx)
+        });
+        (ops, events, thread)
+    }
+
+    #[test]
+    fn a_resumed_senders_stale_stream_and_its_new_one_store_each_chunk_once() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("site");
+        crate::site::init(&crate::site::InitOptions {
+            name: "b",
+            dir: &dir,
+            listen: None,
+            socket: None,
+        })
+        .unwrap();
+        let site = Arc::new(Site::open(&dir).unwrap());
+        const CHUNKS: u32 = 6;
+
+        // The old stream received the chunks, then its sender was killed: the connection
+        // lingers until its idle timeout, the pack unsealed.
+        let (old, _old_events, old_thread) = stream(&site);
+        for n in 0..CHUNKS {
+            old.blocking_send(StoreOp::Chunk(chunk(n))).unwrap();
+        }
+        // Its store thread has taken them (whichever stream claims a chunk first, each is
+        // stored once; this order is the stale stream's case).
+        while old.capacity() < old.max_capacity() {
+            std::thread::yield_now();
+        }
+        // The resumed sender asked again (nothing was committed) and sends everything again.
+        let (new, mut new_events, new_thread) = stream(&site);
+        for n in 0..CHUNKS {
+            new.blocking_send(StoreOp::Chunk(chunk(n))).unwrap();
+        }
+        new.blocking_send(StoreOp::Seal { flush: Some(1) }).unwrap();
+        // The old connection times out: its stream ends and keeps what it received.
+        drop(old);
+        old_thread.join().unwrap();
+        // The new stream acknowledges all its chunks only once each is durable and indexed.
+        match new_events.blocking_recv() {
+            Some(StoreEvent::Durable { chunks, .. }) => assert_eq!(chunks, CHUNKS as u64),
+            Some(StoreEvent::Failed(f)) => panic!("new stream failed: {}", f.reason),
+            None => panic!("new stream ended without an ack"),
+        }
+        drop(new);
+        new_thread.join().unwrap();
+
+        assert_eq!(site.index.chunk_count().unwrap(), CHUNKS as u64);
+        assert_eq!(
+            records(&site),
+            CHUNKS as u64,
+            "records stored vs distinct chunks"
+        );
+        assert!(site.in_flight.is_empty(), "claims outlived their streams");
     }
 }
