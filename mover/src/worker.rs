@@ -229,8 +229,13 @@ impl<'a> Worker<'a> {
         while !self.borrowed.is_empty() {
             let mut again: Vec<WorkItem> = Vec::new();
             for (id, item) in std::mem::take(&mut self.borrowed) {
-                let cancelled = || self.shared.cancelled.load(Ordering::Relaxed);
-                if !self.shared.claims.wait(&id, cancelled) {
+                // A stop asked of the daemon's job is seen here too: the control thread
+                // only looks at it when a report arrives, and waiting workers send none.
+                let stopped = || {
+                    self.shared.cancelled.load(Ordering::Relaxed)
+                        || self.shared.control.is_some_and(|c| c.stop_requested())
+                };
+                if !self.shared.claims.wait(&id, stopped) {
                     // The job stops: no snapshot will name the chunk.
                     return Ok(());
                 }
