@@ -84,21 +84,10 @@ fn a_lost_index_is_refused_and_rebuilt_from_packs_and_manifests() {
 }
 
 fn newest_pack(site: &std::path::Path) -> std::path::PathBuf {
-    let mut packs = Vec::new();
-    let mut stack = vec![site.join("tiers/hot/packs")];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let entry = entry.unwrap();
-            if entry.file_type().unwrap().is_dir() {
-                stack.push(entry.path());
-            } else {
-                let modified = entry.metadata().unwrap().modified().unwrap();
-                packs.push((modified, entry.path()));
-            }
-        }
-    }
-    packs.sort();
-    packs.pop().expect("a pack").1
+    all_packs(site)
+        .into_iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().modified().unwrap())
+        .expect("a pack")
 }
 
 fn all_packs(site: &std::path::Path) -> Vec<std::path::PathBuf> {
