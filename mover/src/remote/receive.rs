@@ -424,24 +424,30 @@ impl PackStore<'_> {
 
     /// Makes every chunk received so far durable and findable: seals and commits the open
     /// pack, then waits for the writers that held the deferred chunks' claims and stores
-    /// those they gave up. The pack is sealed before each wait, so a waiting stream holds no
-    /// claim that only its own progress could end (ARCHITECTURE.md, "Durability protocol").
+    /// those they gave up. A stream never waits while it holds a claim: the pack is sealed
+    /// (its claims end with the commit) and every wait of a round is done before the round
+    /// claims anything, so two streams deferring each other's chunks cannot wait on each
+    /// other (ARCHITECTURE.md, "Durability protocol").
     fn seal(&mut self) -> Result<(), Failure> {
         loop {
             self.seal_pack()?;
             if self.deferred.is_empty() {
                 return Ok(());
             }
+            // Claims end with their writer's commit or its end, which a stream reaches at the
+            // latest when its connection times out.
+            for chunk in &self.deferred {
+                self.claims.wait(&ChunkId(chunk.id), || false);
+            }
             self.deferred_bytes = 0;
+            let index = self.site.index.reader()?;
             for chunk in std::mem::take(&mut self.deferred) {
                 let id = ChunkId(chunk.id);
-                // Claims end with their writer's commit or its end, which a stream reaches
-                // at the latest when its connection times out.
-                self.claims.wait(&id, || false);
-                if self.site.index.reader()?.contains(&id)? {
+                if index.contains(&id)? {
                     continue;
                 }
                 match self.claims.claim(&id) {
+                    // Claimed again since the wait: the next round waits for it.
                     Claim::Other => {
                         self.deferred_bytes += chunk.len as u64;
                         self.deferred.push(chunk);
@@ -577,5 +583,59 @@ mod tests {
             "records stored vs distinct chunks"
         );
         assert!(site.in_flight.is_empty(), "claims outlived their streams");
+    }
+
+    #[test]
+    fn two_streams_deferring_each_others_chunks_both_finish() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("site");
+        crate::site::init(&crate::site::InitOptions {
+            name: "b",
+            dir: &dir,
+            listen: None,
+            socket: None,
+        })
+        .unwrap();
+        let site = Arc::new(Site::open(&dir).unwrap());
+        let (a, b) = (chunk(1), chunk(2));
+        // Two writers (killed senders' streams, local jobs) hold A and B and will give up.
+        let holds_a = site.in_flight.owner();
+        let holds_b = site.in_flight.owner();
+        assert_eq!(holds_a.claim(&ChunkId(a.id)), Claim::New);
+        assert_eq!(holds_b.claim(&ChunkId(b.id)), Claim::New);
+        // Two streams meet them in opposite orders and defer both.
+        let (s1, mut s1_events, s1_thread) = stream(&site);
+        let (s2, mut s2_events, s2_thread) = stream(&site);
+        for (ops, first, second) in [(&s1, 1, 2), (&s2, 2, 1)] {
+            ops.blocking_send(StoreOp::Chunk(chunk(first))).unwrap();
+            ops.blocking_send(StoreOp::Chunk(chunk(second))).unwrap();
+            ops.blocking_send(StoreOp::Seal { flush: Some(1) }).unwrap();
+        }
+        // Let both reach their waits, then the holders give up one after the other: a
+        // stream that stored A and then waited for B (held by the other stream, waiting for
+        // A) would wait forever.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(holds_a);
+        drop(holds_b);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let acks = [s1_events.blocking_recv(), s2_events.blocking_recv()];
+            let _ = done_tx.send(acks);
+        });
+        let acks = done_rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the two streams waited on each other (deadlock)");
+        for ack in acks {
+            match ack {
+                Some(StoreEvent::Durable { chunks, .. }) => assert_eq!(chunks, 2),
+                Some(StoreEvent::Failed(f)) => panic!("a stream failed: {}", f.reason),
+                None => panic!("a stream ended without an ack"),
+            }
+        }
+        drop((s1, s2));
+        s1_thread.join().unwrap();
+        s2_thread.join().unwrap();
+        assert_eq!(records(&site), 2, "each chunk stored once");
+        assert!(site.in_flight.is_empty());
     }
 }
