@@ -23,6 +23,9 @@
 //! | 12 | GetManifest | by u8 (0 snapshot spec, 1 newest of a source path), key bytes (u32 len) |
 //! | 13 | NoManifest | (empty) |
 //! | 14 | Error | code u16, reason str (≤ [`REASON_BYTES_MAX`]) |
+//!
+//! Error codes a build does not know decode as `Internal` (the reason still reads), so a new
+//! code needs no new protocol version.
 
 use std::fmt;
 
@@ -82,6 +85,8 @@ pub enum ErrorCode {
     NotFound = 3,
     Corrupt = 4,
     Internal = 5,
+    /// The receiving tier's file system is full (ENOSPC); the reason names the tier.
+    NoSpace = 6,
 }
 
 impl ErrorCode {
@@ -91,6 +96,7 @@ impl ErrorCode {
             2 => ErrorCode::Refused,
             3 => ErrorCode::NotFound,
             4 => ErrorCode::Corrupt,
+            6 => ErrorCode::NoSpace,
             _ => ErrorCode::Internal,
         }
     }
@@ -735,6 +741,18 @@ mod tests {
             code: ErrorCode::Refused,
             reason: "no",
         });
+    }
+
+    #[test]
+    fn a_no_space_error_keeps_its_code_across_the_wire() {
+        let frame = Frame::Error {
+            code: ErrorCode::NoSpace,
+            reason: "tier \"hot\" at site b is full (ENOSPC)",
+        };
+        roundtrip(frame);
+        let mut out = Vec::new();
+        encode(&frame, &mut out);
+        assert_eq!(u16::from_le_bytes([out[8], out[9]]), 6);
     }
 
     #[test]

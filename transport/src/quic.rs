@@ -164,7 +164,54 @@ pub enum QuicError {
         site: String,
         address: SocketAddr,
         detail: String,
+        failure: ConnectFailure,
     },
+}
+
+/// Why a connection attempt failed, so the caller can say what to do and decide on a retry
+/// without reading the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// The peer's TLS refused our certificate: it does not pin this site's fingerprint.
+    NotTrusted,
+    /// Nothing answered in time, or the peer reset or closed the connection: passes once the
+    /// peer is back.
+    Unreachable,
+    /// Anything else (we refused the peer's certificate, a local setup error).
+    Other,
+}
+
+impl ConnectFailure {
+    /// Judges a connection error (from connecting, or a connection's close reason).
+    pub fn of(e: &quinn::ConnectionError) -> ConnectFailure {
+        use quinn::ConnectionError as E;
+        match e {
+            E::ConnectionClosed(close) => {
+                let code = u64::from(close.error_code);
+                // TLS alerts ride in QUIC's crypto error range (RFC 9001 §4.8): 0x100 + alert.
+                let alert = code.checked_sub(0x100).filter(|a| *a <= 0xff);
+                match alert {
+                    // bad/unsupported/revoked/expired/unknown certificate, unknown CA, access
+                    // denied, certificate required: the peer's verifier said no to us.
+                    Some(42..=46 | 48 | 49 | 116) => ConnectFailure::NotTrusted,
+                    Some(_) => ConnectFailure::Other,
+                    None => ConnectFailure::Unreachable,
+                }
+            }
+            E::TimedOut | E::Reset | E::ApplicationClosed(_) => ConnectFailure::Unreachable,
+            _ => ConnectFailure::Other,
+        }
+    }
+}
+
+/// Application close codes (the QUIC CONNECTION_CLOSE code a peer reads to learn why).
+pub mod close {
+    /// The work is done (also what a peer that does not know the codes below sends).
+    pub const DONE: u32 = 0;
+    /// The certificate is not (or no longer) a configured peer's.
+    pub const NOT_A_PEER: u32 = 2;
+    /// The daemon is stopping: try again once it is back.
+    pub const SHUTTING_DOWN: u32 = 3;
 }
 
 fn udp_socket(address: SocketAddr, buffer_bytes: usize) -> Result<UdpSocket, QuicError> {
@@ -280,15 +327,18 @@ pub async fn connect(
         source,
     })?;
     endpoint.set_default_client_config(client);
-    let fail = |detail: String| QuicError::Connect {
+    let fail = |detail: String, failure| QuicError::Connect {
         site: site.to_string(),
         address,
         detail,
+        failure,
     };
     let connecting = endpoint
         .connect(address, &format!("{site}.mover"))
-        .map_err(|e| fail(e.to_string()))?;
-    let connection = connecting.await.map_err(|e| fail(e.to_string()))?;
+        .map_err(|e| fail(e.to_string(), ConnectFailure::Other))?;
+    let connection = connecting
+        .await
+        .map_err(|e| fail(e.to_string(), ConnectFailure::of(&e)))?;
     Ok((endpoint, connection))
 }
 
@@ -302,7 +352,7 @@ const CLOSE_GRACE: Duration = Duration::from_millis(5);
 /// stages that was 10-25% of a loopback backup. A close lost here costs nothing but the peer's
 /// idle timeout: nothing unacknowledged is outstanding.
 pub async fn hang_up(endpoint: &Endpoint, connection: &quinn::Connection) {
-    connection.close(VarInt::from_u32(0), b"done");
+    connection.close(VarInt::from_u32(close::DONE), b"done");
     let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
 }
 
