@@ -53,7 +53,14 @@ impl Sites {
         let b_port = free_udp_port();
         let a = root.join("site-a");
         let b = root.join("site-b");
-        run_json(mover().args(["init", "--site", "a", "--dir"]).arg(&a));
+        // a's daemon (started by the tests that run jobs through it) has a socket of its own.
+        run_json(
+            mover()
+                .args(["init", "--site", "a", "--dir"])
+                .arg(&a)
+                .arg("--socket")
+                .arg(a.join("api.sock")),
+        );
         // b's daemon also serves the API; its own socket keeps parallel tests apart.
         run_json(
             mover()
@@ -602,4 +609,159 @@ fn replicate_copies_a_local_snapshot_under_the_same_id_and_only_what_the_peer_la
         .arg(&sites.a));
     assert!(!sub.status.success());
     assert!(stderr(&sub).contains("whole snapshot"), "{}", stderr(&sub));
+}
+
+#[test]
+fn a_peer_that_does_not_pin_us_says_what_to_run_there() {
+    let mut sites = Sites::new();
+    peer_add(
+        &sites.b,
+        "a",
+        "127.0.0.1:9",
+        &format!("sha256:{}", "cd".repeat(32)),
+    );
+    sites.start_daemon();
+    let data = sites.root.join("small");
+    write_random(&data.join("f"), 1 << 20, 1);
+    let output = run(mover()
+        .arg("backup")
+        .arg(&data)
+        .args(["--to", "b", "--site-dir"])
+        .arg(&sites.a));
+    assert!(!output.status.success());
+    let err = stderr(&output);
+    let line = err.trim();
+    assert_eq!(line.lines().count(), 1, "{err}");
+    assert!(
+        line.contains("site b does not trust this site's certificate; on b run `mover peer add a ")
+            && line.contains(&fingerprint(&sites.a)),
+        "{err}"
+    );
+}
+
+/// Unmounts a tmpfs (lazily: a daemon may still hold files there) when the test ends.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_tier_at_the_peer_names_enospc_and_the_tier_in_the_senders_error() {
+    assert!(is_root(), "this test mounts a tmpfs and must run as root");
+    let mut sites = Sites::new();
+    // b's hot tier on an 8 MiB file system, with what init put there.
+    let tier = sites.b.join("tiers/hot");
+    let kept = sites.root.join("hot-before-mount");
+    std::fs::rename(&tier, &kept).unwrap();
+    std::fs::create_dir(&tier).unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&tier)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mount tmpfs on {}", tier.display());
+    let _mounted = Mounted(tier.clone());
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(kept.join("."))
+        .arg(&tier)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    sites.start_daemon();
+    let data = sites.root.join("data");
+    for i in 0..3u64 {
+        write_random(&data.join(format!("f{i}")), 8 << 20, 300 + i);
+    }
+    let output = run(mover()
+        .arg("backup")
+        .arg(&data)
+        .args(["--to", "b", "--site-dir"])
+        .arg(&sites.a));
+    assert!(!output.status.success(), "24 MiB fit an 8 MiB tier?");
+    let err = stderr(&output);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("peer b:") && err.contains("ENOSPC") && err.contains("tier \"hot\" at site b"),
+        "{err}"
+    );
+    sites.kill_daemon();
+}
+
+fn job_status(socket: &Path, id: &str) -> Value {
+    run_json(mover().args(["status", id, "--socket"]).arg(socket))
+}
+
+#[test]
+fn a_peer_stopped_with_sigterm_mid_backup_requeues_the_daemon_job_which_then_succeeds() {
+    let mut sites = Sites::new();
+    sites.set_b_pack_target(8 << 20);
+    sites.start_daemon();
+    let socket = sites.a.join("api.sock");
+    let a_log = sites.root.join("daemon-a.log");
+    let (a_daemon, line) = spawn_daemon(&sites.a.join("mover.toml"), &a_log);
+    struct KillOnDrop(Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let a_daemon = KillOnDrop(a_daemon);
+    assert!(line.contains("api on"), "a's daemon said {line:?}");
+    let data = big_data_set(&sites.root);
+    let job = run_json(
+        mover()
+            .arg("backup")
+            .arg(&data)
+            .args(["--to", "b", "--socket"])
+            .arg(&socket),
+    );
+    let id = job["id"].as_str().expect("job id").to_string();
+    assert!(
+        wait_for_a_pack(&sites.b, Duration::from_secs(60)),
+        "no pack at b: {}",
+        sites.log()
+    );
+    let mut b = sites.daemon.take().unwrap();
+    unsafe { libc::kill(b.id() as i32, libc::SIGTERM) };
+    b.wait().unwrap();
+
+    // Back in the queue with the peer's reason, not failed.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let requeued = loop {
+        let job = job_status(&socket, &id);
+        assert!(
+            !matches!(job["state"].as_str(), Some("failed" | "cancelled" | "done")),
+            "{job}"
+        );
+        if job["state"] == "queued" && job["retries"].as_u64() >= Some(1) {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "never requeued: {job}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let error = requeued["error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("peer b:") && error.contains("retry 1 of"),
+        "{requeued}"
+    );
+
+    sites.start_daemon();
+    let output = run(mover()
+        .args(["wait", &id, "--timeout", "600", "--socket"])
+        .arg(&socket));
+    let job = job_status(&socket, &id);
+    assert!(output.status.success(), "{job}: {}", stderr(&output));
+    assert_eq!(job["state"], "done", "{job}");
+    drop(a_daemon); // the restore below opens a's site itself
+    let restored = sites.root.join("restored");
+    sites.restore_from_b(job["snapshot"].as_str().unwrap(), &restored);
+    assert_same_tree(&data, &restored);
 }

@@ -130,3 +130,13 @@ pub const ENDED_JOBS_KEPT_DAYS_DEFAULT: u32 = 30;
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
 /// How long a draining daemon waits for running jobs to checkpoint before it exits anyway.
 pub const DRAIN_WAIT_S: u64 = 60;
+
+/// A daemon job that fails with a transient peer error (the peer is shutting down or
+/// restarting, the path dropped) goes back to the queue and runs again after a wait that
+/// doubles from 2 s up to 5 min: 2, 4, 8, … 256, 300, 300 s. The first retries catch a peer
+/// restart (seconds); the cap keeps a peer down for maintenance from being dialled more than
+/// every few minutes. After 20 retries (about 70 min of waiting) the job fails with the peer's
+/// last error. A retried backup resumes: what the peer acknowledged is not sent again.
+pub const PEER_RETRY_DELAY_FIRST: std::time::Duration = std::time::Duration::from_secs(2);
+pub const PEER_RETRY_DELAY_MAX: std::time::Duration = std::time::Duration::from_secs(300);
+pub const PEER_RETRIES_MAX: u32 = 20;

@@ -36,9 +36,15 @@ pub enum Error {
     /// far stays committed.
     #[error("cancelled: {0}")]
     Cancelled(String),
-    /// A peer site could not be reached, refused us, or broke the protocol.
+    /// A peer site could not be reached, refused us, or broke the protocol. `transient`: the
+    /// cause passes by itself (the peer is restarting, the path dropped), so a daemon job that
+    /// failed with it is queued again with a backoff instead of failing.
     #[error("peer {site}: {detail}")]
-    Peer { site: String, detail: String },
+    Peer {
+        site: String,
+        detail: String,
+        transient: bool,
+    },
 }
 
 /// `text` with control characters (NUL, newline, escape, ...) written as Rust escapes
@@ -69,11 +75,33 @@ impl Error {
         }
     }
 
+    /// A peer failure that retrying will not fix (refused, protocol broken, peer disk full).
     pub fn peer(site: impl Into<String>, detail: impl std::fmt::Display) -> Self {
         Error::Peer {
             site: site.into(),
             detail: detail.to_string(),
+            transient: false,
         }
+    }
+
+    /// A peer failure that passes by itself: unreachable, shutting down, connection lost.
+    pub fn peer_transient(site: impl Into<String>, detail: impl std::fmt::Display) -> Self {
+        Error::Peer {
+            site: site.into(),
+            detail: detail.to_string(),
+            transient: true,
+        }
+    }
+
+    /// Whether running the job again later may succeed without anyone changing anything.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Error::Peer {
+                transient: true,
+                ..
+            }
+        )
     }
 
     pub fn corrupt(what: impl Into<String>, detail: impl Into<String>) -> Self {

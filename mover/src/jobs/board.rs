@@ -22,7 +22,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::audit::{AuditLog, Who};
-use crate::constants::ENDED_JOBS_IN_MEMORY_MAX;
+use crate::constants::{
+    ENDED_JOBS_IN_MEMORY_MAX, PEER_RETRIES_MAX, PEER_RETRY_DELAY_FIRST, PEER_RETRY_DELAY_MAX,
+};
 use crate::error::{Error, Result};
 use crate::job::{JobControl, JobKind, JobState};
 use crate::metrics::{self, names};
@@ -67,6 +69,8 @@ struct State {
     ended: EndedJobs,
     running: HashMap<String, Running>,
     draining: bool,
+    /// The retry time a wake-up thread is already sleeping towards (one at a time).
+    wake_at: Option<u64>,
 }
 
 impl State {
@@ -165,6 +169,7 @@ impl Board {
                 ended,
                 running: HashMap::new(),
                 draining: false,
+                wake_at: None,
             }),
             persist_lock: Mutex::new(()),
             changed: tokio::sync::watch::channel(0).0,
@@ -235,6 +240,8 @@ impl Board {
                 finished_unix_ms: None,
                 attempts: 0,
                 cancel_requested: false,
+                retries: 0,
+                retry_at_unix_ms: None,
                 result: None,
             };
             let json = serde_json::to_string(&record).expect("record serialises");
@@ -462,7 +469,9 @@ impl Board {
         }
     }
 
-    /// Starts queued jobs while there is room: highest priority first, then oldest.
+    /// Starts queued jobs while there is room: highest priority first, then oldest; a job
+    /// waiting out a retry backoff is passed over until its time, when a wake-up thread
+    /// schedules again.
     fn schedule(self: &Arc<Self>) {
         loop {
             let order = lock(&self.persist_lock);
@@ -471,19 +480,32 @@ impl Board {
                 if state.draining || state.running.len() >= self.running_max {
                     return;
                 }
+                let now = now_unix_ms();
+                let waiting = |r: &&JobRecord| r.retry_at_unix_ms.is_some_and(|at| at > now);
                 let Some(id) = state
                     .records
                     .values()
                     .filter(|r| r.state == JobState::Queued)
+                    .filter(|r| !waiting(r))
                     .min_by_key(|r| (-(r.priority as i64), r.seq))
                     .map(|r| r.id.clone())
                 else {
+                    let next = state
+                        .records
+                        .values()
+                        .filter(|r| r.state == JobState::Queued)
+                        .filter_map(|r| r.retry_at_unix_ms)
+                        .min();
+                    if let Some(at) = next {
+                        self.wake_at(&mut state, at);
+                    }
                     return;
                 };
                 let record = state.records.get_mut(&id).expect("just found");
                 let now = now_unix_ms();
                 record.state = JobState::Running;
                 record.attempts += 1;
+                record.retry_at_unix_ms = None;
                 record.started = Some(time_text(now));
                 record.started_unix_ms = Some(now);
                 metrics::global().observe(
@@ -561,6 +583,21 @@ impl Board {
                     // Checkpointed: what it committed stays; it runs again at the next start.
                     r.state = JobState::Queued;
                 }
+                Err(e)
+                    if e.is_transient() && r.retries < PEER_RETRIES_MAX && !r.cancel_requested =>
+                {
+                    // The peer is restarting or the path dropped: run it again later; what it
+                    // shipped is acknowledged at the peer, so the next attempt skips it.
+                    r.retries += 1;
+                    let delay = retry_delay(r.retries);
+                    r.state = JobState::Queued;
+                    r.retry_at_unix_ms = Some(now + delay.as_millis() as u64);
+                    r.error = Some(format!(
+                        "{e}; retry {} of {PEER_RETRIES_MAX} in {} s",
+                        r.retries,
+                        delay.as_secs()
+                    ));
+                }
                 Err(e) => {
                     r.state = JobState::after(&e);
                     r.error = Some(e.to_string());
@@ -584,6 +621,11 @@ impl Board {
             .started_unix_ms
             .map_or(0.0, |s| now.saturating_sub(s) as f64 / 1e3);
         match final_record.state {
+            JobState::Queued if final_record.retry_at_unix_ms.is_some() => tracing::warn!(
+                job = %record.id,
+                error = final_record.error.as_deref().unwrap_or(""),
+                "job queued again after a transient peer error"
+            ),
             JobState::Queued => {
                 tracing::info!(job = %record.id, "job interrupted by shutdown; it resumes at the next start")
             }
@@ -642,6 +684,34 @@ impl Board {
             Ok(()) => tracing::info!(jobs = expired.len(), "ended jobs past retention deleted"),
             // They stay in the table; the next start expires them again.
             Err(e) => tracing::error!(error = %e, "could not delete ended jobs past retention"),
+        }
+    }
+
+    /// Makes sure a thread schedules again at `at` (unix ms). One thread sleeps at a time,
+    /// towards the earliest retry; it re-arms for later ones when it schedules.
+    fn wake_at(self: &Arc<Self>, state: &mut State, at: u64) {
+        if state.wake_at.is_some_and(|armed| armed <= at) {
+            return;
+        }
+        state.wake_at = Some(at);
+        let board = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("mover-job-retry".into())
+            .spawn(move || {
+                std::thread::sleep(Duration::from_millis(at.saturating_sub(now_unix_ms())));
+                // A board dropped meanwhile (the daemon stopped) has nothing to schedule.
+                if let Some(board) = board.upgrade() {
+                    let mut state = lock(&board.state);
+                    if state.wake_at == Some(at) {
+                        state.wake_at = None;
+                    }
+                    drop(state);
+                    board.schedule();
+                }
+            });
+        if let Err(e) = spawned {
+            state.wake_at = None;
+            tracing::error!(error = %e, "could not start the job retry timer; retries wait for the next job event");
         }
     }
 
@@ -714,6 +784,15 @@ fn fill_progress(record: &mut JobRecord, control: &JobControl) {
     record.bytes_total = control.bytes_total.load(Ordering::Relaxed);
     record.bytes_done = control.bytes_done.load(Ordering::Relaxed);
     record.bytes_sent = control.bytes_sent.load(Ordering::Relaxed);
+}
+
+/// The wait before retry `n` (1-based) of a job that failed with a transient peer error:
+/// doubling from [`PEER_RETRY_DELAY_FIRST`], capped at [`PEER_RETRY_DELAY_MAX`].
+pub fn retry_delay(n: u32) -> Duration {
+    let doublings = n.saturating_sub(1).min(31);
+    PEER_RETRY_DELAY_FIRST
+        .saturating_mul(1 << doublings)
+        .min(PEER_RETRY_DELAY_MAX)
 }
 
 /// What a finished engine run hands back.
@@ -914,5 +993,20 @@ mod tests {
             vec![(now - 31 * DAY, 1), (now - 30 * DAY, 2)]
         );
         assert!(retention.expired(&EndedJobs::new(), now).is_empty());
+    }
+
+    #[test]
+    fn retry_delays_double_from_the_first_and_stop_at_the_cap() {
+        let secs: Vec<u64> = (1..=11).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(secs, [2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        assert_eq!(retry_delay(PEER_RETRIES_MAX), PEER_RETRY_DELAY_MAX);
+        assert_eq!(retry_delay(u32::MAX), PEER_RETRY_DELAY_MAX);
+    }
+
+    #[test]
+    fn only_transient_peer_errors_are_retried() {
+        assert!(Error::peer_transient("b", "is shutting down").is_transient());
+        assert!(!Error::peer("b", "refused: tier full").is_transient());
+        assert!(!Error::Resource("x".into()).is_transient());
     }
 }

@@ -206,6 +206,13 @@ pub struct JobRecord {
     pub attempts: u32,
     /// A caller asked to cancel it while it ran.
     pub cancel_requested: bool,
+    /// Times it went back to the queue after a transient peer error (see
+    /// [`crate::constants::PEER_RETRIES_MAX`]).
+    #[serde(default)]
+    pub retries: u32,
+    /// A queued job waiting out its retry backoff starts no earlier than this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at_unix_ms: Option<u64>,
     /// The engine's full job document (or verify report) once the job ends.
     pub result: Option<serde_json::Value>,
 }

@@ -2,7 +2,7 @@
 //! backup, and the in-order chunk stream a cross-site restore reads from.
 
 use transport::frame::{self, ErrorCode, Frame, Purpose, MANIFEST_PART_BYTES_MAX};
-use transport::quic::{FrameReader, FrameWriter, Piecewise, ReadError};
+use transport::quic::{FrameReader, FrameWriter, Piecewise};
 use transport::session::{FetchClient, ManifestAssembly};
 use transport::tls::SiteCredentials;
 
@@ -30,6 +30,7 @@ impl Control {
         let (endpoint, connection) = connect(link, credentials).await?;
         let (writer, reader, _, _) = open_stream(
             link,
+            credentials,
             &connection,
             &hello(Purpose::Control, &credentials.site, job),
         )
@@ -71,10 +72,7 @@ impl Control {
         loop {
             let frame = match self.reader.next().await {
                 Ok(frame) => frame,
-                Err(e) => {
-                    let detail = read_failure(&e, &self.connection);
-                    return Err(self.fail(detail));
-                }
+                Err(e) => return Err(read_failure(&e, &self.connection).error(&self.link.site)),
             };
             match frame {
                 Frame::NoManifest => return Ok(None),
@@ -126,10 +124,7 @@ impl Control {
                 let detail = format!("answered the commit with {other:?}");
                 Err(self.fail(detail))
             }
-            Err(e) => {
-                let detail = read_failure(&e, &self.connection);
-                Err(self.fail(detail))
-            }
+            Err(e) => Err(read_failure(&e, &self.connection).error(&self.link.site)),
         }
     }
 
@@ -327,6 +322,7 @@ async fn fetch_on(
 ) -> Result<()> {
     let (mut writer, mut reader, _, _) = open_stream(
         link,
+        credentials,
         connection,
         &hello(Purpose::Fetch, &credentials.site, job),
     )
@@ -353,8 +349,7 @@ async fn fetch_on(
         }
         // The payload stays in quinn's pieces; only what must be contiguous is gathered, once.
         let piecewise = reader.next_piecewise().await.map_err(|e| match e {
-            ReadError::Finished => fail("closed the stream early".into()),
-            e => fail(read_failure(&e, connection)),
+            e => read_failure(&e, connection).error(&link.site),
         })?;
         let chunk = match piecewise {
             Piecewise::Chunk(chunk) => chunk,

@@ -23,7 +23,7 @@
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
-use transport::frame::{self, Frame};
+use transport::frame::{self, ErrorCode, Frame};
 use transport::quic::{ChunkPieces, FrameReader, FrameWriter, Piecewise, ReadError};
 use transport::session::{ReceiverInput, StoreReceiver};
 
@@ -280,7 +280,15 @@ fn store_thread(
                     flush_seq: store.flush_seq,
                 });
             }
-            Err(failure) => {
+            Err(mut failure) => {
+                if failure.code == ErrorCode::NoSpace {
+                    // The sender's job error is all its operator sees: say which tier where.
+                    failure.reason = format!(
+                        "tier {tier:?} at site {} is full (ENOSPC): {}; free space there or send to another tier",
+                        site.name(),
+                        failure.reason
+                    );
+                }
                 let _ = events.send(StoreEvent::Failed(failure));
                 break;
             }

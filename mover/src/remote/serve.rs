@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use transport::frame::{ErrorCode, Frame, Purpose, MANIFEST_PART_BYTES_MAX};
-use transport::quic::{FrameReader, FrameWriter, ReadError};
+use transport::quic::{close, FrameReader, FrameWriter, ReadError};
 use transport::session::{negotiate, ManifestAssembly};
 use transport::tls::TrustStore;
 
@@ -44,7 +44,10 @@ impl Failure {
 
 impl From<Error> for Failure {
     fn from(e: Error) -> Failure {
-        let code = match e {
+        let code = match &e {
+            Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+                ErrorCode::NoSpace
+            }
             Error::NotFound(_) => ErrorCode::NotFound,
             Error::Refused(_) => ErrorCode::Refused,
             Error::Corrupt { .. } => ErrorCode::Corrupt,
@@ -100,7 +103,8 @@ pub async fn accept_loop(
             crate::metrics::global().set(crate::metrics::names::PEER_CONNECTIONS, &[], open);
         });
     }
-    endpoint.close(0u32.into(), b"daemon shutting down");
+    // Its own code, so a sender tells a stopping daemon (retry later) from a finished one.
+    endpoint.close(close::SHUTTING_DOWN.into(), b"daemon shutting down");
     // Draining lets peers learn of the close; a connection that never drains (a peer gone
     // silent, a broken driver) must not keep a stopping daemon from exiting.
     if tokio::time::timeout(CLOSE_DRAIN_MAX, endpoint.wait_idle())
@@ -131,7 +135,7 @@ async fn connection(site: Arc<Site>, trust: TrustStore, incoming: quinn::Incomin
         transport::quic::peer_fingerprint(&connection).and_then(|fp| trust.site_of(&fp))
     else {
         tracing::error!(%remote, "refused peer: its certificate is no longer trusted");
-        connection.close(2u32.into(), b"not a configured peer");
+        connection.close(close::NOT_A_PEER.into(), b"not a configured peer");
         return;
     };
     tracing::info!(%remote, peer = %peer, "peer connected");

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::Notify;
 use transport::frame::{self, Frame, Purpose};
-use transport::quic::{FrameReader, FrameWriter, ReadError};
+use transport::quic::{close, ConnectFailure, FrameReader, FrameWriter, QuicError, ReadError};
 use transport::session::{SenderEvent, StoreSender};
 use transport::tls::SiteCredentials;
 
@@ -68,7 +68,7 @@ struct Queried {
 struct Shared {
     state: RefCell<StoreSender>,
     answers: RefCell<VecDeque<Vec<bool>>>,
-    failure: RefCell<Option<String>>,
+    failure: RefCell<Option<Stop>>,
     /// Wakes the ship task: an answer or credit came (reader), a batch was closed or the
     /// worker finished (worker), or the reader failed.
     notify: Notify,
@@ -88,8 +88,8 @@ struct Shared {
 }
 
 impl Shared {
-    fn fail(&self, reason: String) {
-        self.failure.borrow_mut().get_or_insert(reason);
+    fn fail(&self, stop: Stop) {
+        self.failure.borrow_mut().get_or_insert(stop);
         self.notify.notify_one();
         self.room.notify_one();
     }
@@ -114,7 +114,7 @@ pub struct Shipper {
     connection: quinn::Connection,
     shared: Rc<Shared>,
     reader_task: tokio::task::JoinHandle<()>,
-    ship_task: Option<tokio::task::JoinHandle<Result<Waits, String>>>,
+    ship_task: Option<tokio::task::JoinHandle<Result<Waits, Stop>>>,
     batch: BytesMut,
     entries: Vec<Entry>,
     batches_allocated: u64,
@@ -127,13 +127,31 @@ const BATCH_CAPACITY: usize = SHIP_BATCH_BYTES + frame::CHUNK_BYTES_MAX;
 /// Opens a stream and performs the Hello/Welcome exchange.
 pub async fn open_stream(
     link: &Link,
+    credentials: &SiteCredentials,
+    connection: &quinn::Connection,
+    hello: &Frame<'_>,
+) -> Result<(FrameWriter, FrameReader, u16, u64)> {
+    let opened = hello_exchange(link, connection, hello).await;
+    // TLS 1.3 finishes the client's handshake before the server has checked the client's
+    // certificate: a peer that does not trust us shows here, as the connection's close.
+    let refused = connection
+        .close_reason()
+        .is_some_and(|reason| ConnectFailure::of(&reason) == ConnectFailure::NotTrusted);
+    if opened.is_err() && refused {
+        return Err(not_trusted(link, credentials));
+    }
+    opened
+}
+
+async fn hello_exchange(
+    link: &Link,
     connection: &quinn::Connection,
     hello: &Frame<'_>,
 ) -> Result<(FrameWriter, FrameReader, u16, u64)> {
     let (send, recv) = connection
         .open_bi()
         .await
-        .map_err(|e| Error::peer(&link.site, format!("opening a stream: {e}")))?;
+        .map_err(|e| connection_lost(&e).error(&link.site))?;
     let mut writer = FrameWriter::new(send);
     let mut reader = FrameReader::new(recv);
     writer
@@ -158,16 +176,121 @@ pub async fn open_stream(
             &link.site,
             format!("answered the hello with {other:?}"),
         )),
-        Err(e) => Err(Error::peer(&link.site, read_failure(&e, connection))),
+        Err(e) => Err(read_failure(&e, connection).error(&link.site)),
     }
 }
 
-/// A read error, with the connection's close reason when there is one (that is where a
-/// refused TLS handshake or a peer's error shows).
-pub fn read_failure(e: &ReadError, connection: &quinn::Connection) -> String {
-    match connection.close_reason() {
-        Some(reason) => format!("connection closed: {reason}"),
-        None => e.to_string(),
+/// Why talking to a peer stopped: what to tell, and whether it passes by itself (a daemon
+/// job then runs again later instead of failing).
+#[derive(Debug, Clone)]
+pub struct Stop {
+    pub detail: String,
+    pub transient: bool,
+}
+
+impl Stop {
+    pub fn permanent(detail: impl Into<String>) -> Stop {
+        Stop {
+            detail: detail.into(),
+            transient: false,
+        }
+    }
+
+    pub fn transient(detail: impl Into<String>) -> Stop {
+        Stop {
+            detail: detail.into(),
+            transient: true,
+        }
+    }
+
+    pub fn error(&self, site: &str) -> Error {
+        if self.transient {
+            Error::peer_transient(site, &self.detail)
+        } else {
+            Error::peer(site, &self.detail)
+        }
+    }
+}
+
+/// A read error, judged by the connection's close reason when there is one (that is where a
+/// stopping peer or a lost path shows).
+pub fn read_failure(e: &ReadError, connection: &quinn::Connection) -> Stop {
+    match (connection.close_reason(), e) {
+        (Some(reason), _) => connection_lost(&reason),
+        (None, ReadError::Finished) => {
+            Stop::transient("closed the stream before the transfer was complete")
+        }
+        (None, e) => Stop::permanent(e.to_string()),
+    }
+}
+
+/// What a closed connection means for the job.
+fn connection_lost(reason: &quinn::ConnectionError) -> Stop {
+    use quinn::ConnectionError as E;
+    match reason {
+        E::ApplicationClosed(c) if c.error_code == close::SHUTTING_DOWN.into() => Stop::transient(
+            "is shutting down (it closed the connection); try again once it is back",
+        ),
+        // A peer that closes normally mid-transfer (an older daemon stopping), a lost path,
+        // a restarted peer: nothing to fix here.
+        E::ApplicationClosed(c) if c.error_code == close::DONE.into() => {
+            Stop::transient("closed the connection before the transfer was complete")
+        }
+        E::TimedOut | E::Reset => Stop::transient(format!("connection lost: {reason}")),
+        _ => Stop::permanent(format!("connection closed: {reason}")),
+    }
+}
+
+/// A failed write. When the peer stopped our stream it also sends its reason (an Error frame,
+/// or the connection's close), which the reader task reports: wait for that, briefly, rather
+/// than report quinn's "sending stopped by peer: error 0".
+async fn write_failed(shared: &Shared, what: &str, e: quinn::WriteError) -> Stop {
+    let from_reader = async {
+        loop {
+            if let Some(stop) = shared.failure.borrow().as_ref() {
+                return stop.clone();
+            }
+            shared.notify.notified().await;
+        }
+    };
+    if let Ok(stop) = tokio::time::timeout(PEER_REASON_WAIT, from_reader).await {
+        return stop;
+    }
+    match e {
+        quinn::WriteError::ConnectionLost(reason) => connection_lost(&reason),
+        e => Stop::permanent(format!("{what}: {e}")),
+    }
+}
+
+/// How long a sender whose stream the peer stopped waits for the peer's reason.
+const PEER_REASON_WAIT: Duration = Duration::from_secs(10);
+
+/// The peer's TLS refused our certificate: what to run there.
+fn not_trusted(link: &Link, credentials: &SiteCredentials) -> Error {
+    Error::peer(
+        &link.site,
+        format!(
+            "site {peer} does not trust this site's certificate; on {peer} run `mover peer add {us} HOST:PORT {fingerprint}` (HOST:PORT: where {peer} reaches this site)",
+            peer = link.site,
+            us = credentials.site,
+            fingerprint = credentials.fingerprint(),
+        ),
+    )
+}
+
+/// Maps a failed connection attempt to the job's error: what to do when the peer does not
+/// trust us, and transient when it is only unreachable.
+fn connect_error(link: &Link, credentials: &SiteCredentials, e: QuicError) -> Error {
+    match e {
+        QuicError::Connect {
+            failure: ConnectFailure::NotTrusted,
+            ..
+        } => not_trusted(link, credentials),
+        e @ QuicError::Connect {
+            failure: ConnectFailure::Unreachable,
+            ..
+        } => Error::peer_transient(&link.site, e),
+        e => Error::peer(&link.site, e),
     }
 }
 
@@ -183,7 +306,7 @@ pub async fn connect(
         &link.settings,
     )
     .await
-    .map_err(|e| Error::peer(&link.site, e))
+    .map_err(|e| connect_error(link, credentials, e))
 }
 
 impl Shipper {
@@ -197,7 +320,7 @@ impl Shipper {
         let mut state = StoreSender::new(SHIP_QUERIES_IN_FLIGHT);
         let hello = state.hello(&credentials.site, tier, job);
         let (writer, mut reader, version, unacked_bytes_max) =
-            open_stream(link, &connection, &hello).await?;
+            open_stream(link, credentials, &connection, &hello).await?;
         state
             .handle(&Frame::Welcome {
                 version,
@@ -224,11 +347,10 @@ impl Shipper {
             let failure = loop {
                 let frame = match reader.next().await {
                     Ok(frame) => frame,
-                    Err(ReadError::Finished) => break "the peer closed the stream".to_string(),
                     Err(e) => break read_failure(&e, &reader_connection),
                 };
                 if let Frame::Error { reason, .. } = frame {
-                    break format!("refused: {reason}");
+                    break Stop::permanent(format!("refused: {reason}"));
                 }
                 let event = shared.state.borrow_mut().handle(&frame);
                 match event {
@@ -238,7 +360,7 @@ impl Shipper {
                     Ok(_) => {}
                     Err(e) => {
                         reader.stop(1);
-                        break format!("protocol violation: {e}");
+                        break Stop::permanent(format!("protocol violation: {e}"));
                     }
                 }
                 shared.notify.notify_one();
@@ -270,7 +392,7 @@ impl Shipper {
             .failure
             .borrow()
             .as_ref()
-            .map(|reason| Error::peer(&self.link.site, reason))
+            .map(|stop| stop.error(&self.link.site))
     }
 
     /// Adds a new chunk (payload as it will be stored) to the current batch.
@@ -350,11 +472,7 @@ impl Shipper {
             .map_err(|e| Error::peer(&self.link.site, format!("the ship task failed: {e}")))?;
         let waits = match shipped {
             Ok(waits) => waits,
-            Err(reason) => {
-                return Err(self
-                    .failed()
-                    .unwrap_or(Error::peer(&self.link.site, reason)))
-            }
+            Err(stop) => return Err(self.failed().unwrap_or(stop.error(&self.link.site))),
         };
         let stats = self.connection.stats();
         tracing::debug!(
@@ -394,21 +512,21 @@ impl Drop for Shipper {
 /// so its answer does not wait behind them on the stream), ships the wanted chunks of the
 /// oldest answered batch one at a time within credit and the link's bandwidth cap, and when
 /// the worker is done, flushes and waits for the peer to acknowledge everything as durable.
-async fn ship(shared: Rc<Shared>, mut writer: FrameWriter, link: Link) -> Result<Waits, String> {
+async fn ship(shared: Rc<Shared>, mut writer: FrameWriter, link: Link) -> Result<Waits, Stop> {
     let outcome = ship_all(&shared, &mut writer, &link).await;
-    if let Err(reason) = &outcome {
-        shared.fail(reason.clone());
+    if let Err(stop) = &outcome {
+        shared.fail(stop.clone());
     }
     outcome
 }
 
-async fn ship_all(shared: &Shared, writer: &mut FrameWriter, link: &Link) -> Result<Waits, String> {
+async fn ship_all(shared: &Shared, writer: &mut FrameWriter, link: &Link) -> Result<Waits, Stop> {
     let mut queried: VecDeque<Queried> = VecDeque::new();
     let mut waits = Waits::default();
     let mut idle_since: Option<Instant> = None;
     loop {
-        if let Some(reason) = shared.failure.borrow().as_ref() {
-            return Err(reason.clone());
+        if let Some(stop) = shared.failure.borrow().as_ref() {
+            return Err(stop.clone());
         }
         // Queries first: they are small, and each one's answer takes a round trip.
         loop {
@@ -420,13 +538,15 @@ async fn ship_all(shared: &Shared, writer: &mut FrameWriter, link: &Link) -> Res
             };
             let ids: Vec<[u8; 32]> = batch.entries.iter().map(|e| e.id).collect();
             let seq = shared.state.borrow_mut().query(ids.len());
-            writer
+            if let Err(e) = writer
                 .send(&Frame::Query {
                     seq,
                     ids: frame::id_list(&ids),
                 })
                 .await
-                .map_err(|e| format!("sending a query: {e}"))?;
+            {
+                return Err(write_failed(shared, "sending a query", e).await);
+            }
             queried.push_back(Queried {
                 batch,
                 wanted: None,
@@ -486,7 +606,7 @@ async fn ship_all(shared: &Shared, writer: &mut FrameWriter, link: &Link) -> Res
                     }
                 }
                 let sending = Instant::now();
-                writer
+                if let Err(e) = writer
                     .send_chunk(
                         &entry.id,
                         entry.codec,
@@ -494,7 +614,9 @@ async fn ship_all(shared: &Shared, writer: &mut FrameWriter, link: &Link) -> Res
                         batch.bytes.slice(entry.range.clone()),
                     )
                     .await
-                    .map_err(|e| format!("sending a chunk: {e}"))?;
+                {
+                    return Err(write_failed(shared, "sending a chunk", e).await);
+                }
                 waits.send += sending.elapsed();
                 shared.state.borrow_mut().chunk_sent(len);
                 let mut stats = shared.stats.borrow_mut();
@@ -513,13 +635,12 @@ async fn ship_all(shared: &Shared, writer: &mut FrameWriter, link: &Link) -> Res
         }
     }
     let seq = shared.state.borrow_mut().flush();
-    writer
-        .send(&Frame::Flush { seq })
-        .await
-        .map_err(|e| format!("sending flush: {e}"))?;
+    if let Err(e) = writer.send(&Frame::Flush { seq }).await {
+        return Err(write_failed(shared, "sending flush", e).await);
+    }
     loop {
-        if let Some(reason) = shared.failure.borrow().as_ref() {
-            return Err(reason.clone());
+        if let Some(stop) = shared.failure.borrow().as_ref() {
+            return Err(stop.clone());
         }
         if shared.state.borrow().is_drained() {
             break;
