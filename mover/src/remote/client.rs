@@ -348,9 +348,10 @@ async fn fetch_on(
             asked += batch.len();
         }
         // The payload stays in quinn's pieces; only what must be contiguous is gathered, once.
-        let piecewise = reader.next_piecewise().await.map_err(|e| match e {
-            e => read_failure(&e, connection).error(&link.site),
-        })?;
+        let piecewise = reader
+            .next_piecewise()
+            .await
+            .map_err(|e| read_failure(&e, connection).error(&link.site))?;
         let chunk = match piecewise {
             Piecewise::Chunk(chunk) => chunk,
             Piecewise::Frame(Frame::Error { code, reason }) => {
