@@ -198,6 +198,10 @@ impl ConnectFailure {
                     None => ConnectFailure::Unreachable,
                 }
             }
+            // A daemon that no longer trusts us (its peers were reloaded) closes with this.
+            E::ApplicationClosed(c) if c.error_code == VarInt::from_u32(close::NOT_A_PEER) => {
+                ConnectFailure::NotTrusted
+            }
             E::TimedOut | E::Reset | E::ApplicationClosed(_) => ConnectFailure::Unreachable,
             _ => ConnectFailure::Other,
         }
@@ -577,4 +581,55 @@ pub fn peer_fingerprint(connection: &quinn::Connection) -> Option<crate::identit
     certificates
         .first()
         .map(|der| crate::identity::Fingerprint::of_der(der))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quinn::{ApplicationClose, ConnectionClose, ConnectionError, TransportErrorCode};
+
+    fn aborted(code: TransportErrorCode) -> ConnectionError {
+        ConnectionError::ConnectionClosed(ConnectionClose {
+            error_code: code,
+            frame_type: None,
+            reason: bytes::Bytes::new(),
+        })
+    }
+
+    fn closed(code: u32) -> ConnectionError {
+        ConnectionError::ApplicationClosed(ApplicationClose {
+            error_code: VarInt::from_u32(code),
+            reason: bytes::Bytes::new(),
+        })
+    }
+
+    #[test]
+    fn connect_failures_are_judged_by_their_codes() {
+        // rustls answers a refused client certificate with access_denied (49).
+        let judged = |e| ConnectFailure::of(&e);
+        assert_eq!(
+            judged(aborted(TransportErrorCode::crypto(49))),
+            ConnectFailure::NotTrusted
+        );
+        assert_eq!(
+            judged(aborted(TransportErrorCode::crypto(40))),
+            ConnectFailure::Other
+        );
+        assert_eq!(
+            judged(closed(close::NOT_A_PEER)),
+            ConnectFailure::NotTrusted
+        );
+        assert_eq!(
+            judged(closed(close::SHUTTING_DOWN)),
+            ConnectFailure::Unreachable
+        );
+        assert_eq!(
+            judged(ConnectionError::TimedOut),
+            ConnectFailure::Unreachable
+        );
+        assert_eq!(
+            judged(ConnectionError::LocallyClosed),
+            ConnectFailure::Other
+        );
+    }
 }
