@@ -749,7 +749,7 @@ fn a_peer_stopped_with_sigterm_mid_backup_requeues_the_daemon_job_which_then_suc
     };
     let error = requeued["error"].as_str().unwrap_or_default();
     assert!(
-        error.starts_with("peer b:") && error.contains("retry 1 of"),
+        error.starts_with("peer b: is shutting down") && error.contains("retry 1 of"),
         "{requeued}"
     );
 
