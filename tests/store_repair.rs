@@ -163,6 +163,18 @@ fn a_damaged_chunk_is_reported_everywhere_and_healed_by_the_next_backup() {
     let target = work.path().join("restored");
     restore(&site, &first, &target);
     assert_same_tree(&source, &target);
+
+    // The index is lost afterwards: the rebuilt one must settle on the good copy of the
+    // chunk, whichever pack is listed first.
+    std::fs::remove_file(site.join("index.redb")).unwrap();
+    let report = run_json(mover().arg("repair-index").arg("--site-dir").arg(&site));
+    assert_eq!(report["snapshots"], 3, "{report}");
+    let output = run(mover().args(["verify", "--site-dir"]).arg(&site));
+    assert!(
+        output.status.success(),
+        "the rebuilt index points at the healed copy: {report} {}",
+        stderr(&output)
+    );
 }
 
 #[test]

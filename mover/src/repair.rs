@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::format::manifest::{self, EntryKind};
 use crate::format::pack::{
     check_pack_header, decode_footer, decode_trailer, FOOTER_ENTRY_BYTES, PACK_HEADER_BYTES,
-    TRAILER_BYTES,
+    RECORD_HEADER_BYTES, TRAILER_BYTES,
 };
 use crate::format::{hex, parse_hex32};
 use crate::site::INDEX_FILE_NAME;
@@ -40,6 +40,9 @@ pub struct RepairReport {
     pub packs_indexed: u64,
     pub chunks_indexed: u64,
     pub packs_skipped: u64,
+    /// Chunks found in more than one sealed pack whose first copy read back bad and was
+    /// replaced by a good one (a copy healed before the index was lost).
+    pub copies_replaced: u64,
     pub snapshots: u64,
     pub snapshots_left_out: u64,
     /// `key: reason` of packs and manifests that were not taken, first [`LISTED_MAX`].
@@ -84,9 +87,11 @@ pub fn repair_index(dir: &Path) -> Result<RepairReport> {
         let index = Index::open(&building)?;
         let mut names: Vec<&String> = tiers.keys().collect();
         names.sort();
+        let mut copies = Copies::default();
         for name in names {
-            index_packs(&index, name, &tiers[name], &mut report)?;
+            index_packs(&index, name, &tiers[name], &mut copies, &mut report)?;
         }
+        keep_good_copies(&index, &tiers, copies, &mut report)?;
         catalog_manifests(&index, &metadata, &mut report)?;
     }
     std::fs::rename(&building, &index_path).map_err(|e| Error::io("rename", &building, e))?;
@@ -94,10 +99,19 @@ pub fn repair_index(dir: &Path) -> Result<RepairReport> {
     Ok(report)
 }
 
+/// Where each chunk was found, by the first pack holding it, and its other copies.
+#[derive(Default)]
+struct Copies {
+    seen: std::collections::HashSet<crate::format::ChunkId>,
+    /// Copies after the first: (tier, pack id, footer entry).
+    more: Vec<(String, u64, crate::format::pack::FooterEntry)>,
+}
+
 fn index_packs(
     index: &Index,
     tier: &str,
     backend: &Arc<dyn Backend>,
+    copies: &mut Copies,
     report: &mut RepairReport,
 ) -> Result<()> {
     for key in backend.list("packs")? {
@@ -106,6 +120,11 @@ fn index_packs(
         };
         match read_footer(backend.as_ref(), &key) {
             Ok((entries, bytes)) => {
+                for e in &entries {
+                    if !copies.seen.insert(e.id) {
+                        copies.more.push((tier.to_string(), pack_id, *e));
+                    }
+                }
                 report.chunks_indexed += entries.len() as u64;
                 report.packs_indexed += 1;
                 index.commit_pack(&SealedPack {
@@ -119,6 +138,36 @@ fn index_packs(
                 report.packs_skipped += 1;
                 report.skip(format!("tier {tier} {key}: {e}"));
             }
+        }
+    }
+    Ok(())
+}
+
+/// The first copy of a chunk wins the index, as in a backup; but a chunk stored again because
+/// its first copy was found bad (healing) has a good later copy. So every chunk with more than
+/// one copy is read back through the new index, and a bad first copy is replaced by the first
+/// later copy that reads back good.
+fn keep_good_copies(
+    index: &Index,
+    tiers: &std::collections::HashMap<String, Arc<dyn Backend>>,
+    copies: Copies,
+    report: &mut RepairReport,
+) -> Result<()> {
+    let mut reader = crate::store::pack_reader::ChunkReader::new(index, tiers);
+    let mut buffer = Vec::new();
+    for (tier, pack_id, entry) in copies.more {
+        // A bad record is marked damaged by the reader, so the commit below repoints it.
+        if reader.read(&entry.id, &mut buffer).is_ok() {
+            continue;
+        }
+        index.commit_pack(&SealedPack {
+            pack_id,
+            tier,
+            entries: vec![entry],
+            bytes: 0,
+        })?;
+        if reader.read(&entry.id, &mut buffer).is_ok() {
+            report.copies_replaced += 1;
         }
     }
     Ok(())
@@ -153,7 +202,10 @@ pub(crate) fn read_footer(
     backend.read_range(key, footer_offset, footer_len, &mut buf)?;
     let entries = decode_footer(&buf, checksum)?;
     for e in &entries {
-        let end = e.offset.checked_add(e.stored_len as u64);
+        // Footer offsets point at the record's header; its payload follows.
+        let end = e
+            .offset
+            .checked_add(RECORD_HEADER_BYTES as u64 + e.stored_len as u64);
         if e.offset < PACK_HEADER_BYTES as u64 || end.is_none_or(|end| end > footer_offset) {
             return Err(Error::corrupt(
                 format!("pack {key}"),

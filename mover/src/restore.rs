@@ -490,18 +490,28 @@ impl Restorer<'_> {
                 }
             }
         }
-        // Every entry is written: the marker goes first, since removing it changes the
-        // target's mtime, which the directory pass then sets.
-        self.target.remove_top_file(RESTORE_MARKER)?;
-        // Directories last, deepest first: writing into a directory changes its mtime, and a
-        // read-only mode would stop us writing into it.
+        // Every entry is written. Directories get their metadata deepest first (writing into
+        // a directory changes its mtime, and a read-only mode would stop us writing into it),
+        // all but the target itself; then everything is made durable before the marker goes,
+        // so a crash never leaves a partial tree without it. Removing the marker changes the
+        // target's mtime, so the target's own metadata comes last, with a second (cheap) sync.
+        let mut root = None;
         for &i in directories.iter().rev() {
             let entry = &self.manifest.entries[i];
+            if entry.path.is_empty() {
+                root = Some(entry);
+                continue;
+            }
             let meta = self.metadata(entry);
             self.target.set_dir_metadata(&entry.path, &meta)?;
         }
-        // One syncfs instead of an fsync per file: the job reports done only once every
-        // restored byte is on disk.
+        self.target.sync()?;
+        self.target.remove_top_file(RESTORE_MARKER)?;
+        if let Some(entry) = root {
+            let meta = self.metadata(entry);
+            self.target.set_dir_metadata(b"", &meta)?;
+        }
+        // The job reports done only once every restored byte is on disk.
         self.target.sync()
     }
 
@@ -615,7 +625,7 @@ impl Restorer<'_> {
                             path_text(ancestor)
                         )))
                     }
-                    None => self.target.mkdir(ancestor)?,
+                    None => self.target.mkdir_ancestor(ancestor)?,
                 }
                 self.directories.insert(ancestor.to_vec());
             }

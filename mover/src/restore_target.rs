@@ -129,10 +129,25 @@ impl TargetDir {
         Ok((self.dir(parent)?, OsStr::from_bytes(name)))
     }
 
+    /// Creates directory `rel` for a snapshot entry: 0700 until the final pass gives it its
+    /// snapshot mode, so nobody else can plant entries in it meanwhile.
     pub fn mkdir(&mut self, rel: &[u8]) -> Result<()> {
+        self.mkdir_mode(rel, Mode::RWXU)
+    }
+
+    /// Creates directory `rel` above a restored subtree, which has no snapshot entry to take
+    /// its mode from: 0755 less the umask, as `mkdir -p` would, root's (or the caller's).
+    pub fn mkdir_ancestor(&mut self, rel: &[u8]) -> Result<()> {
+        self.mkdir_mode(
+            rel,
+            Mode::RWXU | Mode::RGRP | Mode::XGRP | Mode::ROTH | Mode::XOTH,
+        )
+    }
+
+    fn mkdir_mode(&mut self, rel: &[u8], mode: Mode) -> Result<()> {
         let shown = self.display(rel);
         let (dir, name) = self.parent(rel)?;
-        rustix::fs::mkdirat(dir, name, Mode::RWXU)
+        rustix::fs::mkdirat(dir, name, mode)
             .map_err(|e| Error::io("create directory", shown, e.into()))
     }
 
@@ -216,20 +231,40 @@ impl TargetDir {
             .map_err(|e| Error::io("set mtime", shown(), e.into()))
     }
 
-    /// Owner and mtime of the symlink `rel` itself.
+    /// Owner and mtime of the symlink `rel` itself. The owner is set through an `O_PATH`
+    /// descriptor of the link, checked to be a symlink, so a name swapped for a hard link to
+    /// another file is not chowned.
     pub fn set_symlink_metadata(&mut self, rel: &[u8], meta: &Metadata) -> Result<()> {
         let shown = self.display(rel);
         let (dir, name) = self.parent(rel)?;
         if let Some((uid, gid)) = meta.owner {
-            rustix::fs::chownat(
+            let link = rustix::fs::openat(
                 dir,
                 name,
+                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| Error::io("open", &shown, e.into()))?;
+            let stat =
+                rustix::fs::fstat(&link).map_err(|e| Error::io("inspect", &shown, e.into()))?;
+            if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::Symlink {
+                return Err(Error::Refused(format!(
+                    "restore target: {} is no longer the symlink this restore created; stopped",
+                    shown.display()
+                )));
+            }
+            rustix::fs::chownat(
+                &link,
+                "",
                 Some(uid_of(uid)),
                 Some(gid_of(gid)),
-                AtFlags::SYMLINK_NOFOLLOW,
+                AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
             )
             .map_err(|e| Error::io("chown", &shown, e.into()))?;
         }
+        let (dir, name) = self.parent(rel)?;
+        // No descriptor form sets a symlink's own times; at worst a swapped name has its
+        // mtime set, never its owner or mode.
         rustix::fs::utimensat(dir, name, &times(meta.mtime_ns), AtFlags::SYMLINK_NOFOLLOW)
             .map_err(|e| Error::io("set mtime", &shown, e.into()))
     }
@@ -311,10 +346,11 @@ impl TargetDir {
         let fd = rustix::fs::openat(
             &self.root,
             name,
-            OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
             Mode::RUSR | Mode::WUSR | Mode::RGRP | Mode::ROTH,
         )
         .map_err(|e| Error::io("create", &shown, e.into()))?;
+        self.plain_file(&fd, &shown)?;
         match rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => {}
             Err(Errno::WOULDBLOCK) => {
@@ -338,17 +374,33 @@ impl TargetDir {
         let fd = match rustix::fs::openat(
             &self.root,
             name,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
             Mode::empty(),
         ) {
             Ok(fd) => fd,
             Err(Errno::NOENT) => return Ok(None),
             Err(e) => return Err(Error::io("open", &shown, e.into())),
         };
+        self.plain_file(&fd, &shown)?;
         let mut contents = Vec::new();
         std::io::Read::read_to_end(&mut std::io::Read::take(File::from(fd), max), &mut contents)
             .map_err(|e| Error::io("read", &shown, e))?;
         Ok(Some(contents))
+    }
+
+    /// Refuses anything but a regular file with one link (a fifo would block us, a hard link
+    /// would have us rewrite a file outside the target).
+    fn plain_file(&self, fd: &OwnedFd, shown: &Path) -> Result<()> {
+        let stat = rustix::fs::fstat(fd).map_err(|e| Error::io("inspect", shown, e.into()))?;
+        let regular =
+            rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::RegularFile;
+        if !regular || stat.st_nlink != 1 {
+            return Err(Error::Refused(format!(
+                "{} is not a plain file this restore wrote (a regular file with one link); remove it",
+                shown.display()
+            )));
+        }
+        Ok(())
     }
 
     pub fn remove_top_file(&self, name: &str) -> Result<()> {

@@ -69,8 +69,20 @@ async fn transfer() {
     for _ in 0..BYTES >> 20 {
         stream.write_all(&block).await.unwrap();
     }
+    // Path MTU discovery runs beside the data: on a loaded machine its last probe can still
+    // be in flight when the 48 MiB are through. Keep sending (bounded) until it settles; a
+    // path that fell back (the bug) never reaches the size however long it runs.
+    let mut sent = BYTES;
+    for _ in 0..64 {
+        if connection.stats().path.current_mtu == PAYLOAD {
+            break;
+        }
+        stream.write_all(&block).await.unwrap();
+        sent += block.len();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     stream.finish().unwrap();
-    assert_eq!(receiving.await.unwrap(), BYTES);
+    assert_eq!(receiving.await.unwrap(), sent);
     let stats = connection.stats();
     assert_eq!(
         stats.path.current_mtu, PAYLOAD,

@@ -54,6 +54,28 @@ pub trait Appender: Send {
     fn finish_durable(self: Box<Self>) -> Result<()>;
 }
 
+/// Refuses to call an object durable when its name is gone: where the file system gave its
+/// writer no lock, a reclaim elsewhere may have removed it, and an index row pointing at it
+/// would point at nothing.
+fn still_named(file: &File, path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let links = file
+        .metadata()
+        .map_err(|e| Error::io("stat", path, e))?
+        .nlink();
+    if links == 0 {
+        return Err(Error::io(
+            "finish",
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the object was removed while it was written (no lock on this file system?)",
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A directory on a local or network file system.
 pub struct LocalDir {
     root: PathBuf,
@@ -362,6 +384,7 @@ impl Appender for FileAppender {
         } = *self;
         file.sync_data()
             .map_err(|e| Error::io("fdatasync", &path, e))?;
+        still_named(&file, &path)?;
         sync_dir(path.parent().expect("has parent"))?;
         cleanup.finished = true;
         Ok(())
@@ -420,6 +443,7 @@ impl Appender for DirectAppender {
             .map_err(|e| Error::io("truncate", &path, e))?;
         file.sync_data()
             .map_err(|e| Error::io("fdatasync", &path, e))?;
+        still_named(&file, &path)?;
         sync_dir(path.parent().expect("has parent"))?;
         cleanup.finished = true;
         Ok(())
