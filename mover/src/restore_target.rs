@@ -52,15 +52,34 @@ pub struct TargetDir {
 
 impl TargetDir {
     /// Opens the restore target (an existing directory, not a symlink).
+    /// `path` is absolute and already resolved (canonical): it is walked from `/` one
+    /// component at a time without following symlinks, so a component swapped for a link
+    /// after it was resolved is refused rather than followed.
     pub fn open(path: &Path) -> Result<TargetDir> {
-        let root = rustix::fs::open(
-            path,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| Error::io("open restore target", path, e.into()))?;
+        if !path.is_absolute() {
+            return Err(Error::Refused(format!(
+                "restore target {}: expected an absolute, resolved path",
+                path.display()
+            )));
+        }
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let mut at = rustix::fs::open("/", flags, Mode::empty())
+            .map_err(|e| Error::io("open restore target", path, e.into()))?;
+        for component in path.components() {
+            let std::path::Component::Normal(name) = component else {
+                continue;
+            };
+            at = rustix::fs::openat(&at, name, flags, Mode::empty()).map_err(|e| match e {
+                Errno::LOOP | Errno::NOTDIR => Error::Refused(format!(
+                    "restore target {}: {} is no longer a directory (replaced by a link?); stopped without following it",
+                    path.display(),
+                    name.to_string_lossy()
+                )),
+                e => Error::io("open restore target", path, e.into()),
+            })?;
+        }
         Ok(TargetDir {
-            root,
+            root: at,
             path: path.to_path_buf(),
             cached: None,
         })
@@ -459,6 +478,23 @@ mod tests {
             first.read_top_file("marker", 100).unwrap().unwrap(),
             b"job-2\n"
         );
+    }
+
+    #[test]
+    fn a_target_path_through_a_symlink_is_refused() {
+        // Resolved once, then an ancestor is swapped for a link: the walk from `/` refuses it.
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().canonicalize().unwrap();
+        let elsewhere = base.join("elsewhere");
+        std::fs::create_dir_all(elsewhere.join("t")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, base.join("swapped")).unwrap();
+        let e = TargetDir::open(&base.join("swapped/t")).err().unwrap();
+        assert!(
+            e.to_string().contains("swapped is no longer a directory"),
+            "{e}"
+        );
+        TargetDir::open(&elsewhere.join("t")).unwrap();
+        assert!(TargetDir::open(Path::new("relative/t")).is_err());
     }
 
     #[test]
