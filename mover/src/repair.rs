@@ -20,14 +20,14 @@ use serde::Serialize;
 
 use crate::config::{Config, CONFIG_FILE_NAME};
 use crate::error::{Error, Result};
-use crate::format::manifest::{self, EntryKind};
+use crate::format::manifest;
 use crate::format::pack::{
     check_pack_header, decode_footer, decode_trailer, FOOTER_ENTRY_BYTES, PACK_HEADER_BYTES,
     RECORD_HEADER_BYTES, TRAILER_BYTES,
 };
 use crate::format::{hex, parse_hex32};
 use crate::site::INDEX_FILE_NAME;
-use crate::store::{Backend, Index, LocalDir, SealedPack, SnapshotInfo};
+use crate::store::{Backend, Index, LocalDir, SealedPack};
 
 /// The `job` of a catalog row rebuilt from its manifest: the job that made it is not known.
 pub const REPAIRED_JOB: &str = "repair-index";
@@ -235,48 +235,20 @@ fn catalog_manifests(index: &Index, metadata: &LocalDir, report: &mut RepairRepo
                 continue;
             }
         };
-        let reader = index.reader()?;
-        let mut missing = 0u64;
-        let (mut files, mut directories, mut bytes) = (0u64, 0u64, 0u64);
-        for entry in &manifest.entries {
-            match &entry.kind {
-                EntryKind::File { size, extents } => {
-                    files += 1;
-                    bytes += size;
-                    for chunk in extents.iter().flat_map(|e| &e.chunks) {
-                        if !reader.contains(&chunk.id)? {
-                            missing += 1;
-                        }
-                    }
-                }
-                EntryKind::Directory => directories += 1,
-                EntryKind::Hardlink { .. } => files += 1,
-                EntryKind::Symlink { .. } => {}
-            }
-        }
-        if missing > 0 {
+        let check =
+            index
+                .reader()?
+                .catalog_check(&id, &manifest, manifest.tier.clone(), REPAIRED_JOB)?;
+        if check.missing > 0 {
             report.snapshots_left_out += 1;
             report.skip(format!(
-                "snapshot {}: {missing} chunk references found in no sealed pack; left out of the catalog",
-                hex(&id)
+                "snapshot {}: {} chunk references found in no sealed pack; left out of the catalog",
+                hex(&id),
+                check.missing
             ));
             continue;
         }
-        index.put_snapshot(&SnapshotInfo {
-            id: hex(&id),
-            time: crate::job::rfc3339(manifest.created_unix_ns.div_euclid(1_000_000_000)),
-            created_unix_ns: manifest.created_unix_ns,
-            site: manifest.site.clone(),
-            tier: manifest.tier.clone(),
-            source: crate::backup::path_text(&manifest.source),
-            hostname: manifest.hostname.clone(),
-            parent: manifest.parent.as_ref().map(|p| hex(p)),
-            job: REPAIRED_JOB.to_string(),
-            files,
-            directories,
-            bytes,
-            warnings: 0,
-        })?;
+        index.put_snapshot(&check.info)?;
         report.snapshots += 1;
     }
     Ok(())

@@ -248,19 +248,12 @@ impl<'a> Worker<'a> {
                 }
             }
             for item in again {
-                let report = match self.extent(&item).await {
-                    // Its bytes were counted the first time.
-                    Ok(done) => Report::Extent(ExtentDone {
-                        bytes_read: 0,
-                        ..done
-                    }),
-                    Err(ExtentError::DirectRefused) => unreachable!("extent() retries buffered"),
-                    Err(ExtentError::Skip(reason)) => Report::Skipped {
-                        entry: item.entry,
-                        reason,
-                    },
-                    Err(ExtentError::Fatal(e)) => return Err(e),
-                };
+                // Its bytes were counted the first time.
+                let outcome = self.extent(&item).await.map(|done| ExtentDone {
+                    bytes_read: 0,
+                    ..done
+                });
+                let report = report_of(&item, outcome)?;
                 if reports.send(report).is_err() {
                     return Ok(());
                 }
@@ -304,15 +297,7 @@ impl<'a> Worker<'a> {
             let started = std::time::Instant::now();
             let outcome = self.extent(&item).await;
             stage("extent", started);
-            let report = match outcome {
-                Ok(done) => Report::Extent(done),
-                Err(ExtentError::DirectRefused) => unreachable!("extent() retries buffered"),
-                Err(ExtentError::Skip(reason)) => Report::Skipped {
-                    entry: item.entry,
-                    reason,
-                },
-                Err(ExtentError::Fatal(e)) => return Err(e),
-            };
+            let report = report_of(&item, outcome)?;
             if reports.send(report).is_err() {
                 break;
             }
@@ -619,4 +604,17 @@ pub fn stage(name: &'static str, started: std::time::Instant) {
         &[("stage", name)],
         started.elapsed().as_secs_f64(),
     );
+}
+
+/// What the control thread hears of one extent: done, skipped with a reason, or the job's end.
+fn report_of(item: &WorkItem, outcome: Result<ExtentDone, ExtentError>) -> Result<Report> {
+    match outcome {
+        Ok(done) => Ok(Report::Extent(done)),
+        Err(ExtentError::DirectRefused) => unreachable!("extent() retries buffered"),
+        Err(ExtentError::Skip(reason)) => Ok(Report::Skipped {
+            entry: item.entry,
+            reason,
+        }),
+        Err(ExtentError::Fatal(e)) => Err(e),
+    }
 }

@@ -523,6 +523,19 @@ mod tests {
             .sum()
     }
 
+    /// A new site "b" in `base`.
+    fn new_site(base: &std::path::Path) -> Arc<Site> {
+        let dir = base.join("site");
+        crate::site::init(&crate::site::InitOptions {
+            name: "b",
+            dir: &dir,
+            listen: None,
+            socket: None,
+        })
+        .unwrap();
+        Arc::new(Site::open(&dir).unwrap())
+    }
+
     fn stream(
         site: &Arc<Site>,
     ) -> (
@@ -544,15 +557,7 @@ mod tests {
     #[test]
     fn a_resumed_senders_stale_stream_and_its_new_one_store_each_chunk_once() {
         let base = tempfile::tempdir().unwrap();
-        let dir = base.path().join("site");
-        crate::site::init(&crate::site::InitOptions {
-            name: "b",
-            dir: &dir,
-            listen: None,
-            socket: None,
-        })
-        .unwrap();
-        let site = Arc::new(Site::open(&dir).unwrap());
+        let site = new_site(base.path());
         const CHUNKS: u32 = 6;
 
         // The old stream received the chunks, then its sender was killed: the connection
@@ -596,15 +601,7 @@ mod tests {
     #[test]
     fn two_streams_deferring_each_others_chunks_both_finish() {
         let base = tempfile::tempdir().unwrap();
-        let dir = base.path().join("site");
-        crate::site::init(&crate::site::InitOptions {
-            name: "b",
-            dir: &dir,
-            listen: None,
-            socket: None,
-        })
-        .unwrap();
-        let site = Arc::new(Site::open(&dir).unwrap());
+        let site = new_site(base.path());
         let (a, b) = (chunk(1), chunk(2));
         // Two writers (killed senders' streams, local jobs) hold A and B and will give up.
         let holds_a = site.in_flight.owner();

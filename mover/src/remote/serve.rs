@@ -20,11 +20,11 @@ use transport::tls::TrustStore;
 
 use crate::constants::{MANIFEST_BYTES_MAX, PEER_CONNECTIONS_MAX, RECEIVE_UNACKED_BYTES_MAX};
 use crate::error::Error;
-use crate::format::manifest::{self, EntryKind};
+use crate::format::manifest;
 use crate::format::pack::RECORD_HEADER_BYTES;
 use crate::format::{hex, ChunkId};
 use crate::site::Site;
-use crate::store::{manifest_key, Backend, SnapshotInfo};
+use crate::store::{manifest_key, Backend};
 
 /// Why a stream was closed: the code and reason go to the peer and into our log.
 #[derive(Debug)]
@@ -317,58 +317,28 @@ async fn control(
 /// present in the index, manifest durable, then the catalog row.
 fn commit(site: &Site, peer: &str, job: &str, id: &[u8; 32], object: &[u8]) -> Result<(), Error> {
     let manifest = manifest::decode(object, Some(id))?;
-    let index = site.index.reader()?;
-    let mut missing = 0u64;
-    let mut first_missing = None;
-    let mut bytes = 0;
-    let (mut files, mut directories) = (0, 0);
-    for entry in &manifest.entries {
-        match &entry.kind {
-            EntryKind::File { size, extents } => {
-                files += 1;
-                bytes += size;
-                for chunk in extents.iter().flat_map(|e| &e.chunks) {
-                    if !index.contains(&chunk.id)? {
-                        missing += 1;
-                        first_missing.get_or_insert(chunk.id);
-                    }
-                }
-            }
-            EntryKind::Directory => directories += 1,
-            _ => {}
-        }
-    }
-    if let Some(first) = first_missing {
+    let tier = if manifest.tier.is_empty() || !site.tiers.contains_key(&manifest.tier) {
+        site.config.default_tier().to_string()
+    } else {
+        manifest.tier.clone()
+    };
+    let check = site
+        .index
+        .reader()?
+        .catalog_check(id, &manifest, tier, job)?;
+    if let Some(first) = check.first_missing {
         return Err(Error::Refused(format!(
-            "snapshot {} names {missing} chunks this site does not hold (first: {first}); nothing was committed",
-            hex(id)
+            "snapshot {} names {} chunks this site does not hold (first: {first}); nothing was committed",
+            hex(id),
+            check.missing
         )));
     }
     let key = manifest_key(id);
     if !site.metadata.exists(&key)? {
         site.metadata.put_durable(&key, object)?;
     }
-    let tier = if manifest.tier.is_empty() || !site.tiers.contains_key(&manifest.tier) {
-        site.config.default_tier().to_string()
-    } else {
-        manifest.tier.clone()
-    };
-    site.index.put_snapshot(&SnapshotInfo {
-        id: hex(id),
-        time: crate::job::rfc3339(manifest.created_unix_ns / 1_000_000_000),
-        created_unix_ns: manifest.created_unix_ns,
-        site: manifest.site.clone(),
-        tier,
-        source: String::from_utf8_lossy(&manifest.source).into_owned(),
-        hostname: manifest.hostname.clone(),
-        parent: manifest.parent.as_ref().map(|p| hex(p)),
-        job: job.to_string(),
-        files,
-        directories,
-        bytes,
-        warnings: 0,
-    })?;
-    tracing::info!(peer = %peer, job = %job, snapshot = %hex(id), files, bytes, "committed a snapshot from a peer");
+    site.index.put_snapshot(&check.info)?;
+    tracing::info!(peer = %peer, job = %job, snapshot = %hex(id), files = check.info.files, bytes = check.info.bytes, "committed a snapshot from a peer");
     Ok(())
 }
 

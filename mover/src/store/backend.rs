@@ -54,11 +54,13 @@ pub trait Appender: Send {
     fn finish_durable(self: Box<Self>) -> Result<()>;
 }
 
-/// Refuses to call an object durable when its name is gone: where the file system gave its
-/// writer no lock, a reclaim elsewhere may have removed it, and an index row pointing at it
-/// would point at nothing.
-fn still_named(file: &File, path: &Path) -> Result<()> {
+/// The end of every appender: data and name made durable, and the object kept. An object
+/// whose name is gone is refused: where the file system gave its writer no lock, a reclaim
+/// elsewhere may have removed it, and an index row pointing at it would point at nothing.
+fn make_durable(file: &File, path: &Path, mut cleanup: RemoveUnlessFinished) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
+    file.sync_data()
+        .map_err(|e| Error::io("fdatasync", path, e))?;
     let links = file
         .metadata()
         .map_err(|e| Error::io("stat", path, e))?
@@ -73,6 +75,8 @@ fn still_named(file: &File, path: &Path) -> Result<()> {
             ),
         ));
     }
+    sync_dir(path.parent().expect("has parent"))?;
+    cleanup.finished = true;
     Ok(())
 }
 
@@ -377,17 +381,12 @@ impl Appender for FileAppender {
 
     fn finish_durable(self: Box<Self>) -> Result<()> {
         let FileAppender {
-            mut cleanup,
+            cleanup,
             file,
             path,
             ..
         } = *self;
-        file.sync_data()
-            .map_err(|e| Error::io("fdatasync", &path, e))?;
-        still_named(&file, &path)?;
-        sync_dir(path.parent().expect("has parent"))?;
-        cleanup.finished = true;
-        Ok(())
+        make_durable(&file, &path, cleanup)
     }
 }
 
@@ -432,21 +431,13 @@ impl Appender for DirectAppender {
     }
 
     fn finish_durable(self: Box<Self>) -> Result<()> {
-        let DirectAppender {
-            mut cleanup,
-            writer,
-        } = *self;
+        let DirectAppender { cleanup, writer } = *self;
         let len = writer.len();
         let path = writer.path().to_path_buf();
         let file = writer.finish()?;
         file.set_len(len)
             .map_err(|e| Error::io("truncate", &path, e))?;
-        file.sync_data()
-            .map_err(|e| Error::io("fdatasync", &path, e))?;
-        still_named(&file, &path)?;
-        sync_dir(path.parent().expect("has parent"))?;
-        cleanup.finished = true;
-        Ok(())
+        make_durable(&file, &path, cleanup)
     }
 }
 

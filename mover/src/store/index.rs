@@ -365,7 +365,66 @@ pub struct IndexReader {
     damaged: Option<redb::ReadOnlyTable<[u8; 32], &'static str>>,
 }
 
+/// A catalog row for a manifest that no local backup job describes (a peer's, or one found
+/// again by `repair-index`), and the chunk references it names that the index cannot serve.
+pub struct CatalogCheck {
+    pub info: SnapshotInfo,
+    pub missing: u64,
+    pub first_missing: Option<ChunkId>,
+}
+
 impl IndexReader {
+    /// Counts `manifest`'s files, directories and bytes for its catalog row and checks that
+    /// every chunk it names is stored here (a snapshot becomes visible only then).
+    pub fn catalog_check(
+        &self,
+        id: &[u8; 32],
+        manifest: &crate::format::manifest::Manifest,
+        tier: String,
+        job: &str,
+    ) -> Result<CatalogCheck> {
+        use crate::format::manifest::EntryKind;
+        let (mut files, mut directories, mut bytes) = (0, 0, 0);
+        let (mut missing, mut first_missing) = (0, None);
+        for entry in &manifest.entries {
+            match &entry.kind {
+                EntryKind::File { size, extents } => {
+                    files += 1;
+                    bytes += size;
+                    for chunk in extents.iter().flat_map(|e| &e.chunks) {
+                        if !self.contains(&chunk.id)? {
+                            missing += 1;
+                            first_missing.get_or_insert(chunk.id);
+                        }
+                    }
+                }
+                EntryKind::Directory => directories += 1,
+                _ => {}
+            }
+        }
+        let hex = crate::format::hex;
+        let info = SnapshotInfo {
+            id: hex(id),
+            time: crate::job::rfc3339(manifest.created_unix_ns.div_euclid(1_000_000_000)),
+            created_unix_ns: manifest.created_unix_ns,
+            site: manifest.site.clone(),
+            tier,
+            source: String::from_utf8_lossy(&manifest.source).into_owned(),
+            hostname: manifest.hostname.clone(),
+            parent: manifest.parent.as_ref().map(|p| hex(p)),
+            job: job.to_string(),
+            files,
+            directories,
+            bytes,
+            warnings: 0,
+        };
+        Ok(CatalogCheck {
+            info,
+            missing,
+            first_missing,
+        })
+    }
+
     /// Whether a good copy of chunk `id` is stored: what dedup asks. A chunk marked damaged
     /// is not, so that whoever has its bytes stores them again.
     pub fn contains(&self, id: &ChunkId) -> Result<bool> {
