@@ -433,10 +433,10 @@ fn bad_requests_get_a_reason_and_the_daemon_keeps_serving() {
 
 #[test]
 fn a_caller_not_allowed_is_refused_and_audited() {
-    if !is_root() {
-        eprintln!("skipped: switching to another uid needs root (CI runs as root)");
-        return;
-    }
+    assert!(
+        is_root(),
+        "this test switches to another uid and needs root; CI runs as root"
+    );
     let uid = other_uid();
     let d = Daemon::new_open_to_all();
     let as_user = |args: &[&str]| {
