@@ -639,41 +639,12 @@ fn a_peer_that_does_not_pin_us_says_what_to_run_there() {
     );
 }
 
-/// Unmounts a tmpfs (lazily: a daemon may still hold files there) when the test ends.
-struct Mounted(PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 #[test]
 fn a_full_tier_at_the_peer_names_enospc_and_the_tier_in_the_senders_error() {
     assert!(is_root(), "this test mounts a tmpfs and must run as root");
     let mut sites = Sites::new();
     // b's hot tier on an 8 MiB file system, with what init put there.
-    let tier = sites.b.join("tiers/hot");
-    let kept = sites.root.join("hot-before-mount");
-    std::fs::rename(&tier, &kept).unwrap();
-    std::fs::create_dir(&tier).unwrap();
-    let status = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-        .arg(&tier)
-        .status()
-        .unwrap();
-    assert!(status.success(), "mount tmpfs on {}", tier.display());
-    let _mounted = Mounted(tier.clone());
-    let status = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(kept.join("."))
-        .arg(&tier)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let _tier = Tmpfs::over(&sites.b.join("tiers/hot"), "8m");
     sites.start_daemon();
     let data = sites.root.join("data");
     for i in 0..3u64 {

@@ -736,57 +736,6 @@ fn a_flood_of_refused_requests_is_audited_as_a_count() {
     assert_eq!(refused[1]["target"], "GET /v1/jobs");
 }
 
-/// A tmpfs of `size` mounted over `dir`, with `dir`'s files moved in; lazily unmounted on
-/// drop (a daemon may still hold files there).
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn over(dir: &Path, size: &str) -> Tmpfs {
-        let kept = dir.with_extension("on-disk");
-        std::fs::rename(dir, &kept).unwrap();
-        std::fs::create_dir(dir).unwrap();
-        let mounted = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .unwrap();
-        assert!(
-            mounted.status.success(),
-            "mount -t tmpfs failed (needs root with CAP_SYS_ADMIN): {}",
-            stderr(&mounted)
-        );
-        let mount = Tmpfs(dir.to_path_buf());
-        let copied = Command::new("cp")
-            .arg("-a")
-            .arg(kept.join("."))
-            .arg(dir)
-            .output()
-            .unwrap();
-        assert!(copied.status.success(), "{}", stderr(&copied));
-        mount
-    }
-
-    /// Writes a file until the file system is full; returns it.
-    fn fill(&self) -> PathBuf {
-        let path = self.0.join("filler");
-        let mut file = std::fs::File::create(&path).unwrap();
-        let block = vec![0xa5u8; 64 << 10];
-        loop {
-            match file.write_all(&block) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return path,
-                Err(e) => panic!("filling {}: {e}", path.display()),
-            }
-        }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_full_disk_refuses_jobs_with_503_until_the_audit_log_can_be_written() {
     assert!(

@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests: they drive the real `mover` binary.
 #![allow(dead_code)]
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -150,5 +151,71 @@ pub fn pipe_without_reader() -> std::process::Stdio {
         assert_eq!(libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC), 0);
         libc::close(fds[0]);
         std::process::Stdio::from(std::os::fd::OwnedFd::from_raw_fd(fds[1]))
+    }
+}
+
+/// A tmpfs of `size` mounted over `dir`, with `dir`'s files moved in; lazily unmounted on
+/// drop (a daemon may still hold files there).
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Sets the file system's size (`mount -o remount,size=`): space coming back.
+    pub fn resize(&self, size: &str) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(status.success(), "remount {} to {size}", self.0.display());
+    }
+
+    pub fn over(dir: &Path, size: &str) -> Tmpfs {
+        let kept = dir.with_extension("on-disk");
+        std::fs::rename(dir, &kept).unwrap();
+        std::fs::create_dir(dir).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            mounted.status.success(),
+            "mount -t tmpfs failed (needs root with CAP_SYS_ADMIN): {}",
+            stderr(&mounted)
+        );
+        let mount = Tmpfs(dir.to_path_buf());
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(kept.join("."))
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(copied.status.success(), "{}", stderr(&copied));
+        mount
+    }
+
+    /// Writes a file until the file system is full; returns it.
+    pub fn fill(&self) -> PathBuf {
+        let path = self.0.join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let block = vec![0xa5u8; 64 << 10];
+        loop {
+            match file.write_all(&block) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return path,
+                Err(e) => panic!("filling {}: {e}", path.display()),
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
