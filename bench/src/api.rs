@@ -393,7 +393,7 @@ pub struct SubmitReport {
 
 #[derive(Serialize)]
 pub struct ApiReport {
-    pub machine: crate::Machine,
+    pub machine: mover::node_bench::Machine,
     pub socket: PathBuf,
     pub site: Option<String>,
     pub daemon_pid: Option<i64>,
@@ -451,7 +451,7 @@ pub fn run(args: ApiArgs) -> Result<(), String> {
     let status = conn.json("GET", "/v1/status", None)?;
     let daemon_pid = status["pid"].as_i64();
     let mut report = ApiReport {
-        machine: crate::machine(),
+        machine: mover::node_bench::Machine::this(),
         socket: args.socket.clone(),
         site: status["site"].as_str().map(str::to_string),
         daemon_pid,

@@ -1,12 +1,8 @@
-//! `mover-bench`: single-thread throughput and per-chunk latency of each stage of mover's
-//! backup path, so a slow end-to-end number can be traced to the stage that bounds it.
+//! `mover-bench`: the transport and API measured alone, so a slow end-to-end number can be
+//! traced to the part that bounds it.
 //!
-//! `mover-bench stages` measures, over three in-memory inputs (random bytes, float32 weights
-//! and JSONL text from `mover::sample`): memcpy, FastCDC chunking per 64 MiB extent, BLAKE3,
-//! xxh3, lz4 compress and decompress per chunk, and the combined per-chunk pipeline; then one
-//! io_uring direct-read pass over a file with the engine's buffer pool shape. Everything runs
-//! on one thread because the engine runs one worker per core: per-core numbers times cores is
-//! the ceiling a backup can reach.
+//! The stage speeds of one node (FastCDC, BLAKE3, lz4, direct reads) are `mover bench` in the
+//! main binary (`mover::node_bench`), for harnesses on any node that has mover installed.
 //!
 //! `mover-bench quic` measures raw quinn stream throughput, memory to memory between two
 //! processes, with the transport settings mover uses between sites (see `quic.rs`).
@@ -19,22 +15,17 @@
 
 mod api;
 mod quic;
-mod stages;
-mod uring;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use serde::Serialize;
-
-use stages::{InputKind, RemoveOnDrop, StageResult};
 
 #[derive(Parser)]
 #[command(
     name = "mover-bench",
     version,
-    about = "Per-stage benchmarks of mover's backup path"
+    about = "Benchmarks of mover's transport and API (stage speeds: `mover bench`)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -43,22 +34,6 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Measure each CPU stage and an io_uring direct read, one thread.
-    Stages {
-        /// Bytes of each input, in MiB.
-        #[arg(long, default_value_t = 1024)]
-        size_mib: u64,
-        /// Read this file in the io_uring stage instead of writing a scratch file.
-        #[arg(long, value_name = "PATH")]
-        file: Option<PathBuf>,
-        /// Where generated inputs and the scratch file go; must be on the disk to measure,
-        /// not a tmpfs such as /tmp often is.
-        #[arg(long, value_name = "DIR", default_value = "target/bench-tmp")]
-        scratch_dir: PathBuf,
-        /// Print one JSON document instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
     /// Raw quinn transfer, memory to memory, client and server in separate processes, with
     /// mover's transport settings (transport::quic) and pinned mutual TLS.
     Quic {
@@ -141,30 +116,9 @@ enum Command {
     },
 }
 
-#[derive(Serialize)]
-struct Machine {
-    cores: usize,
-    cpu_model: String,
-    kernel: String,
-}
-
-#[derive(Serialize)]
-struct Report {
-    machine: Machine,
-    size_mib: u64,
-    threads: usize,
-    stages: Vec<StageResult>,
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
-        Command::Stages {
-            size_mib,
-            file,
-            scratch_dir,
-            json,
-        } => stages_command(size_mib, file.as_deref(), &scratch_dir, json),
         Command::Quic {
             size,
             connections,
@@ -228,133 +182,6 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("mover-bench: {e}");
             ExitCode::from(1)
-        }
-    }
-}
-
-fn stages_command(
-    size_mib: u64,
-    file: Option<&Path>,
-    scratch_dir: &Path,
-    json: bool,
-) -> Result<(), String> {
-    if size_mib == 0 || size_mib > 64 * 1024 {
-        return Err(format!(
-            "--size-mib {size_mib}: expected 1 to 65536 (each input is held in memory twice)"
-        ));
-    }
-    std::fs::create_dir_all(scratch_dir).map_err(|e| {
-        format!(
-            "--scratch-dir {}: expected a writable directory: {e}",
-            scratch_dir.display()
-        )
-    })?;
-    let bytes = size_mib << 20;
-    let mut rows = Vec::new();
-    for kind in InputKind::ALL {
-        eprintln!("mover-bench: {} input, {size_mib} MiB ...", kind.name());
-        let data = stages::make_input(kind, bytes, scratch_dir).map_err(|e| {
-            format!(
-                "{} input in {}: could not generate: {e}",
-                kind.name(),
-                scratch_dir.display()
-            )
-        })?;
-        rows.extend(stages::run_all(kind.name(), &data));
-    }
-
-    eprintln!("mover-bench: io_uring direct read ...");
-    let mut row = match file {
-        Some(path) => uring::read_direct(path, &format!("file {}", path.display()))
-            .map_err(|e| format!("--file {}: {e}", path.display()))?,
-        None => {
-            let path = scratch_dir.join(format!("uring-read-{}.dat", std::process::id()));
-            let _remove = RemoveOnDrop(path.clone());
-            uring::write_scratch_file(&path, bytes)
-                .map_err(|e| format!("scratch file {}: could not write: {e}", path.display()))?;
-            uring::read_direct(&path, &format!("scratch file {size_mib} MiB"))
-                .map_err(|e| format!("scratch file {}: {e}", path.display()))?
-        }
-    };
-    if uring::is_tmpfs(file.unwrap_or(scratch_dir)) {
-        let note = row.note.take().unwrap_or_default();
-        row.note = Some(format!(
-            "{note}; ON TMPFS: this measured memory, not a disk"
-        ));
-    }
-    rows.push(row);
-
-    let report = Report {
-        machine: machine(),
-        size_mib,
-        threads: 1,
-        stages: rows,
-    };
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("report serialises")
-        );
-    } else {
-        print_table(&report);
-    }
-    Ok(())
-}
-
-fn machine() -> Machine {
-    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|k| k.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into());
-    Machine {
-        cores: std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-        cpu_model,
-        kernel,
-    }
-}
-
-fn print_table(r: &Report) {
-    println!(
-        "machine: {} cores, {}, kernel {}; {} MiB per input, 1 thread; GB/s = 1e9 B/s",
-        r.machine.cores, r.machine.cpu_model, r.machine.kernel, r.size_mib
-    );
-    println!();
-    println!(
-        "{:<24} {:<36} {:>8} {:>7} {:>10} {:>10} {:>10}",
-        "input", "stage", "GB/s", "ratio", "p50 us", "p99 us", "max us"
-    );
-    let mut previous = "";
-    for s in &r.stages {
-        if s.input != previous && !previous.is_empty() {
-            println!();
-        }
-        previous = &s.input;
-        println!(
-            "{:<24} {:<36} {:>8.3} {:>7} {:>10.1} {:>10.1} {:>10.1}",
-            s.input,
-            s.stage,
-            s.gb_per_s,
-            s.ratio.map(|x| format!("{x:.3}")).unwrap_or_default(),
-            s.p50_us,
-            s.p99_us,
-            s.max_us
-        );
-    }
-    println!();
-    println!("notes:");
-    for s in &r.stages {
-        if let Some(note) = &s.note {
-            println!("  {} / {}: {note}", s.input, s.stage);
         }
     }
 }

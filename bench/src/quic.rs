@@ -37,7 +37,7 @@ use transport::quic::{Congestion, LinkSettings};
 use transport::rate::TokenBucket;
 use transport::tls::{Cipher, SiteCredentials, TrustStore};
 
-use crate::stages::round3;
+use mover::node_bench::stages::round3;
 
 /// Bytes per write on the client, about mover's average chunk.
 const WRITE_BYTES: usize = 1 << 20;

@@ -24,6 +24,7 @@ pub mod format;
 pub mod job;
 pub mod jobs;
 pub mod metrics;
+pub mod node_bench;
 pub mod peers;
 pub mod quickstart;
 pub mod remote;

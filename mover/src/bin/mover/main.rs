@@ -188,6 +188,12 @@ enum Command {
     /// Rebuild a lost index.redb from the sealed packs' footers and the manifests (in-process,
     /// with the site's daemon stopped).
     RepairIndex,
+    /// Measure this node for benchmark harnesses: the CPU stages, the disk's direct reads, an
+    /// end-to-end backup; each figure beside the limit that bounds it (one JSON shape).
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
     /// First run: a site, a sample data set, backup, restore, verify, report.
     Quickstart {
         /// Data to back up (default: a generated sample AI data set).
@@ -195,6 +201,38 @@ enum Command {
         /// Where to put the site, sample and restore (default: a new directory under $TMPDIR).
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// Each CPU stage of a backup (FastCDC, BLAKE3, xxh3, lz4, the per-chunk pipeline) on one
+    /// core over random, float32-weight and JSONL input, against memcpy.
+    Stages {
+        /// MiB of each input (held in memory twice).
+        #[arg(long, default_value_t = 256)]
+        size_mib: u64,
+        /// Where the inputs are generated for a moment.
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        scratch_dir: PathBuf,
+    },
+    /// One worker's direct reads of a scratch file, against the same reads with a deep queue.
+    Disk {
+        /// A directory on the disk to measure (default: the site's default tier with
+        /// --site-dir or $MOVER_SITE_DIR, else the current directory).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Size of the scratch file (written, made durable, read, removed).
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+    },
+    /// Back up PATH into a scratch site (removed afterwards), against the slower of the
+    /// source's direct read and the CPU pipeline on every worker.
+    Backup {
+        path: PathBuf,
+        /// Where the scratch site goes: put it on the disk a real site would use.
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        scratch_dir: PathBuf,
     },
 }
 
@@ -286,6 +324,17 @@ fn in_process<T>(
         }
         e.into()
     })
+}
+
+/// The default tier's directory of the site named by --site-dir or $MOVER_SITE_DIR; the
+/// current directory when none is.
+fn default_tier_dir(cli_dir: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let Ok(dir) = site_dir(cli_dir) else {
+        return Ok(PathBuf::from("."));
+    };
+    let config = mover::config::Config::load(&dir.join(mover::config::CONFIG_FILE_NAME))?;
+    let tier = &config.tiers[config.default_tier()];
+    Ok(dir.join(&tier.path))
 }
 
 fn site_dir(cli_dir: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -755,6 +804,29 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
                     );
                 }
                 return Ok(ExitCode::from(exit::DAMAGE));
+            }
+        }
+        Command::Bench { what } => {
+            let report = match what {
+                BenchWhat::Stages {
+                    size_mib,
+                    scratch_dir,
+                } => mover::node_bench::stages(*size_mib, scratch_dir)?,
+                BenchWhat::Disk { dir, size_mib } => {
+                    let dir = match dir {
+                        Some(dir) => dir.clone(),
+                        None => default_tier_dir(&cli.site_dir)?,
+                    };
+                    mover::node_bench::disk(&dir, *size_mib)?
+                }
+                BenchWhat::Backup { path, scratch_dir } => {
+                    mover::node_bench::backup(path, scratch_dir)?
+                }
+            };
+            if cli.json {
+                print_json(&report);
+            } else {
+                report::bench(&report);
             }
         }
         Command::Quickstart { path, dir } => {

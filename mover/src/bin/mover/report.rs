@@ -150,3 +150,55 @@ pub fn audit(
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `mover bench` as a table: each figure, what bounds it, and how close it comes.
+pub fn bench(r: &mover::node_bench::Report) {
+    let m = &r.machine;
+    outln!(
+        "bench {}: {} cores, {}, kernel {}; GB/s = 1e9 B/s",
+        r.bench,
+        m.cores,
+        m.cpu_model,
+        m.kernel
+    );
+    outln!();
+    outln!(
+        "{:<14} {:<34} {:>8} {:>8}  {}",
+        "input",
+        "measured",
+        "GB/s",
+        "of limit",
+        "limit"
+    );
+    for row in &r.rows {
+        let share = match row.limit_gb_per_s {
+            Some(limit) if limit > 0.0 => format!("{:.0}%", 100.0 * row.gb_per_s / limit),
+            _ => String::new(),
+        };
+        let limit = match (&row.limit, row.limit_gb_per_s) {
+            (Some(name), Some(rate)) => format!("{name} {rate:.3} GB/s"),
+            _ => String::new(),
+        };
+        let input: String = row.input.chars().take(14).collect();
+        outln!(
+            "{:<14} {:<34} {:>8.3} {:>8}  {}",
+            input,
+            row.name,
+            row.gb_per_s,
+            share,
+            limit
+        );
+    }
+    let notes: Vec<_> = r.rows.iter().filter(|row| row.note.is_some()).collect();
+    if !notes.is_empty() {
+        outln!();
+        for row in notes {
+            outln!(
+                "  {} / {}: {}",
+                row.input,
+                row.name,
+                row.note.as_deref().unwrap_or_default()
+            );
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! The read stage alone: one thread, one ring, direct reads into registered buffers, the way
 //! a worker reads an extent (same buffer type, same pool, same submission pattern), with no
-//! chunking behind it. Comparing it with the CPU stages shows which side bounds a worker.
+//! chunking behind it. Comparing it with the CPU stages shows which side bounds a worker; the
+//! same reads with a deep queue are the disk's own limit.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -8,15 +9,40 @@ use std::path::Path;
 use std::rc::Rc;
 use std::time::Instant;
 
-use mover::buffers::{align_up, AlignedBuf};
+use crate::buffers::{align_up, AlignedBuf};
 use rand::{RngCore, SeedableRng};
 use tokio_uring::buf::fixed::FixedBufPool;
 use tokio_uring::buf::BoundedBuf;
 
-use crate::stages::{Recorder, StageResult};
+use super::stages::{Recorder, Row};
 
-pub const BUFFERS: usize = 4;
-pub const BUFFER_BYTES: usize = 512 * 1024;
+/// A read pattern: this many direct reads of this size in flight.
+#[derive(Clone, Copy, Debug)]
+pub struct Pattern {
+    pub depth: usize,
+    pub read_bytes: usize,
+}
+
+impl Pattern {
+    /// One worker's reads with the default config.
+    pub const ENGINE: Pattern = Pattern {
+        depth: crate::constants::READS_PER_WORKER,
+        read_bytes: crate::constants::READ_BUFFER_BYTES_DEFAULT,
+    };
+    /// Deep enough to keep an NVMe device or a RAID set busy from one thread: the disk's limit.
+    pub const DEEP: Pattern = Pattern {
+        depth: 32,
+        read_bytes: 1 << 20,
+    };
+
+    pub fn name(self) -> String {
+        format!(
+            "io_uring direct read qd{} x {} KiB",
+            self.depth,
+            self.read_bytes / 1024
+        )
+    }
+}
 
 /// Writes `bytes` of random data to `path` and makes it durable, so the direct reads that
 /// follow come from the device and not from dirty pages being written back.
@@ -51,8 +77,18 @@ pub fn is_tmpfs(path: &Path) -> bool {
     rc == 0 && fs.f_type as u64 == libc::TMPFS_MAGIC as u64
 }
 
-/// Reads all of `path` with queue depth `BUFFERS`, recording each read's latency.
-pub fn read_direct(path: &Path, input: &str) -> std::io::Result<StageResult> {
+/// Reads all of `path` (at most `limit_bytes` of it) with `pattern`, recording each read's
+/// latency.
+pub fn read_direct(
+    path: &Path,
+    input: &str,
+    pattern: Pattern,
+    limit_bytes: u64,
+) -> std::io::Result<Row> {
+    let Pattern {
+        depth: buffers,
+        read_bytes: buffer_bytes,
+    } = pattern;
     let open = |direct: bool| {
         std::fs::OpenOptions::new()
             .read(true)
@@ -65,15 +101,15 @@ pub fn read_direct(path: &Path, input: &str) -> std::io::Result<StageResult> {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(false)?, false),
         Err(e) => return Err(e),
     };
-    let size = std_file.metadata()?.len();
+    let size = std_file.metadata()?.len().min(limit_bytes);
 
     let rec = tokio_uring::builder().entries(64).start(async move {
-        let pool = FixedBufPool::new((0..BUFFERS).map(|_| AlignedBuf::new(BUFFER_BYTES)));
+        let pool = FixedBufPool::new((0..buffers).map(|_| AlignedBuf::new(buffer_bytes)));
         pool.register().map_err(|e| {
             std::io::Error::new(
                 e.kind(),
                 format!(
-                    "registering {BUFFERS} x {BUFFER_BYTES} bytes with io_uring: {e} (check ulimit -l)"
+                    "registering {buffers} x {buffer_bytes} bytes with io_uring: {e} (check ulimit -l)"
                 ),
             )
         })?;
@@ -83,14 +119,14 @@ pub fn read_direct(path: &Path, input: &str) -> std::io::Result<StageResult> {
         let mut rec = Recorder::new();
         let mut short = false;
         loop {
-            while !short && next < size && in_flight.len() < BUFFERS {
+            while !short && next < size && in_flight.len() < buffers {
                 let buf = pool
-                    .try_next(BUFFER_BYTES)
+                    .try_next(buffer_bytes)
                     .expect("a buffer is free while fewer reads than buffers are in flight");
-                let want = (size - next).min(BUFFER_BYTES as u64);
+                let want = (size - next).min(buffer_bytes as u64);
                 // Direct reads cover whole blocks; the kernel stops at end of file.
                 let len = if direct {
-                    align_up(want).min(BUFFER_BYTES as u64)
+                    align_up(want).min(buffer_bytes as u64)
                 } else {
                     want
                 } as usize;
@@ -125,13 +161,7 @@ pub fn read_direct(path: &Path, input: &str) -> std::io::Result<StageResult> {
         Ok::<_, std::io::Error>(rec)
     })?;
 
-    let mut row = rec.finish(
-        input,
-        &format!(
-            "io_uring read_fixed_at qd{BUFFERS} {BUFFERS}x{}KiB",
-            BUFFER_BYTES / 1024
-        ),
-    );
+    let mut row = rec.finish(input, &pattern.name());
     row.note = Some(if direct {
         "O_DIRECT: the page cache was bypassed (a VM host's cache may still serve it)".into()
     } else {

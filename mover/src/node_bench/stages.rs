@@ -7,33 +7,53 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::chunker::next_chunk_len;
+use crate::constants::{COMPRESSION_SAVING_DIVISOR, EXTENT_BYTES};
+use crate::format::ChunkId;
+use crate::sample::{self, SampleSpec};
 use hdrhistogram::Histogram;
-use mover::chunker::next_chunk_len;
-use mover::constants::{COMPRESSION_SAVING_DIVISOR, EXTENT_BYTES};
-use mover::format::ChunkId;
-use mover::sample::{self, SampleSpec};
 use rand::{RngCore, SeedableRng};
 use serde::Serialize;
 use xxhash_rust::xxh3::xxh3_64;
 
-/// One row of the report.
+/// One measured figure of a report, with the limit it is held against. The shape is the same
+/// for every kind of bench (stages, disk, backup), so a harness parses one thing.
 #[derive(Debug, Clone, Serialize)]
-pub struct StageResult {
+pub struct Row {
+    /// What was measured: a stage ("blake3"), a read pattern, "backup".
+    pub name: String,
+    /// What it ran over: an input kind, a file, a source path.
     pub input: String,
-    pub stage: String,
     /// 1e9 bytes per second of wall time over the whole pass.
     pub gb_per_s: f64,
+    pub bytes: u64,
+    pub seconds: f64,
+    /// What bounds this figure on this node (memory bandwidth for a CPU stage, the disk's
+    /// deep-queue direct read for the engine's read pattern), and its rate.
+    pub limit: Option<String>,
+    pub limit_gb_per_s: Option<f64>,
     /// Input bytes / lz4 output bytes (compression stages only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ratio: Option<f64>,
-    pub p50_us: f64,
-    pub p99_us: f64,
-    pub max_us: f64,
-    pub bytes: u64,
-    /// Timed operations (chunks, or reads for the io_uring stage).
+    /// Per-operation latency (a chunk, a read); absent where one pass is one operation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p50_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_us: Option<f64>,
+    /// Timed operations (chunks, or reads).
     pub ops: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+}
+
+impl Row {
+    /// Holds this row against `limit` (another row's figure).
+    pub fn against(&mut self, limit: &str, gb_per_s: f64) {
+        self.limit = Some(limit.to_string());
+        self.limit_gb_per_s = Some(gb_per_s);
+    }
 }
 
 /// Per-operation latencies plus the wall time of the pass.
@@ -43,6 +63,12 @@ pub struct Recorder {
     hist: Histogram<u64>,
     bytes: u64,
     started: Instant,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Recorder {
@@ -66,22 +92,25 @@ impl Recorder {
         out
     }
 
-    pub fn finish(self, input: &str, stage: &str) -> StageResult {
+    pub fn finish(self, input: &str, name: &str) -> Row {
         let wall = self.started.elapsed().as_secs_f64();
-        let us = |ns: u64| round3(ns as f64 / 1000.0);
-        StageResult {
+        let us = |ns: u64| Some(round3(ns as f64 / 1000.0));
+        Row {
+            name: name.to_string(),
             input: input.to_string(),
-            stage: stage.to_string(),
             gb_per_s: round3(if wall > 0.0 {
                 self.bytes as f64 / wall / 1e9
             } else {
                 0.0
             }),
+            bytes: self.bytes,
+            seconds: round3(wall),
+            limit: None,
+            limit_gb_per_s: None,
             ratio: None,
             p50_us: us(self.hist.value_at_quantile(0.50)),
             p99_us: us(self.hist.value_at_quantile(0.99)),
             max_us: us(self.hist.max()),
-            bytes: self.bytes,
             ops: self.hist.len(),
             note: None,
         }
@@ -116,7 +145,7 @@ impl InputKind {
     }
 }
 
-/// Builds `bytes` of input. Weights and text come from `mover::sample::generate` (through a
+/// Builds `bytes` of input. Weights and text come from `sample::generate` (through a
 /// file in `scratch`, since its generators are private) so the bench measures the same bytes
 /// the data sets hold.
 pub fn make_input(kind: InputKind, bytes: u64, scratch: &Path) -> std::io::Result<Vec<u8>> {
@@ -180,8 +209,9 @@ fn only_file(dir: &Path) -> std::io::Result<PathBuf> {
     )))
 }
 
-/// Runs every CPU stage over `data` and returns one row per stage.
-pub fn run_all(input: &str, data: &[u8]) -> Vec<StageResult> {
+/// Runs every CPU stage over `data` and returns one row per stage, each held against the
+/// memcpy row (one core's memory bandwidth: no stage that reads its input can beat it).
+pub fn run_all(input: &str, data: &[u8]) -> Result<Vec<Row>, String> {
     let mut rows = Vec::new();
     warm_up(data);
 
@@ -262,20 +292,41 @@ pub fn run_all(input: &str, data: &[u8]) -> Vec<StageResult> {
 
     let mut rec = Recorder::new();
     for (&(at, len), &(from, n)) in chunks.iter().zip(&stored) {
-        let got = rec.time(len, || {
-            lz4_flex::block::decompress_into(&compressed[from..from + n], &mut dst[at..at + len])
-                .expect("valid lz4 block")
-        });
-        assert_eq!(got, len, "lz4 round trip length");
+        let got = rec
+            .time(len, || {
+                lz4_flex::block::decompress_into(
+                    &compressed[from..from + n],
+                    &mut dst[at..at + len],
+                )
+            })
+            .map_err(|e| format!("{input}: lz4 could not read back its own block: {e}"))?;
+        if got != len {
+            return Err(format!(
+                "{input}: lz4 round trip gave {got} bytes of a {len}-byte chunk"
+            ));
+        }
     }
     let mut row = rec.finish(input, "lz4 decompress");
     row.ratio = Some(round3(data.len() as f64 / out_at.max(1) as f64));
-    assert!(dst == data, "lz4 round trip changed the bytes");
+    if dst != data {
+        return Err(format!("{input}: the lz4 round trip changed the bytes"));
+    }
     rows.push(row);
     drop((dst, compressed));
 
     rows.push(pipeline(input, data));
-    rows
+    let memcpy = rows
+        .iter()
+        .find(|r| r.name == "memcpy")
+        .map(|r| r.gb_per_s)
+        .unwrap_or_default();
+    // lz4 decompress writes more than it reads (a restore stage): memcpy does not bound it.
+    for row in &mut rows {
+        if row.name != "memcpy" && row.name != "lz4 decompress" {
+            row.against("memcpy, one core", memcpy);
+        }
+    }
+    Ok(rows)
 }
 
 /// An untimed pass over a little of the input, so the first timed stage does not pay for
@@ -283,7 +334,7 @@ pub fn run_all(input: &str, data: &[u8]) -> Vec<StageResult> {
 fn warm_up(data: &[u8]) {
     let head = &data[..data.len().min(16 << 20)];
     let mut scratch = vec![0u8; lz4_flex::block::get_maximum_output_size(head.len())];
-    for len in mover::chunker::chunk_lengths(head) {
+    for len in crate::chunker::chunk_lengths(head) {
         std::hint::black_box(len);
     }
     std::hint::black_box(ChunkId::of(head));
@@ -292,8 +343,8 @@ fn warm_up(data: &[u8]) {
 
 /// What a worker does for each new chunk of an extent: cut, hash, compress, keep lz4 only
 /// when it saves enough, checksum the stored payload (the record header's xxh3).
-fn pipeline(input: &str, data: &[u8]) -> StageResult {
-    let max = mover::constants::CHUNK_BYTES_MAX;
+fn pipeline(input: &str, data: &[u8]) -> Row {
+    let max = crate::constants::CHUNK_BYTES_MAX;
     let mut scratch = vec![1u8; lz4_flex::block::get_maximum_output_size(max)];
     let mut rec = Recorder::new();
     let mut stored = 0usize;
