@@ -219,3 +219,93 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// `dir` served through `mover-faultfs` (a pass-through FUSE file system that fails chosen
+/// operations): `dir`'s files move to a backing directory beside it and the mount takes its
+/// place. Unmounted on drop.
+pub struct FaultFs {
+    mount: PathBuf,
+    control: PathBuf,
+    child: std::process::Child,
+}
+
+impl FaultFs {
+    pub fn over(dir: &Path) -> FaultFs {
+        let tool = Path::new(env!("CARGO_BIN_EXE_mover")).with_file_name("mover-faultfs");
+        assert!(
+            tool.exists(),
+            "{} is missing: `cargo test --workspace` builds it (or `cargo build -p mover-tools`)",
+            tool.display()
+        );
+        let backing = dir.with_extension("backing");
+        std::fs::rename(dir, &backing).unwrap();
+        std::fs::create_dir(dir).unwrap();
+        let control = dir.with_extension("faults");
+        std::fs::write(&control, "").unwrap();
+        let child = Command::new(&tool)
+            .arg(&backing)
+            .arg(dir)
+            .arg("--control")
+            .arg(&control)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut fs = FaultFs {
+            mount: dir.to_path_buf(),
+            control,
+            child,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let wanted = dir.canonicalize().unwrap();
+        loop {
+            let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+            if mounts
+                .lines()
+                .any(|l| l.split(' ').nth(4) == Some(wanted.to_str().unwrap()))
+            {
+                return fs;
+            }
+            if let Ok(Some(status)) = fs.child.try_wait() {
+                panic!(
+                    "mover-faultfs exited ({status}) before mounting {}: needs root and /dev/fuse",
+                    dir.display()
+                );
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "mover-faultfs did not mount {} within 20 s",
+                dir.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Replaces the faults in force (`OP SUFFIX ERRNO` lines; "" for none), atomically.
+    pub fn set(&self, faults: &str) {
+        let next = self.control.with_extension("next");
+        std::fs::write(&next, faults).unwrap();
+        std::fs::rename(&next, &self.control).unwrap();
+    }
+}
+
+impl Drop for FaultFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mount).status();
+        // The tool exits once the kernel tells it the mount is gone; only a busy mount
+        // needs the lazy unmount and the kill.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while self.child.try_wait().ok().flatten().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.mount)
+                    .stderr(std::process::Stdio::null())
+                    .status();
+                let _ = self.child.kill();
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = self.child.wait();
+    }
+}
