@@ -536,3 +536,48 @@ fn dot_dot_targets_make_no_stray_directories_and_control_characters_are_escaped(
     assert!(!work.path().join("missing").exists());
     assert!(work.path().join("restored/f").is_file());
 }
+
+/// A peer's bandwidth, cipher or congestion that does not parse stops `mover` when the config
+/// loads, at the value's line and column, saying what was expected: not later, when a job
+/// first dials the peer.
+#[test]
+fn bad_peer_values_fail_at_load_with_their_position() {
+    let work = workdir();
+    let site = init_site(work.path(), "a");
+    let config = site.join("mover.toml");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let fingerprint = format!("sha256:{}", "ab".repeat(32));
+    for (line, expected) in [
+        (
+            "bandwidth = \"100 furlongs\"",
+            "peers.b.bandwidth: \"100 furlongs\": unknown unit \"furlongs\"; expected a rate such as \"1gbit\" or \"50MB/s\"",
+        ),
+        (
+            "bandwidth = \"100MBps\"",
+            "peers.b.bandwidth: \"100MBps\": \"MBps\" is ambiguous",
+        ),
+        (
+            "cipher = \"aes512\"",
+            "peers.b.cipher: cipher \"aes512\" is not known: expected aes128, aes256 or chacha20",
+        ),
+        (
+            "congestion = \"reno\"",
+            "peers.b.congestion: congestion \"reno\" is not known: expected cubic or bbr",
+        ),
+    ] {
+        let text = format!(
+            "{original}\n[peers.b]\naddress = \"127.0.0.1:7401\"\nfingerprint = \"{fingerprint}\"\n{line}\n"
+        );
+        let line_number = text.lines().count();
+        let column = line.find('"').unwrap() + 1;
+        std::fs::write(&config, text).unwrap();
+        let output = run(mover().arg("snapshots").arg("--site-dir").arg(&site));
+        assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+        let message = stderr(&output);
+        assert_eq!(message.trim().lines().count(), 1, "one line: {message}");
+        assert!(
+            message.contains(&format!("mover.toml:{line_number}:{column}: {expected}")),
+            "{line}: {message}"
+        );
+    }
+}

@@ -39,7 +39,7 @@ enum Command {
     Quic {
         /// Payload bytes in all (4GiB, 512MiB, 2GB ...), split evenly over the streams.
         #[arg(long, default_value = "4GiB")]
-        size: String,
+        size: units::ByteSize,
         /// Connections, each from a thread of its own (mover opens one per worker).
         #[arg(long, default_value_t = 1)]
         connections: usize,
@@ -62,7 +62,7 @@ enum Command {
         connection_window_bytes: Option<u32>,
         /// Pace the sender with mover's token bucket at this rate (1gbit, 950mbit ...).
         #[arg(long)]
-        bandwidth: Option<String>,
+        bandwidth: Option<units::Rate>,
         /// Runtime of each client connection's thread.
         #[arg(long, value_enum, default_value_t = quic::ClientRuntime::Uring)]
         runtime: quic::ClientRuntime,
@@ -134,26 +134,22 @@ fn main() -> ExitCode {
             pin,
             wan,
             json,
-        } => quic::parse_size(&size)
-            .map_err(|e| format!("--size: {e}"))
-            .and_then(|bytes| {
-                quic::run(quic::QuicArgs {
-                    bytes,
-                    connections,
-                    streams,
-                    udp_payload_bytes_max,
-                    cipher,
-                    congestion,
-                    stream_window_bytes,
-                    connection_window_bytes,
-                    bandwidth,
-                    runtime,
-                    server_threads,
-                    pin,
-                    wan,
-                    json,
-                })
-            }),
+        } => quic::run(quic::QuicArgs {
+            bytes: size.bytes(),
+            connections,
+            streams,
+            udp_payload_bytes_max,
+            cipher,
+            congestion,
+            stream_window_bytes,
+            connection_window_bytes,
+            bandwidth,
+            runtime,
+            server_threads,
+            pin,
+            wan,
+            json,
+        }),
         Command::Api {
             socket,
             connections,

@@ -64,7 +64,7 @@ pub struct QuicArgs {
     pub congestion: String,
     pub stream_window_bytes: Option<u32>,
     pub connection_window_bytes: Option<u32>,
-    pub bandwidth: Option<String>,
+    pub bandwidth: Option<units::Rate>,
     pub runtime: ClientRuntime,
     pub server_threads: usize,
     pub pin: bool,
@@ -127,33 +127,6 @@ struct Report {
     wan: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     wan_args: Option<String>,
-}
-
-/// Sizes as mover-datagen reads them: 4GiB, 512MiB, 2GB, 100MB, or plain bytes.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let number: f64 = number.parse().map_err(|_| {
-        format!("size {text:?}: expected a number with an optional unit such as 4GiB")
-    })?;
-    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" => 1e3,
-        "m" | "mb" => 1e6,
-        "g" | "gb" => 1e9,
-        "kib" => 1024.0,
-        "mib" => 1048576.0,
-        "gib" => 1073741824.0,
-        other => {
-            return Err(format!(
-                "size {text:?}: unit {other:?} is not known (B, KB, MB, GB, KiB, MiB, GiB)"
-            ))
-        }
-    };
-    Ok((number * scale) as u64)
 }
 
 fn rusage_self() -> (f64, f64) {
@@ -300,10 +273,9 @@ pub fn run(args: QuicArgs) -> Result<(), String> {
         settings.connection_window_bytes = v;
         settings.send_window_bytes = settings.send_window_bytes.max(v as u64);
     }
-    let bucket = match &args.bandwidth {
+    let bucket = match args.bandwidth {
         Some(rate) => {
-            let rate =
-                transport::rate::parse_rate(rate).map_err(|e| format!("--bandwidth: {e}"))?;
+            let rate = rate.bytes_per_second();
             // As mover's peers.rs.
             settings.start_at_rate(rate);
             Some(Arc::new(Mutex::new(TokenBucket::for_link(
@@ -405,7 +377,7 @@ pub fn run(args: QuicArgs) -> Result<(), String> {
         congestion: args.congestion.clone(),
         stream_window_bytes: settings.stream_window_bytes,
         connection_window_bytes: settings.connection_window_bytes,
-        bandwidth: args.bandwidth.clone(),
+        bandwidth: args.bandwidth.map(|rate| rate.to_string()),
         client_runtime: args.runtime,
         server_threads: server_report.threads,
         elapsed_s: round3(elapsed),

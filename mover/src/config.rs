@@ -7,6 +7,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use transport::quic::Congestion;
+use transport::tls::Cipher;
+use units::Rate;
 
 use crate::constants;
 use crate::error::Error;
@@ -110,12 +113,14 @@ pub struct PeerSection {
     /// frames), 65527 (loopback, the default for loopback addresses).
     pub udp_payload_bytes_max: Option<u16>,
     /// Cap on what we send to this peer, e.g. "1GB/s" or "800mbit"; absent = no cap.
-    pub bandwidth: Option<String>,
+    pub bandwidth: Option<Rate>,
     /// "aes128" (default), "aes256" or "chacha20" (CPUs without AES instructions).
-    pub cipher: Option<String>,
+    #[serde(default, deserialize_with = "units::deserialize_option_from_str")]
+    pub cipher: Option<Cipher>,
     /// "bbr" (default; long paths with random loss) or "cubic" (the default for loopback
     /// addresses).
-    pub congestion: Option<String>,
+    #[serde(default, deserialize_with = "units::deserialize_option_from_str")]
+    pub congestion: Option<Congestion>,
     pub stream_window_bytes: Option<u32>,
     pub connection_window_bytes: Option<u32>,
 }
@@ -196,11 +201,17 @@ impl Config {
                 .span()
                 .map(|span| line_column(text, span.start))
                 .unwrap_or((1, 1));
+            // A value's own parser (a rate, a cipher) knows what it expected, not which key
+            // it was under: name the key too.
+            let message = match e.span().and_then(|span| key_of_value_at(text, span.start)) {
+                Some(key) if !e.message().starts_with(&key) => format!("{key}: {}", e.message()),
+                _ => e.message().to_string(),
+            };
             Error::Config {
                 path: path.to_path_buf(),
                 line,
                 column,
-                message: e.message().to_string(),
+                message,
             }
         })?;
         config.validate(text, path)?;
@@ -413,6 +424,27 @@ fn position(text: &str, keys: &[&str]) -> (usize, usize) {
     found.map_or((1, 1), |offset| line_column(text, offset))
 }
 
+/// The dotted key (`peers.b.bandwidth`) whose value starts at byte `offset` of `text`.
+fn key_of_value_at(text: &str, offset: usize) -> Option<String> {
+    fn search(table: &dyn toml_edit::TableLike, offset: usize, path: &mut Vec<String>) -> bool {
+        for (key, item) in table.iter() {
+            path.push(key.to_string());
+            if let Some(inner) = item.as_table_like() {
+                if search(inner, offset, path) {
+                    return true;
+                }
+            } else if item.span().is_some_and(|span| span.start == offset) {
+                return true;
+            }
+            path.pop();
+        }
+        false
+    }
+    let document = toml_edit::ImDocument::parse(text).ok()?;
+    let mut path = Vec::new();
+    search(document.as_table(), offset, &mut path).then(|| path.join("."))
+}
+
 /// The cores this process may run on (affinity and cgroup quota included).
 fn available_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -576,6 +608,53 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("m.toml:1:1: "), "{err}");
+    }
+
+    fn peer_error(line: &str) -> String {
+        let fp = format!("sha256:{}", "ab".repeat(32));
+        let text = format!(
+            "[site]\nname = \"a\"\n[tiers.hot]\npath = \"x\"\n[peers.b]\naddress = \"127.0.0.1:1\"\nfingerprint = \"{fp}\"\n{line}\n"
+        );
+        match Config::parse(&text, Path::new("m.toml")) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn peer_values_are_typed_at_load_with_their_position() {
+        for (line, expected) in [
+            (
+                "bandwidth = \"50 furlongs\"",
+                "m.toml:8:13: peers.b.bandwidth: \"50 furlongs\": unknown unit \"furlongs\"; expected a rate such as \"1gbit\" or \"50MB/s\"",
+            ),
+            (
+                "bandwidth = \"1000\"",
+                "m.toml:8:13: peers.b.bandwidth: \"1000\": a number without a unit is ambiguous",
+            ),
+            (
+                "cipher = \"aes512\"",
+                "m.toml:8:10: peers.b.cipher: cipher \"aes512\" is not known: expected aes128, aes256 or chacha20",
+            ),
+            (
+                "congestion = \"reno\"",
+                "m.toml:8:14: peers.b.congestion: congestion \"reno\" is not known: expected cubic or bbr",
+            ),
+        ] {
+            let err = peer_error(line);
+            assert!(err.starts_with(expected), "{line}: {err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
+        let text = format!(
+            "[site]\nname = \"a\"\n[tiers.hot]\npath = \"x\"\n[peers.b]\naddress = \"127.0.0.1:1\"\nfingerprint = \"sha256:{}\"\nbandwidth = \"50Mb/s\"\ncipher = \"chacha20\"\ncongestion = \"bbr\"\n",
+            "ab".repeat(32)
+        );
+        let config = Config::parse(&text, Path::new("m.toml")).unwrap();
+        let peer = &config.peers["b"];
+        // Megabits: the same 6.25 MB/s that mover-wan's --rate 50Mb/s emulates.
+        assert_eq!(peer.bandwidth.unwrap().bytes_per_second(), 6_250_000);
+        assert_eq!(peer.cipher, Some(Cipher::ChaCha20));
+        assert_eq!(peer.congestion, Some(Congestion::Bbr));
     }
 
     #[test]

@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use transport::identity::Fingerprint;
 use transport::quic::LinkSettings;
-use transport::rate::{parse_rate, TokenBucket};
-use transport::tls::{Cipher, SiteCredentials, TrustStore};
+use transport::rate::TokenBucket;
+use transport::tls::{SiteCredentials, TrustStore};
 
 use crate::config::PeerSection;
 use crate::error::{Error, Result};
@@ -28,15 +28,6 @@ pub fn check(name: &str, peer: &PeerSection) -> std::result::Result<(), String> 
                 "udp_payload_bytes_max = {size}: expected 1200..=65527"
             ));
         }
-    }
-    if let Some(rate) = &peer.bandwidth {
-        parse_rate(rate).map_err(|e| format!("bandwidth: {e}"))?;
-    }
-    if let Some(cipher) = &peer.cipher {
-        cipher.parse::<Cipher>().map_err(|e| e.to_string())?;
-    }
-    if let Some(congestion) = &peer.congestion {
-        congestion.parse::<transport::quic::Congestion>()?;
     }
     for (key, value) in [
         ("stream_window_bytes", peer.stream_window_bytes),
@@ -90,13 +81,11 @@ impl Link {
         if let Some(size) = peer.udp_payload_bytes_max {
             settings.udp_payload_bytes_max = size;
         }
-        if let Some(cipher) = &peer.cipher {
-            settings.cipher = cipher.parse().map_err(|e| Error::peer(name, e))?;
+        if let Some(cipher) = peer.cipher {
+            settings.cipher = cipher;
         }
-        if let Some(congestion) = &peer.congestion {
-            settings.congestion = congestion
-                .parse()
-                .map_err(|e: String| Error::peer(name, e))?;
+        if let Some(congestion) = peer.congestion {
+            settings.congestion = congestion;
         }
         if let Some(v) = peer.stream_window_bytes {
             settings.stream_window_bytes = v;
@@ -105,9 +94,9 @@ impl Link {
             settings.connection_window_bytes = v;
             settings.send_window_bytes = settings.send_window_bytes.max(v as u64);
         }
-        let bucket = match &peer.bandwidth {
+        let bucket = match peer.bandwidth {
             Some(rate) => {
-                let rate = parse_rate(rate).map_err(|e| Error::peer(name, e))?;
+                let rate = rate.bytes_per_second();
                 settings.start_at_rate(rate);
                 Some(Arc::new(Mutex::new(TokenBucket::for_link(
                     rate,
