@@ -93,7 +93,7 @@ fn main() -> ExitCode {
         } => mutate(&file, fraction, seed),
         Command::Size { value } => parse_size(&value)
             .map(|bytes| println!("{bytes}"))
-            .map_err(|e| format!("size {value:?}: {e}")),
+            .map_err(|e| format!("size {e}")),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -112,10 +112,10 @@ fn generate(
     out: &Path,
 ) -> Result<(), String> {
     let size = size
-        .map(|s| parse_size(s).map_err(|e| format!("--size {s:?}: {e}")))
+        .map(|s| parse_size(s).map_err(|e| format!("--size {e}")))
         .transpose()?;
     let file_size = file_size
-        .map(|s| parse_size(s).map_err(|e| format!("--file-size {s:?}: {e}")))
+        .map(|s| parse_size(s).map_err(|e| format!("--file-size {e}")))
         .transpose()?;
     let need_size = |what: &str| {
         size.ok_or_else(|| format!("--size: expected a total size for --kind {what}, e.g. 4GiB"))
@@ -211,54 +211,14 @@ fn region(size: u64, fraction: f64, seed: u64) -> (u64, u64) {
     (offset, len)
 }
 
-/// Parses `123`, `4GiB`, `256MiB`, `1GB`, `0.5GiB`. Units are case-insensitive and follow
-/// coreutils: `KB`/`MB`/`GB`/`TB` are powers of 1000; `K`/`M`/`G`/`T` and `KiB`..`TiB` powers
-/// of 1024; `B` or nothing means bytes.
+/// A size in bytes, parsed by `units::ByteSize` (as in `mover.toml`): `4GiB`, `1GB`, `8K`,
+/// `0.5GiB`; zero bytes is no data set.
 fn parse_size(text: &str) -> Result<u64, String> {
-    const UNITS: &str = "B, KiB, MiB, GiB, TiB, KB, MB, GB or TB";
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let unit = unit.trim();
-    let multiplier: u64 = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "t" | "tib" => 1 << 40,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        "tb" => 1_000_000_000_000,
-        _ => {
-            return Err(format!(
-                "unknown unit {unit:?}; expected a number with {UNITS}"
-            ))
-        }
-    };
-    let bytes = if number.contains('.') {
-        let value: f64 = number
-            .parse()
-            .map_err(|_| format!("{number:?} is not a number; expected e.g. 1.5GiB"))?;
-        let bytes = value * multiplier as f64;
-        if !bytes.is_finite() || bytes >= u64::MAX as f64 {
-            return Err("too large; expected at most 16 EiB".into());
-        }
-        bytes.round() as u64
-    } else {
-        let value: u64 = number
-            .parse()
-            .map_err(|_| format!("{number:?} is not a number; expected e.g. 4GiB"))?;
-        value
-            .checked_mul(multiplier)
-            .ok_or("too large; expected at most 16 EiB")?
-    };
-    if bytes == 0 {
-        return Err("expected more than 0 bytes".into());
+    let size: units::ByteSize = text.parse().map_err(|e: units::ParseError| e.to_string())?;
+    match size.bytes() {
+        0 => Err(format!("{text:?}: zero bytes; expected more than 0 bytes")),
+        bytes => Ok(bytes),
     }
-    Ok(bytes)
 }
 
 #[cfg(test)]

@@ -6,8 +6,6 @@ use std::net::{SocketAddr, ToSocketAddrs};
 
 /// Longest one-way delay, jitter or queue accepted: a minute is already far beyond any WAN.
 const MAX_MS: f64 = 60_000.0;
-/// Highest link rate accepted (1 Pbit/s); keeps every time computation far from overflow.
-const MAX_RATE_BITS: f64 = 1e15;
 
 pub const USAGE: &str = "\
 usage: mover-wan --to ADDR [--listen ADDR] [--delay-ms MS] [--jitter-ms MS] [--loss P]
@@ -23,8 +21,9 @@ direction has its own delay, jitter, loss and rate cap, so the round trip is 2 x
   --delay-ms MS     one-way delay per direction (default 0; fractions allowed)
   --jitter-ms MS    extra uniform delay in [0, MS] per datagram; never reorders (default 0)
   --loss P          independent drop probability per datagram in [0, 1] (default 0)
-  --rate RATE       link rate per direction: 100mbit, 1gbit, 125MB/s, 1GiB/s, 50Mb/s or a
-                    plain number of bits/s (default unlimited); counts UDP payload bytes
+  --rate RATE       link rate per direction, read as mover.toml's bandwidth: 100mbit, 1gbit,
+                    2Gbps, 50Mb/s (bits), 125MB/s, 1GiB/s (bytes) (default unlimited);
+                    counts UDP payload bytes
   --queue-ms MS     bottleneck queue in time at --rate; drop-tail beyond it (default 100)
   --buffer-mib MIB  relay buffer per direction (default sized from rate, delay and queue)
   --seed N          seed of the loss and jitter generators (default 1)
@@ -128,9 +127,10 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, String>
             "--queue-ms" => link.queue_ns = parse_ms(&flag, &value()?)?,
             "--loss" => link.loss = parse_probability(&flag, &value()?)?,
             "--rate" => {
-                let v = value()?;
-                link.rate_bits_per_s =
-                    Some(parse_rate(&v).map_err(|e| format!("--rate {v:?}: {e}"))?);
+                let rate: units::Rate = value()?
+                    .parse()
+                    .map_err(|e: units::ParseError| format!("--rate {e}"))?;
+                link.rate_bits_per_s = Some(rate.bits_per_second());
             }
             "--buffer-mib" => {
                 let v = value()?;
@@ -212,67 +212,6 @@ fn parse_probability(flag: &str, text: &str) -> Result<f64, String> {
     }
 }
 
-/// Parses a link rate into bits per second.
-///
-/// Units: `bit` with decimal (k, m, g, t) or binary (ki, mi, gi, ti) prefixes, any case
-/// (`100mbit`, `1Gbit`); `b/s` for bits and `B/s` for bytes with the same prefixes
-/// (`50Mb/s`, `125MB/s`, `1GiB/s`); no unit is bits/s. `bps` forms are refused: `tc` reads
-/// `mbps` as megabytes per second while most people mean megabits.
-pub fn parse_rate(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let unit = unit.trim();
-    let number: f64 = number.parse().map_err(|_| {
-        "expected a number with a unit such as 100mbit, 1gbit or 125MB/s".to_string()
-    })?;
-    let prefix_multiplier = |prefix: &str| -> Option<f64> {
-        Some(match prefix.to_ascii_lowercase().as_str() {
-            "" => 1.0,
-            "k" => 1e3,
-            "m" => 1e6,
-            "g" => 1e9,
-            "t" => 1e12,
-            "ki" => 1024.0,
-            "mi" => 1024.0 * 1024.0,
-            "gi" => 1024.0 * 1024.0 * 1024.0,
-            "ti" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-            _ => return None,
-        })
-    };
-    let lower = unit.to_ascii_lowercase();
-    let (prefix, bits_per_unit) = if let Some(p) = unit.strip_suffix("B/s") {
-        (p, 8.0)
-    } else if let Some(p) = unit.strip_suffix("b/s") {
-        (p, 1.0)
-    } else if lower.ends_with("bit") {
-        (&unit[..unit.len() - 3], 1.0)
-    } else if lower.ends_with("bps") {
-        return Err(
-            "\"bps\" is ambiguous (tc reads mbps as megabytes/s); write 100mbit or 12.5MB/s".into(),
-        );
-    } else if unit.is_empty() {
-        ("", 1.0)
-    } else {
-        return Err(format!(
-            "unknown unit {unit:?}; expected bit, kbit, mbit, gbit, tbit, b/s, B/s (k, M, G, T, Ki, Mi, Gi, Ti prefixes) or none for bits/s"
-        ));
-    };
-    let multiplier = prefix_multiplier(prefix).ok_or_else(|| {
-        format!("unknown prefix {prefix:?} in {unit:?}; expected k, M, G, T, Ki, Mi, Gi or Ti")
-    })?;
-    let bits = number * multiplier * bits_per_unit;
-    if !bits.is_finite() || bits < 1.0 {
-        return Err("expected a rate of at least 1 bit/s".into());
-    }
-    if bits > MAX_RATE_BITS {
-        return Err("expected a rate of at most 1 Pbit/s".into());
-    }
-    Ok(bits.round() as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,31 +224,43 @@ mod tests {
     }
 
     #[test]
-    fn rates() {
-        assert_eq!(parse_rate("100mbit"), Ok(100_000_000));
-        assert_eq!(parse_rate("1gbit"), Ok(1_000_000_000));
-        assert_eq!(parse_rate("1Gbit"), Ok(1_000_000_000));
-        assert_eq!(parse_rate("2.5gbit"), Ok(2_500_000_000));
-        assert_eq!(parse_rate("125MB/s"), Ok(1_000_000_000));
-        assert_eq!(parse_rate("50Mb/s"), Ok(50_000_000));
-        assert_eq!(parse_rate("1GiB/s"), Ok(8 * (1 << 30)));
-        assert_eq!(parse_rate("10kibit"), Ok(10_240));
-        assert_eq!(parse_rate("1000000"), Ok(1_000_000));
-        assert_eq!(parse_rate(" 10 gbit "), Ok(10_000_000_000));
-        assert_eq!(parse_rate("B/s").map_err(|_| ()), Err(()));
-        for bad in [
-            "",
-            "0",
-            "0mbit",
-            "1gbps",
-            "1 furlongs",
-            "1xbit",
-            "-5mbit",
-            "1e9",
-            "2Pbit",
-            "9999tbit",
+    fn rates_are_read_as_mover_reads_them() {
+        for (text, bits) in [
+            ("100mbit", 100_000_000),
+            ("1gbit", 1_000_000_000),
+            ("2Gbps", 2_000_000_000),
+            ("125MB/s", 1_000_000_000),
+            ("50Mb/s", 50_000_000),
+            ("1GiB/s", 8 << 30),
         ] {
-            assert!(parse_rate(bad).is_err(), "{bad:?} should be refused");
+            let c = run(&["--to", "127.0.0.1:9", "--rate", text]).unwrap();
+            assert_eq!(c.link.rate_bits_per_s, Some(bits), "{text}");
+        }
+        // A bare number was bits/s here and bytes/s in mover.toml: now refused everywhere.
+        let err = run(&["--to", "127.0.0.1:9", "--rate", "1000000"]).unwrap_err();
+        assert!(err.starts_with("--rate \"1000000\": "), "{err}");
+        assert!(err.contains("ambiguous"), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+
+    /// The rate a user gives the relay and the cap in mover.toml go through one parser, so
+    /// an emulated link and a capped peer written alike move the same bytes per second.
+    #[test]
+    fn a_rate_means_the_same_to_mover_wan_and_mover_toml() {
+        let fingerprint = format!("sha256:{}", "ab".repeat(32));
+        for text in [
+            "50Mb/s", "50MB/s", "1gbit", "100mbit", "2Gbps", "512KiB/s", "2.5gbit",
+        ] {
+            let toml = format!(
+                "[site]\nname = \"a\"\n[tiers.hot]\npath = \"x\"\n[peers.b]\naddress = \"127.0.0.1:1\"\nfingerprint = \"{fingerprint}\"\nbandwidth = \"{text}\"\n"
+            );
+            let config =
+                mover::config::Config::parse(&toml, std::path::Path::new("/site/mover.toml"))
+                    .unwrap();
+            let mover_bytes = config.peers["b"].bandwidth.unwrap().bytes_per_second();
+            let wan = run(&["--to", "127.0.0.1:9", "--rate", text]).unwrap();
+            let wan_bits = wan.link.rate_bits_per_s.unwrap();
+            assert_eq!(mover_bytes, wan_bits / 8, "{text}");
         }
     }
 
@@ -394,7 +345,6 @@ mod tests {
             for value in values {
                 let _ = parse(["--to", "127.0.0.1:9", flag, value].map(OsString::from));
                 let _ = parse([format!("{flag}={value}")].map(OsString::from));
-                let _ = parse_rate(value);
             }
         }
     }
