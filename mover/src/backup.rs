@@ -135,8 +135,8 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
     let workers = site.config.workers();
     let plan = ReadPlan::new(
         workers,
-        site.config.engine.read_buffer_bytes,
-        site.config.engine.io_memory_bytes,
+        site.config.read_buffer_bytes(),
+        site.config.engine.io_memory_bytes.bytes(),
         memlock_limit_bytes(),
     )?;
     job.workers = workers;

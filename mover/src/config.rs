@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use transport::quic::Congestion;
 use transport::tls::Cipher;
-use units::Rate;
+use units::{ByteSize, Rate};
 
 use crate::constants;
 use crate::error::Error;
@@ -147,13 +147,14 @@ pub struct EngineSection {
     #[serde(default)]
     pub workers: usize,
     /// Locked memory for the workers' registered chunk windows, all together; 0 or absent
-    /// registers them when they fit 3/4 of RLIMIT_MEMLOCK (capped at 64 MiB).
+    /// registers them when they fit 3/4 of RLIMIT_MEMLOCK (capped at 64 MiB). Sizes are
+    /// bytes or a size with a unit ("64MiB").
     #[serde(default)]
-    pub io_memory_bytes: u64,
+    pub io_memory_bytes: ByteSize,
     #[serde(default)]
-    pub read_buffer_bytes: Option<usize>,
+    pub read_buffer_bytes: Option<ByteSize>,
     #[serde(default, deserialize_with = "pack_target_bytes")]
-    pub pack_target_bytes: Option<u64>,
+    pub pack_target_bytes: Option<ByteSize>,
     /// Pin workers to cores (default true). Off is useful when several movers share a node.
     #[serde(default)]
     pub pin_workers: Option<bool>,
@@ -163,8 +164,8 @@ pub struct EngineSection {
 /// column.
 fn pack_target_bytes<'de, D: serde::Deserializer<'de>>(
     deserializer: D,
-) -> Result<Option<u64>, D::Error> {
-    let bytes = u64::deserialize(deserializer)?;
+) -> Result<Option<ByteSize>, D::Error> {
+    let bytes = ByteSize::deserialize(deserializer)?.bytes();
     let (min, max) = (
         constants::PACK_BYTES_TARGET_MIN,
         constants::PACK_BYTES_TARGET_MAX,
@@ -176,7 +177,7 @@ fn pack_target_bytes<'de, D: serde::Deserializer<'de>>(
             max >> 30
         )));
     }
-    Ok(Some(bytes))
+    Ok(Some(ByteSize::from_bytes(bytes)))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -302,7 +303,8 @@ impl Config {
             )));
         }
         if let Some(size) = self.engine.read_buffer_bytes {
-            if size == 0 || size % constants::IO_ALIGNMENT != 0 || size > 64 * 1024 * 1024 {
+            let size = size.bytes();
+            if size == 0 || size % constants::IO_ALIGNMENT as u64 != 0 || size > 64 * 1024 * 1024 {
                 return Err(at(
                     &["engine", "read_buffer_bytes"],
                     format!(
@@ -346,7 +348,7 @@ impl Config {
     pub fn pack_target_bytes(&self) -> u64 {
         self.engine
             .pack_target_bytes
-            .unwrap_or(constants::PACK_BYTES_TARGET_DEFAULT)
+            .map_or(constants::PACK_BYTES_TARGET_DEFAULT, ByteSize::bytes)
     }
 
     /// The API socket: `site.socket`, else the default under /run/mover.
@@ -364,6 +366,14 @@ impl Config {
             0 => available_cores(),
             n => n,
         }
+    }
+
+    /// `engine.read_buffer_bytes`, validated to be a multiple of the I/O alignment up to
+    /// 64 MiB, so it fits a usize.
+    pub fn read_buffer_bytes(&self) -> Option<usize> {
+        self.engine
+            .read_buffer_bytes
+            .map(|size| usize::try_from(size.bytes()).unwrap_or(usize::MAX))
     }
 
     pub fn pin_workers(&self) -> bool {
@@ -491,6 +501,7 @@ identity = "identity"   # key.pem (private, mode 0600) and cert.pem; `mover iden
 # is registered with io_uring (locked memory) when every worker's window fits this budget.
 # 0 = register if they fit 3/4 of RLIMIT_MEMLOCK (at most 64 MiB), else read unregistered.
 # A value > 0 must hold them all. Raise LimitMEMLOCK in the systemd unit before raising this.
+# Sizes are bytes or a string with a unit: "64MiB" (binary), "64MB" (decimal).
 # io_memory_bytes = 0
 # read_buffer_bytes = 1048576  # one direct read, a multiple of 4096
 # pack_target_bytes = 134217728  # 8 MiB to 1 GiB; each open pack reserves this much on disk
@@ -564,6 +575,25 @@ mod tests {
         assert!(err.starts_with("m.toml:4:21: "), "{err}");
         assert_eq!(engine_error("pack_target_bytes = 8388608"), "");
         assert_eq!(engine_error("pack_target_bytes = 1073741824"), "");
+    }
+
+    #[test]
+    fn engine_sizes_take_units() {
+        let text = "[site]\nname = \"a\"\n[engine]\npack_target_bytes = \"128MiB\"\nio_memory_bytes = \"8MiB\"\nread_buffer_bytes = \"512KiB\"\n[tiers.hot]\npath = \"x\"\n";
+        let config = Config::parse(text, Path::new("m.toml")).unwrap();
+        assert_eq!(config.pack_target_bytes(), 128 << 20);
+        assert_eq!(config.engine.io_memory_bytes.bytes(), 8 << 20);
+        assert_eq!(config.read_buffer_bytes(), Some(512 << 10));
+        let err = engine_error("pack_target_bytes = \"4MiB\"");
+        assert!(
+            err.starts_with("m.toml:4:21: engine.pack_target_bytes = 4194304: expected"),
+            "{err}"
+        );
+        let err = engine_error("io_memory_bytes = \"lots\"");
+        assert!(
+            err.starts_with("m.toml:4:19: engine.io_memory_bytes: \"lots\": no number; expected a size such as \"4GiB\""),
+            "{err}"
+        );
     }
 
     #[test]
