@@ -683,6 +683,9 @@ mod tests {
         let peer = &config.peers["b"];
         // Megabits: the same 6.25 MB/s that mover-wan's --rate 50Mb/s emulates.
         assert_eq!(peer.bandwidth.unwrap().bytes_per_second(), 6_250_000);
+        // `mover peers --json` and the API keep printing a string.
+        let json = serde_json::json!({ "bandwidth": peer.bandwidth });
+        assert_eq!(json["bandwidth"], "50Mbit");
         assert_eq!(peer.cipher, Some(Cipher::ChaCha20));
         assert_eq!(peer.congestion, Some(Congestion::Bbr));
     }
