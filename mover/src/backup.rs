@@ -25,7 +25,6 @@ use crate::error::{Error, Result};
 use crate::format::manifest::{Entry, EntryKind, Manifest, MANIFEST_VERSION};
 use crate::format::{hex, ChunkId};
 use crate::job::{Job, JobControl, JobKind, JobState, Progress, Warning};
-use crate::peers::Link;
 use crate::remote::client::Control;
 use crate::scan::{self, ReuseMap};
 use crate::site::Site;
@@ -104,7 +103,7 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
                 ));
             }
             Some(RemoteTarget {
-                link: Link::from_config(site, peer)?,
+                link: site.links.link(peer)?,
                 credentials: crate::peers::credentials(site)?,
                 tier: tier.or(options.tier).unwrap_or("").to_string(),
                 job: job.id.clone(),

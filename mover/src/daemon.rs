@@ -164,8 +164,8 @@ impl Reload {
         let path = &self.config_path;
         match Config::load(path) {
             Ok(config) => {
+                self.site.links.reload(&config.peers);
                 self.trust.replace(crate::peers::trusted_peers(&config));
-                *self.site.peers.write().unwrap_or_else(|e| e.into_inner()) = config.peers.clone();
                 if let Some(api) = &self.api {
                     api.access.replace(config.api.clone());
                 }
@@ -178,17 +178,20 @@ impl Reload {
                     serde_json::json!({"peers": config.peers.keys().collect::<Vec<_>>()}),
                 );
             }
-            Err(e) => {
-                tracing::error!(config = %path.display(), error = %e, "SIGHUP: reload failed; keeping the running configuration");
-                self.board.audit_event(
-                    Who::this_process(),
-                    "config.reload",
-                    &path.display().to_string(),
-                    "failed",
-                    serde_json::json!({"error": e.to_string()}),
-                );
-            }
+            Err(e) => self.failed(&e),
         }
+    }
+
+    fn failed(&self, e: &Error) {
+        let path = &self.config_path;
+        tracing::error!(config = %path.display(), error = %e, "SIGHUP: reload failed; keeping the running configuration");
+        self.board.audit_event(
+            Who::this_process(),
+            "config.reload",
+            &path.display().to_string(),
+            "failed",
+            serde_json::json!({"error": e.to_string()}),
+        );
     }
 }
 

@@ -1,19 +1,22 @@
-//! Peer sites from the config: address, pinned fingerprint, link settings and bandwidth cap,
-//! and `mover peer add`, which edits the config file in place (comments kept).
+//! Peer sites from the config: address, pinned fingerprint, link settings and bandwidth cap
+//! (one shared bucket per peer and process, `links`), and `mover peer add`, which edits the
+//! config file in place (comments kept).
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::Arc;
 
 use transport::identity::Fingerprint;
 use transport::quic::LinkSettings;
-use transport::rate::TokenBucket;
 use transport::tls::{SiteCredentials, TrustStore};
 
 use crate::config::PeerSection;
 use crate::error::{Error, Result};
 use crate::site::Site;
+
+pub mod links;
+
+pub use links::{LinkRegistry, SharedBucket};
 
 /// Checks one `[peers.NAME]` section; the message names the key and what was expected.
 pub fn check(name: &str, peer: &PeerSection) -> std::result::Result<(), String> {
@@ -49,21 +52,20 @@ pub struct Link {
     pub address: SocketAddr,
     pub fingerprint: Fingerprint,
     pub settings: LinkSettings,
-    /// Shared by every connection of this process to the peer, so the cap holds for the link,
-    /// not per worker.
-    pub bucket: Option<Arc<Mutex<TokenBucket>>>,
+    /// The peer's cap, shared by everything this process sends to it (`links`), so the cap
+    /// holds for the link, not per worker or per job.
+    pub bucket: Option<Arc<SharedBucket>>,
 }
 
 impl Link {
-    pub fn from_config(site: &Site, name: &str) -> Result<Link> {
-        let peers = site.peers();
-        let peer = peers.get(name).ok_or_else(|| {
-            let known: Vec<&str> = peers.keys().map(String::as_str).collect();
-            Error::NotFound(format!(
-                "site {name:?} is not a configured peer (known: {}); add it with `mover peer add {name} HOST:PORT FINGERPRINT`",
-                if known.is_empty() { "none".to_string() } else { known.join(", ") }
-            ))
-        })?;
+    /// `name`'s section resolved: address looked up, settings applied, `rate` (the parsed
+    /// cap) and its shared `bucket` from the process's [`LinkRegistry`].
+    pub(crate) fn resolve(
+        name: &str,
+        peer: &PeerSection,
+        rate: Option<u64>,
+        bucket: Option<Arc<SharedBucket>>,
+    ) -> Result<Link> {
         let address = peer
             .address
             .to_socket_addrs()
@@ -94,17 +96,9 @@ impl Link {
             settings.connection_window_bytes = v;
             settings.send_window_bytes = settings.send_window_bytes.max(v as u64);
         }
-        let bucket = match peer.bandwidth {
-            Some(rate) => {
-                let rate = rate.bytes_per_second();
-                settings.start_at_rate(rate);
-                Some(Arc::new(Mutex::new(TokenBucket::for_link(
-                    rate,
-                    Instant::now(),
-                ))))
-            }
-            None => None,
-        };
+        if let Some(rate) = rate {
+            settings.start_at_rate(rate);
+        }
         Ok(Link {
             site: name.to_string(),
             address,

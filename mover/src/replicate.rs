@@ -14,7 +14,6 @@ use crate::error::{Error, Result};
 use crate::format::hex;
 use crate::format::manifest::EntryKind;
 use crate::job::{Job, JobControl, JobKind, JobState, Progress};
-use crate::peers::Link;
 use crate::remote::client::Control;
 use crate::remote::ship::Shipper;
 use crate::site::Site;
@@ -45,7 +44,7 @@ pub fn run(site: &Site, options: &ReplicateOptions) -> Result<Job> {
     })?;
     let manifest = site.load_manifest(&id)?;
     let (peer, tier) = parse_destination(options.to);
-    let link = Link::from_config(site, peer)?;
+    let link = site.links.link(peer)?;
     let credentials = crate::peers::credentials(site)?;
     let mut job = Job::new(
         JobKind::Replicate,

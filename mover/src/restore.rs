@@ -14,7 +14,6 @@ use crate::error::{Error, Result};
 use crate::format::manifest::{check_relative_path, Entry, EntryKind, Manifest};
 use crate::format::ChunkId;
 use crate::job::{Job, JobControl, JobKind, JobState, Progress};
-use crate::peers::Link;
 use crate::remote::client::{Control, Plaintext, RemoteChunks};
 use crate::restore_sink::FileSink;
 use crate::restore_target::{Metadata, TargetDir};
@@ -71,10 +70,7 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
         control,
     );
     let peer = match options.from {
-        Some(from) => Some((
-            Link::from_config(site, from)?,
-            crate::peers::credentials(site)?,
-        )),
+        Some(from) => Some((site.links.link(from)?, crate::peers::credentials(site)?)),
         None => None,
     };
     let (id, manifest) = match &peer {

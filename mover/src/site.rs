@@ -31,8 +31,9 @@ pub struct Site {
     pub index: Index,
     pub tiers: HashMap<String, Arc<dyn Backend>>,
     pub metadata: LocalDir,
-    /// The peers jobs may use: `config.peers` at open, replaced when a daemon reloads.
-    pub peers: std::sync::RwLock<std::collections::BTreeMap<String, crate::config::PeerSection>>,
+    /// The peers jobs may use, each with the one bucket capping what this process sends to
+    /// it: `config.peers` at open, replaced when a daemon reloads.
+    pub links: crate::peers::LinkRegistry,
     /// Chunks being stored by this site's writers (jobs, peers' streams) and not yet indexed,
     /// shared so that writers running at the same time store each chunk once.
     pub in_flight: InFlight,
@@ -158,7 +159,7 @@ impl Site {
         }
         let index = Index::open(&index_path)?;
         let site = Site {
-            peers: std::sync::RwLock::new(config.peers.clone()),
+            links: crate::peers::LinkRegistry::new(&config.peers),
             metadata,
             dir,
             config,
@@ -187,7 +188,7 @@ impl Site {
 
     /// A copy of the current peers (reloads replace them).
     pub fn peers(&self) -> std::collections::BTreeMap<String, crate::config::PeerSection> {
-        self.peers.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.links.sections()
     }
 
     pub fn name(&self) -> &str {

@@ -222,7 +222,7 @@ async fn serve_stream(
         }
         Purpose::Fetch => {
             writer.send(&welcome(site, version)).await?;
-            fetch(site, writer, &mut reader).await
+            fetch(site, peer, writer, &mut reader).await
         }
     };
     if let Err(failure) = &outcome {
@@ -344,10 +344,13 @@ fn commit(site: &Site, peer: &str, job: &str, id: &[u8; 32], object: &[u8]) -> R
 
 async fn fetch(
     site: &Site,
+    peer: &str,
     writer: &mut FrameWriter,
     reader: &mut FrameReader,
 ) -> Result<(), Failure> {
     let mut chunks = site.chunk_reader();
+    // What we serve to the peer shares its cap with the jobs shipping to it.
+    let bucket = site.links.bucket(peer);
     let mut spare = RecordBuffers::default();
     loop {
         let frame = match reader.next().await {
@@ -378,6 +381,9 @@ async fn fetch(
             // quinn keeps the slice until the peer acknowledges it; the record is reused after.
             let payload = record.slice(RECORD_HEADER_BYTES..);
             spare.keep(record, capacity);
+            if let Some(bucket) = &bucket {
+                bucket.pace_chunk(payload.len() as u64).await;
+            }
             writer
                 .send_chunk(&id, header.codec as u8, header.raw_len, payload)
                 .await?;

@@ -595,15 +595,7 @@ async fn ship_all(shared: &Shared, writer: &mut FrameWriter, link: &Link) -> Res
                     continue;
                 }
                 if let Some(bucket) = &link.bucket {
-                    let wait = bucket
-                        .lock()
-                        .expect("bucket lock")
-                        .take(len + 45, Instant::now());
-                    if !wait.is_zero() {
-                        let waiting = Instant::now();
-                        tokio::time::sleep(wait).await;
-                        waits.bucket += waiting.elapsed();
-                    }
+                    waits.bucket += bucket.pace_chunk(len).await;
                 }
                 let sending = Instant::now();
                 if let Err(e) = writer
