@@ -657,9 +657,49 @@ fn two_concurrent_jobs_to_one_capped_peer_share_its_cap() {
     let allowed = 1.1 * CAP_BYTES_PER_S * union + BURST_BYTES;
     assert!(
         shipped <= allowed,
-        "two jobs shipped {shipped} B in {union:.2} s: {:.2} MB/s beyond one burst, over the \
-         8 MB/s cap (+10%); each job had its own bucket? {jobs:?}",
+        "two jobs shipped {shipped} B in {union:.2} s ({start_0}..{end_0}, {start_1}..{end_1}): \
+         {:.2} MB/s beyond one burst, over the 8 MB/s cap (+10%); each job had its own bucket?",
         (shipped - BURST_BYTES) / union / 1e6
+    );
+}
+
+#[test]
+fn a_restore_served_to_a_peer_is_held_to_that_peers_cap_after_a_reload() {
+    const CAP_BYTES_PER_S: f64 = 8e6;
+    const BURST_BYTES: f64 = ((4 << 20) + 37) as f64;
+    let mut sites = Sites::new();
+    sites.start_daemon();
+    let data = sites.root.join("served");
+    write_random(&data.join("f"), 32 << 20, 400);
+    let snapshot = snapshot_id(&sites.backup_to_b(&data));
+
+    // b caps what it sends to a (its last section is [peers.a]), taken in by SIGHUP.
+    let config = sites.b.join("mover.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let last = text.rfind("\n[").map(|at| &text[at + 1..]);
+    assert!(last.is_some_and(|l| l.starts_with("[peers.a]")), "{text}");
+    std::fs::write(&config, format!("{text}bandwidth = \"8MB/s\"\n")).unwrap();
+    let pid = sites.daemon.as_ref().unwrap().id();
+    unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sites.log().contains("SIGHUP: reloaded") {
+        assert!(Instant::now() < deadline, "no reload: {}", sites.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let restored = sites.root.join("restored");
+    let job = sites.restore_from_b(&snapshot, &restored);
+    assert_same_tree(&data, &restored);
+    // Every chunk b sent went out while the restore ran: an upper bound on the rate only,
+    // since a slow machine can only lower it.
+    let elapsed = job["elapsed_s"].as_f64().unwrap();
+    let bytes = job["bytes_written"].as_u64().unwrap() as f64;
+    assert!(bytes >= (32 << 20) as f64, "{job}");
+    assert!(
+        bytes <= 1.1 * CAP_BYTES_PER_S * elapsed + BURST_BYTES,
+        "b served {bytes} B in {elapsed:.2} s: {:.2} MB/s beyond one burst, over the 8 MB/s \
+         cap (+10%) it has for a: {job}",
+        (bytes - BURST_BYTES) / elapsed / 1e6
     );
 }
 
