@@ -64,7 +64,7 @@ pub fn check(data: &[u8]) -> usize {
     frames
 }
 
-/// The frame type numbers (1..=14) of the frames in `data`, stopping at the first error.
+/// The frame type numbers (1..=15) of the frames in `data`, stopping at the first error.
 pub fn kinds(data: &[u8]) -> Result<Vec<u8>, frame::FrameError> {
     let mut kinds = Vec::new();
     let mut encoded = Vec::new();
@@ -245,6 +245,14 @@ pub fn seed_streams() -> Vec<(&'static str, Vec<u8>)> {
                 reason: &reason,
             }),
         ),
+        (
+            "14-error-superseded",
+            one(Frame::Error {
+                code: ErrorCode::Superseded,
+                reason: "attempt 1 of job b-3 superseded by attempt 2",
+            }),
+        ),
+        ("15-attempt", one(Frame::Attempt { attempt: 2 })),
         (
             "stream-store",
             many(&[

@@ -23,9 +23,17 @@
 //! | 12 | GetManifest | by u8 (0 snapshot spec, 1 newest of a source path), key bytes (u32 len) |
 //! | 13 | NoManifest | (empty) |
 //! | 14 | Error | code u16, reason str (≤ [`REASON_BYTES_MAX`]) |
+//! | 15 | Attempt | attempt u64 (version ≥ 2, Store streams only: the sender's first frame after the Welcome) |
 //!
-//! Error codes a build does not know decode as `Internal` (the reason still reads), so a new
-//! code needs no new protocol version.
+//! Versions: 1 is the table without Attempt. 2 adds Attempt: which try of its job the stream's
+//! sender is, so the receiver can stop a killed try's streams once a newer one has started.
+//! It is a frame of its own rather than a field of the Hello because the Hello goes out before
+//! the version is known and a version-1 receiver refuses a Hello with bytes after the job.
+//!
+//! Error codes (u16): 1 Protocol, 2 Refused, 3 NotFound, 4 Corrupt, 5 Internal, 6 NoSpace (the
+//! receiving tier is full), 7 Superseded (a newer attempt of the stream's job has started: this
+//! stream stored nothing more). Codes a build does not know decode as `Internal` (the reason
+//! still reads), so a new code needs no new protocol version.
 
 use std::fmt;
 
@@ -33,7 +41,9 @@ use std::fmt;
 pub const ALPN: &[u8] = b"mover/1";
 /// Versions of the frame protocol this build speaks.
 pub const VERSION_MIN: u16 = 1;
-pub const VERSION_MAX: u16 = 1;
+pub const VERSION_MAX: u16 = 2;
+/// The first version whose Store streams carry an [`Frame::Attempt`].
+pub const ATTEMPT_VERSION: u16 = 2;
 
 pub const FRAME_HEADER_BYTES: usize = 8;
 /// Largest chunk (plaintext) the protocol carries; equals the engine's FastCDC maximum.
@@ -87,6 +97,9 @@ pub enum ErrorCode {
     Internal = 5,
     /// The receiving tier's file system is full (ENOSPC); the reason names the tier.
     NoSpace = 6,
+    /// A newer attempt of the stream's job has started; this stream stored nothing more. Final
+    /// for the stream: its sender is the old attempt, which nobody waits for.
+    Superseded = 7,
 }
 
 impl ErrorCode {
@@ -97,6 +110,7 @@ impl ErrorCode {
             3 => ErrorCode::NotFound,
             4 => ErrorCode::Corrupt,
             6 => ErrorCode::NoSpace,
+            7 => ErrorCode::Superseded,
             _ => ErrorCode::Internal,
         }
     }
@@ -192,6 +206,11 @@ pub enum Frame<'a> {
         code: ErrorCode,
         reason: &'a str,
     },
+    /// Which attempt of its job the sender of a Store stream is (1, 2, … across retries and
+    /// restarts of the sending process).
+    Attempt {
+        attempt: u64,
+    },
 }
 
 /// A frame the codec refused; the connection is closed with this reason.
@@ -239,6 +258,7 @@ impl Frame<'_> {
             Frame::GetManifest { .. } => 12,
             Frame::NoManifest => 13,
             Frame::Error { .. } => 14,
+            Frame::Attempt { .. } => 15,
         })
     }
 }
@@ -259,6 +279,7 @@ fn kind_name(kind: u8) -> &'static str {
         12 => "GetManifest",
         13 => "NoManifest",
         14 => "Error",
+        15 => "Attempt",
         _ => "unknown",
     }
 }
@@ -278,6 +299,7 @@ fn payload_bound(kind: u8) -> Option<usize> {
         12 => 5 + KEY_BYTES_MAX,
         13 => 0,
         14 => 4 + REASON_BYTES_MAX,
+        15 => 8,
         _ => return None,
     })
 }
@@ -466,6 +488,7 @@ pub fn decode(header: Header, payload: &[u8]) -> Result<Frame<'_>, FrameError> {
             code: ErrorCode::from_u16(c.u16()?),
             reason: c.str(REASON_BYTES_MAX)?,
         },
+        15 => Frame::Attempt { attempt: c.u64()? },
         other => return Err(FrameError::UnknownType(other)),
     };
     c.end()?;
@@ -594,6 +617,10 @@ pub fn encode(frame: &Frame<'_>, out: &mut Vec<u8>) {
             }
             put_str(out, &reason[..end], REASON_BYTES_MAX);
             14
+        }
+        Frame::Attempt { attempt } => {
+            out.extend_from_slice(&attempt.to_le_bytes());
+            15
         }
     };
     let len = out.len() - start - FRAME_HEADER_BYTES;
@@ -741,6 +768,33 @@ mod tests {
             code: ErrorCode::Refused,
             reason: "no",
         });
+        roundtrip(Frame::Attempt { attempt: 3 });
+    }
+
+    #[test]
+    fn an_attempt_frame_has_its_layout_and_bound() {
+        let mut out = Vec::new();
+        encode(&Frame::Attempt { attempt: 0x0102 }, &mut out);
+        assert_eq!(out, [15, 0, 0, 0, 8, 0, 0, 0, 2, 1, 0, 0, 0, 0, 0, 0]);
+        assert!(matches!(
+            Header::decode(&[15, 0, 0, 0, 9, 0, 0, 0]),
+            Err(FrameError::TooLong { .. })
+        ));
+        assert!(decode_all(&out[..15], |_| {}).is_err());
+    }
+
+    #[test]
+    fn a_superseded_error_keeps_its_code_across_the_wire() {
+        let frame = Frame::Error {
+            code: ErrorCode::Superseded,
+            reason: "attempt 1 of job b-3 superseded by attempt 2",
+        };
+        roundtrip(frame);
+        let mut out = Vec::new();
+        encode(&frame, &mut out);
+        assert_eq!(u16::from_le_bytes([out[8], out[9]]), 7);
+        // Codes this build does not know still read (as Internal).
+        assert_eq!(ErrorCode::from_u16(8), ErrorCode::Internal);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! sender                                   receiver
 //! Hello(Store, site, tier, job)  ───────►
 //!                                ◄───────  Welcome(version, site, unacked_bytes_max)
+//! Attempt(n)  (version ≥ 2)      ───────►  (stops the job's streams of older attempts)
 //! Query(seq, ids)                ───────►  (looks ids up in its index)
 //!                                ◄───────  Missing(seq, bitmap)
 //! Chunk × wanted, in bitmap order ──────►  (verifies, appends to a pack)
@@ -42,6 +43,12 @@ pub fn negotiate(peer_min: u16, peer_max: u16) -> Option<u16> {
     (low <= high).then_some(high)
 }
 
+/// Whether a Store stream of negotiated `version` carries the sender's attempt: its first
+/// frame after the Welcome is an Attempt (a version-1 peer knows no such frame).
+pub fn carries_attempt(version: u16) -> bool {
+    version >= frame::ATTEMPT_VERSION
+}
+
 /// What the sending side learns from a frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SenderEvent {
@@ -57,6 +64,8 @@ pub enum SenderEvent {
 #[derive(Debug)]
 pub struct StoreSender {
     welcomed: bool,
+    /// The version the receiver chose (0 before the Welcome).
+    version: u16,
     next_seq: u64,
     /// Queries sent and not answered: (seq, id count), oldest first.
     outstanding: VecDeque<(u64, u32)>,
@@ -80,6 +89,7 @@ impl StoreSender {
         assert!(queries_max > 0 && queries_max <= QUERIES_OPEN_MAX);
         StoreSender {
             welcomed: false,
+            version: 0,
             next_seq: 1,
             outstanding: VecDeque::new(),
             queries_max,
@@ -103,6 +113,13 @@ impl StoreSender {
             tier,
             job,
         }
+    }
+
+    /// The Attempt frame to send right after the Welcome, when the receiver speaks a version
+    /// that has one; `None` for a version-1 receiver (the stream then works as before).
+    pub fn attempt(&self, attempt: u64) -> Option<Frame<'static>> {
+        assert!(self.welcomed, "the attempt follows the Welcome");
+        carries_attempt(self.version).then_some(Frame::Attempt { attempt })
     }
 
     // ---- getters
@@ -189,6 +206,7 @@ impl StoreSender {
                     )));
                 }
                 self.welcomed = true;
+                self.version = version;
                 self.unacked_bytes_max = unacked_bytes_max;
                 Ok(SenderEvent::Welcomed {
                     version,
@@ -767,6 +785,40 @@ mod tests {
     fn versions_negotiate_to_the_highest_common() {
         assert_eq!(negotiate(1, 5), Some(frame::VERSION_MAX));
         assert_eq!(negotiate(frame::VERSION_MAX + 1, 9), None);
+    }
+
+    #[test]
+    fn a_sender_names_its_attempt_only_to_a_receiver_of_version_2() {
+        let hello = StoreSender::new(1).hello("a", "hot", "b-1");
+        let Frame::Hello {
+            version_min,
+            version_max,
+            ..
+        } = hello
+        else {
+            panic!("{hello:?}")
+        };
+        assert_eq!((version_min, version_max), (1, 2));
+        // A version-1 receiver chooses 1 (the highest it speaks): no Attempt frame, which it
+        // would refuse as an unknown type.
+        assert_eq!(welcomed(16 << 20).attempt(3), None);
+        let mut sender = StoreSender::new(1);
+        sender
+            .handle(&Frame::Welcome {
+                version: 2,
+                site: "b",
+                unacked_bytes_max: 16 << 20,
+            })
+            .unwrap();
+        assert_eq!(sender.attempt(3), Some(Frame::Attempt { attempt: 3 }));
+    }
+
+    #[test]
+    fn a_receiver_negotiates_version_1_with_an_old_sender_and_2_with_a_new_one() {
+        assert_eq!(negotiate(1, 1), Some(1));
+        assert!(!carries_attempt(1));
+        assert_eq!(negotiate(1, 2), Some(2));
+        assert!(carries_attempt(2));
     }
 
     #[test]
