@@ -529,6 +529,75 @@ fn garbage_truncated_and_oversized_frames_close_the_stream_with_a_reason() {
     assert_same_tree(&data, &restored);
 }
 
+/// A Store stream's opening: Hello of versions `min..=max` for job "j", then, when `attempt`
+/// is given, the Attempt frame a version-2 sender sends after the Welcome.
+fn store_opening(min: u16, max: u16, attempt: Option<u64>) -> Vec<u8> {
+    let mut out = Vec::new();
+    transport::frame::encode(
+        &transport::frame::Frame::Hello {
+            version_min: min,
+            version_max: max,
+            purpose: transport::frame::Purpose::Store,
+            site: "a",
+            tier: "",
+            job: "j",
+        },
+        &mut out,
+    );
+    if let Some(attempt) = attempt {
+        transport::frame::encode(&transport::frame::Frame::Attempt { attempt }, &mut out);
+    }
+    out
+}
+
+#[test]
+fn a_version_1_sender_is_served_as_before_and_an_old_attempt_is_refused_as_superseded() {
+    let mut sites = Sites::new();
+    sites.start_daemon();
+    let query = |out: &mut Vec<u8>| {
+        transport::frame::encode(
+            &transport::frame::Frame::Query {
+                seq: 1,
+                ids: transport::frame::id_list(&[[7; 32]]),
+            },
+            out,
+        )
+    };
+
+    // An old sender: version 1, no Attempt frame, have/want as before.
+    let mut old = store_opening(1, 1, None);
+    query(&mut old);
+    let answer = speak_raw(&sites, old);
+    assert!(answer.contains("Welcome { version: 1,"), "{answer}");
+    assert!(answer.contains("Missing { seq: 1"), "{answer}");
+    assert!(!answer.contains("Error"), "{answer}");
+
+    // A new one: version 2, its attempt right after the Welcome.
+    let mut second = store_opening(1, 2, Some(2));
+    query(&mut second);
+    let answer = speak_raw(&sites, second);
+    assert!(answer.contains("Welcome { version: 2,"), "{answer}");
+    assert!(answer.contains("Missing { seq: 1"), "{answer}");
+    assert!(!answer.contains("Error"), "{answer}");
+
+    // A stream of attempt 1 of the same job, after attempt 2 began: refused before it stores.
+    let mut stale = store_opening(1, 2, Some(1));
+    query(&mut stale);
+    let answer = speak_raw(&sites, stale);
+    assert!(answer.contains("code: Superseded"), "{answer}");
+    assert!(
+        answer.contains("attempt 1") && answer.contains("attempt 2"),
+        "{answer}"
+    );
+    assert!(!answer.contains("Missing"), "{answer}");
+
+    // A version-2 stream must name its attempt before anything else.
+    let mut unnamed = store_opening(1, 2, None);
+    query(&mut unnamed);
+    let answer = speak_raw(&sites, unnamed);
+    assert!(answer.contains("expected Attempt"), "{answer}");
+}
+
 #[test]
 fn a_restore_over_ethernet_sized_datagrams_is_exact() {
     // 1452-byte datagrams (a's setting for b, which the daemon's sends follow): every chunk

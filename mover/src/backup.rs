@@ -107,6 +107,7 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
                 credentials: crate::peers::credentials(site)?,
                 tier: tier.or(options.tier).unwrap_or("").to_string(),
                 job: job.id.clone(),
+                attempt: JobControl::attempt_of(control),
             })
         }
         None => None,

@@ -93,6 +93,13 @@ pub const PIECE_BYTES_FOR_HASHING_IN_PLACE: usize = 16 * 1024;
 /// Peer connections a daemon serves at once; each may buffer up to its connection window.
 pub const PEER_CONNECTIONS_MAX: usize = 64;
 
+/// A receiving daemon forgets the newest attempt of a peer's job (`remote::attempts`) once no
+/// stream of the job has been open for this long. An older attempt's stream can only arrive on
+/// a connection that was alive, and a connection whose sender is gone times out after 10 s
+/// idle (`transport::quic`); a minute keeps a margin for a stream whose opening waits behind
+/// its connection's flow control. Memory: one small entry per job seen in the last minute.
+pub const PEER_ATTEMPTS_FORGET_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Chunk ids a restore asks a peer for ahead of what it has written.
 pub const FETCH_IDS_IN_FLIGHT: usize = 2048;
 

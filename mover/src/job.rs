@@ -91,6 +91,9 @@ impl JobState {
 pub struct JobControl {
     /// The job id the daemon assigned (the engine's document carries it).
     pub id: String,
+    /// Which start of the job this is (1, 2, … across retries and daemon restarts; persisted
+    /// with the job before it runs): a peer stops an older attempt's streams.
+    pub attempt: u32,
     pub bytes_total: AtomicU64,
     pub bytes_done: AtomicU64,
     pub bytes_sent: AtomicU64,
@@ -101,11 +104,18 @@ pub struct JobControl {
 }
 
 impl JobControl {
-    pub fn new(id: &str) -> JobControl {
+    pub fn new(id: &str, attempt: u32) -> JobControl {
         JobControl {
             id: id.to_string(),
+            attempt,
             ..JobControl::default()
         }
+    }
+
+    /// The attempt a job run with `control` ships as: an in-process run (no control) is a
+    /// job of its own, run once.
+    pub fn attempt_of(control: Option<&JobControl>) -> u64 {
+        control.map_or(1, |c| u64::from(c.attempt.max(1)))
     }
 
     pub fn cancel(&self) {

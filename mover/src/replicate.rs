@@ -91,10 +91,11 @@ pub fn run(site: &Site, options: &ReplicateOptions) -> Result<Job> {
         .map_err(|e| Error::Resource(format!("starting a tokio runtime: {e}")))?;
     let local = tokio::task::LocalSet::new();
     let job_id = job.id.clone();
+    let attempt = JobControl::attempt_of(control);
     let outcome = local.block_on(&runtime, async {
         let mut reader = site.chunk_reader();
         let mut shipper =
-            Shipper::connect(&link, &credentials, tier.unwrap_or(""), &job_id).await?;
+            Shipper::connect(&link, &credentials, tier.unwrap_or(""), &job_id, attempt).await?;
         let mut read = 0u64;
         let mut reported = 0u64;
         for chunk in &chunks {

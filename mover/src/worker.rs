@@ -99,6 +99,8 @@ pub struct RemoteTarget {
     /// Tier at the destination ("" = its default).
     pub tier: String,
     pub job: String,
+    /// Which attempt of the job this is (see `Shipper::connect`).
+    pub attempt: u64,
 }
 
 pub fn run(
@@ -203,8 +205,14 @@ impl<'a> Worker<'a> {
     async fn start_remote(&mut self) -> Result<()> {
         if let Some(remote) = &self.shared.remote {
             self.shipper = Some(
-                Shipper::connect(&remote.link, &remote.credentials, &remote.tier, &remote.job)
-                    .await?,
+                Shipper::connect(
+                    &remote.link,
+                    &remote.credentials,
+                    &remote.tier,
+                    &remote.job,
+                    remote.attempt,
+                )
+                .await?,
             );
         }
         Ok(())

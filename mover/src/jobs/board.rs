@@ -513,7 +513,7 @@ impl Board {
                     &[],
                     now.saturating_sub(record.submitted_unix_ms) as f64 / 1e3,
                 );
-                let control = Arc::new(JobControl::new(&id));
+                let control = Arc::new(JobControl::new(&id, record.attempts));
                 let board = self.clone();
                 let (record, thread_control) = (record.clone(), control.clone());
                 let thread = std::thread::Builder::new()
@@ -548,6 +548,10 @@ impl Board {
         // The thread is registered in `running` by `schedule` under the lock this waits for,
         // so the bookkeeping below always finds it.
         drop(lock(&self.state));
+        // `schedule` saves the start (its attempt number) under this lock before letting go:
+        // a daemon killed from here on resumes the job as a later attempt, which the peer
+        // tells from this one's streams.
+        drop(lock(&self.persist_lock));
         tracing::info!(job = %record.id, kind = record.kind.name(), attempt = record.attempts, "job started");
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             execute(&self.site, &record, &control)

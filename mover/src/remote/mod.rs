@@ -1,7 +1,9 @@
 //! Cross-site work over the peer transport: shipping chunks from pinned workers ([`ship`]),
 //! manifest lookup/commit and in-order chunk fetch for restores ([`client`]), and the daemon's
-//! side of all of it ([`serve`], with the Store stream's receiving end in [`receive`]).
+//! side of all of it ([`serve`], with the Store stream's receiving end in [`receive`] and the
+//! newest attempt of each peer job in [`attempts`]).
 
+pub mod attempts;
 pub mod client;
 mod receive;
 pub mod serve;

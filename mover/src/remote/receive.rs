@@ -18,15 +18,20 @@
 //! Each chunk is stored once per site even when several writers receive it at the same time
 //! (another stream, a resumed sender's stale stream still draining, a local job): the store
 //! thread claims it in the site's in-flight set (`store::inflight`) and acknowledges a chunk
-//! another writer claimed only once that writer committed it.
+//! another writer claimed only once that writer committed it. A stream whose sender named its
+//! attempt (version 2) stops, without committing more, once a newer attempt of the same job
+//! began (`super::attempts`): the stale stream's claims then end at once instead of at its
+//! connection's timeout.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 use transport::frame::{self, ErrorCode, Frame};
 use transport::quic::{ChunkPieces, FrameReader, FrameWriter, Piecewise, ReadError};
-use transport::session::{ReceiverInput, StoreReceiver};
+use transport::session::{carries_attempt, ReceiverInput, StoreReceiver};
 
+use super::attempts::{Attempts, Stream as AttemptStream, Superseded};
 use super::serve::Failure;
 use crate::constants::{PIECE_BYTES_FOR_HASHING_IN_PLACE, RECEIVE_UNACKED_BYTES_MAX};
 use crate::error::Error;
@@ -73,17 +78,29 @@ enum StoreEvent {
     Failed(Failure),
 }
 
+/// What a Store stream's Hello said, and the version it was answered with.
+pub(super) struct Hello<'a> {
+    pub(super) peer: &'a str,
+    pub(super) version: u16,
+    pub(super) tier: &'a str,
+    pub(super) job: &'a str,
+}
+
 /// Serves a Store stream after its Hello: have/want, verified chunks into packs of `tier`,
-/// Acks once durable.
+/// Acks once durable; stops without committing more once a newer attempt of its job began.
 pub(super) async fn store(
     site: Arc<Site>,
-    peer: &str,
+    attempts: &Attempts,
+    hello: Hello<'_>,
     writer: &mut FrameWriter,
-    reader: FrameReader,
-    version: u16,
-    tier: &str,
-    job: &str,
+    mut reader: FrameReader,
 ) -> Result<(), Failure> {
+    let Hello {
+        peer,
+        version,
+        tier,
+        job,
+    } = hello;
     let tier = if tier.is_empty() {
         site.config.default_tier().to_string()
     } else {
@@ -92,16 +109,31 @@ pub(super) async fn store(
     let backend: Arc<dyn Backend> = site.tier(&tier)?.clone();
     let mut session = StoreReceiver::new(RECEIVE_UNACKED_BYTES_MAX);
     writer.send(&session.welcome(version, site.name())).await?;
+    // A version-1 sender names no attempt: its streams are never superseded (as before).
+    let mut attempt = if carries_attempt(version) {
+        let attempt = match reader.next().await? {
+            Frame::Attempt { attempt } => attempt,
+            other => {
+                return Err(Failure::protocol(format!(
+                    "expected Attempt after the Welcome of version {version}, got {}",
+                    other.name()
+                )))
+            }
+        };
+        Some(attempts.begin(peer, job, attempt, Instant::now())?)
+    } else {
+        None
+    };
 
     let (inbound_tx, mut inbound) = mpsc::channel(INBOUND_QUEUE);
     let reader_task = tokio::spawn(read_frames(reader, inbound_tx));
     let (ops, ops_rx) = mpsc::channel(STORE_QUEUE_CHUNKS);
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let thread = {
-        let (site, tier) = (site.clone(), tier.clone());
+        let (site, tier, attempt) = (site.clone(), tier.clone(), attempt.clone());
         std::thread::Builder::new()
             .name("mover-store".into())
-            .spawn(move || store_thread(&site, backend, &tier, ops_rx, events_tx))
+            .spawn(move || store_thread(&site, backend, &tier, attempt, ops_rx, events_tx))
             .map_err(|e| Error::Resource(format!("spawning a store thread: {e}")))?
     };
 
@@ -111,6 +143,11 @@ pub(super) async fn store(
             let next = tokio::select! {
                 Some(event) = events.recv() => Err(event),
                 next = inbound.recv() => Ok(next.unwrap_or(Inbound::Finished)),
+                // Stop at once: the store thread then ends without committing, and the claims
+                // the new attempt's streams wait for end with it.
+                superseded = superseded(&mut attempt) => {
+                    Err(StoreEvent::Failed(superseded.into()))
+                }
             };
             let op = match next {
                 Err(StoreEvent::Durable {
@@ -201,6 +238,14 @@ pub(super) async fn store(
     outcome
 }
 
+/// Resolves once a newer attempt of the stream's job began; never for a stream without one.
+async fn superseded(attempt: &mut Option<AttemptStream>) -> Superseded {
+    match attempt {
+        Some(attempt) => attempt.wait_superseded().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The store thread stopped taking work: its failure, which it reported before leaving.
 async fn stopped(events: &mut mpsc::UnboundedReceiver<StoreEvent>) -> Failure {
     while let Some(event) = events.recv().await {
@@ -243,6 +288,7 @@ fn store_thread(
     site: &Site,
     backend: Arc<dyn Backend>,
     tier: &str,
+    attempt: Option<AttemptStream>,
     mut ops: mpsc::Receiver<StoreOp>,
     events: mpsc::UnboundedSender<StoreEvent>,
 ) -> (u64, u64) {
@@ -250,6 +296,7 @@ fn store_thread(
         site,
         backend,
         tier,
+        attempt,
         claims: site.in_flight.owner(),
         deferred: Vec::new(),
         deferred_bytes: 0,
@@ -262,6 +309,10 @@ fn store_thread(
         hasher: PieceHasher::new(),
     };
     while let Some(op) = ops.blocking_recv() {
+        if let Some(superseded) = store.superseded() {
+            let _ = events.send(StoreEvent::Failed(superseded.into()));
+            break;
+        }
         let outcome = match op {
             StoreOp::Chunk(chunk) => store.chunk(chunk),
             StoreOp::Seal { flush } => {
@@ -294,8 +345,17 @@ fn store_thread(
             }
         }
     }
-    if let Err(e) = store.seal() {
-        tracing::error!(error = %e.reason, "could not keep the chunks received before the stream ended");
+    match store.superseded() {
+        // The open pack goes unsealed (its file is removed with its writer) and the claims
+        // end with `store`: the newer attempt stores those chunks.
+        Some(superseded) => {
+            tracing::info!(reason = %superseded, "a superseded stream ended without committing");
+        }
+        None => {
+            if let Err(e) = store.seal() {
+                tracing::error!(error = %e.reason, "could not keep the chunks received before the stream ended");
+            }
+        }
     }
     (store.chunks, store.bytes)
 }
@@ -304,6 +364,9 @@ struct PackStore<'a> {
     site: &'a Site,
     backend: Arc<dyn Backend>,
     tier: &'a str,
+    /// The sender's attempt of its job (version 2): once a newer one began, this stream
+    /// commits nothing more.
+    attempt: Option<AttemptStream>,
     /// This stream's claims in the site's in-flight set: a chunk another writer (another
     /// stream, a resumed sender's stale one, a local job) is storing is not stored again.
     claims: Owner<'a>,
@@ -323,6 +386,10 @@ struct PackStore<'a> {
 }
 
 impl PackStore<'_> {
+    fn superseded(&self) -> Option<Superseded> {
+        self.attempt.as_ref().and_then(AttemptStream::superseded)
+    }
+
     /// Verifies and appends one chunk unless this site has it or another writer is storing
     /// it; returns whether a pack was sealed (an Ack is due).
     fn chunk(&mut self, chunk: ChunkPieces) -> Result<bool, Failure> {
@@ -445,7 +512,14 @@ impl PackStore<'_> {
             // Claims end with their writer's commit or its end, which a stream reaches at the
             // latest when its connection times out.
             for chunk in &self.deferred {
-                self.claims.wait(&ChunkId(chunk.id), || false);
+                let attempt = self.attempt.as_ref();
+                let stop = || attempt.is_some_and(|a| a.superseded().is_some());
+                if !self.claims.wait(&ChunkId(chunk.id), stop) {
+                    break;
+                }
+            }
+            if let Some(superseded) = self.superseded() {
+                return Err(superseded.into());
             }
             self.deferred_bytes = 0;
             let index = self.site.index.reader()?;
@@ -471,13 +545,17 @@ impl PackStore<'_> {
         }
     }
 
-    /// Seals the open pack and commits its chunks, ending their claims.
+    /// Seals the open pack and commits its chunks, ending their claims. A superseded stream
+    /// drops the pack instead (the newer attempt stores its chunks).
     fn seal_pack(&mut self) -> Result<(), Failure> {
         let Some(writer) = self.pack.take() else {
             return Ok(());
         };
         if writer.is_empty() {
             return Ok(());
+        }
+        if let Some(superseded) = self.superseded() {
+            return Err(superseded.into());
         }
         let started = std::time::Instant::now();
         let sealed = writer.seal()?;
@@ -543,13 +621,25 @@ mod tests {
         mpsc::UnboundedReceiver<StoreEvent>,
         std::thread::JoinHandle<(u64, u64)>,
     ) {
+        attempt_stream(site, None)
+    }
+
+    /// A stream whose sender named its attempt (protocol version 2).
+    fn attempt_stream(
+        site: &Arc<Site>,
+        attempt: Option<AttemptStream>,
+    ) -> (
+        mpsc::Sender<StoreOp>,
+        mpsc::UnboundedReceiver<StoreEvent>,
+        std::thread::JoinHandle<(u64, u64)>,
+    ) {
         let (ops, ops_rx) = mpsc::channel(STORE_QUEUE_CHUNKS);
         let (events_tx, events) = mpsc::unbounded_channel();
         let site = site.clone();
         let thread = std::thread::spawn(move || {
             let tier = site.config.default_tier().to_string();
             let backend = site.tier(&tier).unwrap().clone();
-            store_thread(&site, backend, &tier, ops_rx, events_tx)
+            store_thread(&site, backend, &tier, attempt, ops_rx, events_tx)
         });
         (ops, events, thread)
     }
@@ -596,6 +686,72 @@ mod tests {
             "records stored vs distinct chunks"
         );
         assert!(site.in_flight.is_empty(), "claims outlived their streams");
+    }
+
+    #[test]
+    fn a_stale_stream_that_keeps_sending_after_a_newer_attempt_began_commits_nothing_more() {
+        let base = tempfile::tempdir().unwrap();
+        let site = new_site(base.path());
+        let attempts = Attempts::default();
+        let now = Instant::now();
+        const CHUNKS: u32 = 6;
+
+        // Attempt 1's stream received half the chunks, then its sender was killed.
+        let first = attempts.begin("a", "b-9", 1, now).unwrap();
+        let (old, mut old_events, old_thread) = attempt_stream(&site, Some(first));
+        for n in 0..CHUNKS / 2 {
+            old.blocking_send(StoreOp::Chunk(chunk(n))).unwrap();
+        }
+        while old.capacity() < old.max_capacity() {
+            std::thread::yield_now();
+        }
+        // The resumed sender's stream says it is attempt 2; attempt 1's stream keeps going
+        // (what was in flight when its sender died) and reaches a commit point.
+        let second = attempts.begin("a", "b-9", 2, now).unwrap();
+        for n in CHUNKS / 2..CHUNKS {
+            // Once it stopped, it takes no more.
+            let _ = old.blocking_send(StoreOp::Chunk(chunk(n)));
+        }
+        let _ = old.blocking_send(StoreOp::Seal { flush: Some(1) });
+        match old_events.blocking_recv() {
+            Some(StoreEvent::Failed(f)) => {
+                assert_eq!(f.code, ErrorCode::Superseded, "{}", f.reason);
+                for word in ["b-9", "attempt 1", "attempt 2"] {
+                    assert!(f.reason.contains(word), "{}", f.reason);
+                }
+            }
+            Some(StoreEvent::Durable { chunks, .. }) => {
+                panic!("the superseded stream committed {chunks} chunks")
+            }
+            None => panic!("the superseded stream ended without saying why"),
+        }
+        drop(old);
+        old_thread.join().unwrap();
+        assert_eq!(site.index.chunk_count().unwrap(), 0, "chunks committed");
+        let backend = site.tier(site.config.default_tier()).unwrap();
+        assert_eq!(
+            backend.list("packs").unwrap(),
+            Vec::<String>::new(),
+            "a pack was left behind"
+        );
+        assert!(site.in_flight.is_empty(), "its claims outlived it");
+        // A late stream of attempt 1 is refused before it stores anything.
+        assert!(attempts.begin("a", "b-9", 1, now).is_err());
+
+        // Attempt 2 stores every chunk, once.
+        let (new, mut new_events, new_thread) = attempt_stream(&site, Some(second));
+        for n in 0..CHUNKS {
+            new.blocking_send(StoreOp::Chunk(chunk(n))).unwrap();
+        }
+        new.blocking_send(StoreOp::Seal { flush: Some(1) }).unwrap();
+        match new_events.blocking_recv() {
+            Some(StoreEvent::Durable { chunks, .. }) => assert_eq!(chunks, CHUNKS as u64),
+            Some(StoreEvent::Failed(f)) => panic!("attempt 2 failed: {}", f.reason),
+            None => panic!("attempt 2 ended without an ack"),
+        }
+        drop(new);
+        new_thread.join().unwrap();
+        assert_eq!(records(&site), CHUNKS as u64);
     }
 
     #[test]

@@ -18,6 +18,7 @@ use transport::quic::{close, FrameReader, FrameWriter, ReadError};
 use transport::session::{negotiate, ManifestAssembly};
 use transport::tls::TrustStore;
 
+use super::attempts::{Attempts, Superseded};
 use crate::constants::{MANIFEST_BYTES_MAX, PEER_CONNECTIONS_MAX, RECEIVE_UNACKED_BYTES_MAX};
 use crate::error::Error;
 use crate::format::manifest;
@@ -60,6 +61,15 @@ impl From<Error> for Failure {
     }
 }
 
+impl From<Superseded> for Failure {
+    fn from(s: Superseded) -> Failure {
+        Failure {
+            code: ErrorCode::Superseded,
+            reason: s.to_string(),
+        }
+    }
+}
+
 impl From<quinn::WriteError> for Failure {
     fn from(e: quinn::WriteError) -> Failure {
         Failure::protocol(format!("writing to the stream: {e}"))
@@ -80,6 +90,7 @@ pub async fn accept_loop(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(PEER_CONNECTIONS_MAX));
+    let attempts = Arc::new(Attempts::default());
     tokio::pin!(shutdown);
     loop {
         let incoming = tokio::select! {
@@ -92,12 +103,12 @@ pub async fn accept_loop(
             incoming.refuse();
             continue;
         };
-        let (site, trust) = (site.clone(), trust.clone());
+        let (site, trust, attempts) = (site.clone(), trust.clone(), attempts.clone());
         let open = || (PEER_CONNECTIONS_MAX - slots.available_permits()) as f64;
         crate::metrics::global().set(crate::metrics::names::PEER_CONNECTIONS, &[], open());
         let gauge_slots = slots.clone();
         tokio::spawn(async move {
-            connection(site, trust, incoming).await;
+            connection(site, trust, attempts, incoming).await;
             drop(slot);
             let open = (PEER_CONNECTIONS_MAX - gauge_slots.available_permits()) as f64;
             crate::metrics::global().set(crate::metrics::names::PEER_CONNECTIONS, &[], open);
@@ -121,7 +132,12 @@ pub async fn accept_loop(
 /// How long a stopping daemon waits for its closed peer connections to drain.
 const CLOSE_DRAIN_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
-async fn connection(site: Arc<Site>, trust: TrustStore, incoming: quinn::Incoming) {
+async fn connection(
+    site: Arc<Site>,
+    trust: TrustStore,
+    attempts: Arc<Attempts>,
+    incoming: quinn::Incoming,
+) {
     let remote = incoming.remote_address();
     let connection = match incoming.await {
         Ok(connection) => connection,
@@ -142,8 +158,8 @@ async fn connection(site: Arc<Site>, trust: TrustStore, incoming: quinn::Incomin
     loop {
         match connection.accept_bi().await {
             Ok((send, recv)) => {
-                let (site, peer) = (site.clone(), peer.clone());
-                tokio::spawn(async move { stream(site, peer, send, recv).await });
+                let (site, peer, attempts) = (site.clone(), peer.clone(), attempts.clone());
+                tokio::spawn(async move { stream(site, peer, &attempts, send, recv).await });
             }
             Err(quinn::ConnectionError::ApplicationClosed(_))
             | Err(quinn::ConnectionError::LocallyClosed) => break,
@@ -155,12 +171,18 @@ async fn connection(site: Arc<Site>, trust: TrustStore, incoming: quinn::Incomin
     }
 }
 
-async fn stream(site: Arc<Site>, peer: String, send: quinn::SendStream, recv: quinn::RecvStream) {
+async fn stream(
+    site: Arc<Site>,
+    peer: String,
+    attempts: &Attempts,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) {
     let mut writer = FrameWriter::new(send);
     let reader = FrameReader::new(recv);
     // The reader goes with the stream's service; dropping it (when that fails) stops the
     // peer's side of the stream.
-    let outcome = serve_stream(&site, &peer, &mut writer, reader).await;
+    let outcome = serve_stream(&site, &peer, attempts, &mut writer, reader).await;
     match outcome {
         Ok(()) => writer.finish(),
         Err(failure) => {
@@ -179,6 +201,7 @@ async fn stream(site: Arc<Site>, peer: String, send: quinn::SendStream, recv: qu
 async fn serve_stream(
     site: &Arc<Site>,
     peer: &str,
+    attempts: &Attempts,
     writer: &mut FrameWriter,
     mut reader: FrameReader,
 ) -> Result<(), Failure> {
@@ -213,8 +236,13 @@ async fn serve_stream(
     };
     let outcome = match purpose {
         Purpose::Store => {
-            return super::receive::store(site.clone(), peer, writer, reader, version, &tier, &job)
-                .await
+            let hello = super::receive::Hello {
+                peer,
+                version,
+                tier: &tier,
+                job: &job,
+            };
+            return super::receive::store(site.clone(), attempts, hello, writer, reader).await;
         }
         Purpose::Control => {
             writer.send(&welcome(site, version)).await?;

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::Notify;
-use transport::frame::{self, Frame, Purpose};
+use transport::frame::{self, ErrorCode, Frame, Purpose};
 use transport::quic::{close, ConnectFailure, FrameReader, FrameWriter, QuicError, ReadError};
 use transport::session::{SenderEvent, StoreSender};
 use transport::tls::SiteCredentials;
@@ -212,6 +212,16 @@ impl Stop {
     }
 }
 
+/// An Error frame on a Store stream: the peer's refusal, as the job's error.
+fn refusal(code: ErrorCode, reason: &str) -> Stop {
+    match code {
+        // This sender is an old attempt whose job has a newer one running: nobody waits for
+        // it, and a retry would only supersede the newer one in turn.
+        ErrorCode::Superseded => Stop::permanent(format!("stopped this stream: {reason}")),
+        _ => Stop::permanent(format!("refused: {reason}")),
+    }
+}
+
 /// A read error, judged by the connection's close reason when there is one (that is where a
 /// stopping peer or a lost path shows).
 pub fn read_failure(e: &ReadError, connection: &quinn::Connection) -> Stop {
@@ -310,11 +320,14 @@ pub async fn connect(
 }
 
 impl Shipper {
+    /// `attempt`: which try of `job` this is (grows across retries and restarts), so the
+    /// peer stops a killed try's streams once this one has begun.
     pub async fn connect(
         link: &Link,
         credentials: &SiteCredentials,
         tier: &str,
         job: &str,
+        attempt: u64,
     ) -> Result<Shipper> {
         let (endpoint, connection) = connect(link, credentials).await?;
         let mut state = StoreSender::new(SHIP_QUERIES_IN_FLIGHT);
@@ -328,6 +341,13 @@ impl Shipper {
                 unacked_bytes_max,
             })
             .map_err(|e| Error::peer(&link.site, e))?;
+        let mut writer = writer;
+        if let Some(frame) = state.attempt(attempt) {
+            writer
+                .send(&frame)
+                .await
+                .map_err(|e| Error::peer(&link.site, format!("sending the attempt: {e}")))?;
+        }
         let shared = Rc::new(Shared {
             state: RefCell::new(state),
             answers: RefCell::new(VecDeque::new()),
@@ -349,8 +369,8 @@ impl Shipper {
                     Ok(frame) => frame,
                     Err(e) => break read_failure(&e, &reader_connection),
                 };
-                if let Frame::Error { reason, .. } = frame {
-                    break Stop::permanent(format!("refused: {reason}"));
+                if let Frame::Error { code, reason } = frame {
+                    break refusal(code, reason);
                 }
                 let event = shared.state.borrow_mut().handle(&frame);
                 match event {
@@ -652,5 +672,20 @@ pub fn hello<'a>(purpose: Purpose, site: &'a str, job: &'a str) -> Frame<'a> {
         site,
         tier: "",
         job,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_superseded_stream_is_a_permanent_stop() {
+        let stop = refusal(
+            ErrorCode::Superseded,
+            "attempt 1 of job \"b-3\" from site a was superseded by attempt 2",
+        );
+        assert!(!stop.transient);
+        assert!(stop.detail.contains("superseded by attempt 2"), "{stop:?}");
     }
 }
