@@ -599,6 +599,61 @@ fn a_version_1_sender_is_served_as_before_and_an_old_attempt_is_refused_as_super
 }
 
 #[test]
+fn an_open_stream_of_an_old_attempt_is_stopped_when_a_newer_attempt_begins() {
+    let mut sites = Sites::new();
+    sites.start_daemon();
+    let identity = sites.a.join("identity");
+    let credentials = transport::tls::SiteCredentials::from_pem(
+        "a",
+        &std::fs::read(identity.join("cert.pem")).unwrap(),
+        &std::fs::read(identity.join("key.pem")).unwrap(),
+    )
+    .unwrap();
+    let expected = transport::identity::Fingerprint::parse(&fingerprint(&sites.b)).unwrap();
+    let address: std::net::SocketAddr = format!("127.0.0.1:{}", sites.b_port).parse().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let answer = runtime.block_on(async move {
+        let settings = transport::quic::LinkSettings::for_address(&address);
+        let (endpoint, connection) =
+            transport::quic::connect(&credentials, "b", address, expected, &settings)
+                .await
+                .unwrap();
+        // Attempt 3's stream: welcomed, then its sender goes quiet (killed) without closing.
+        let (mut old_send, old_recv) = connection.open_bi().await.unwrap();
+        old_send
+            .write_all(&store_opening(1, 2, Some(3)))
+            .await
+            .unwrap();
+        let mut old = transport::quic::FrameReader::new(old_recv);
+        let welcome = format!("{:?}", old.next().await.unwrap());
+        assert!(welcome.contains("Welcome"), "{welcome}");
+        // Attempt 4 of the same job opens its stream (the resumed sender).
+        let (mut new_send, _new_recv) = connection.open_bi().await.unwrap();
+        new_send
+            .write_all(&store_opening(1, 2, Some(4)))
+            .await
+            .unwrap();
+        // The old stream is told at once (well before any idle timeout would end it).
+        let answer = tokio::time::timeout(Duration::from_secs(30), old.next())
+            .await
+            .expect("the old attempt's stream was not stopped")
+            .map(|frame| format!("{frame:?}"))
+            .unwrap_or_else(|e| format!("read error: {e}"));
+        connection.close(0u32.into(), b"done");
+        endpoint.wait_idle().await;
+        answer
+    });
+    assert!(answer.contains("code: Superseded"), "{answer}");
+    assert!(
+        answer.contains("attempt 3") && answer.contains("attempt 4"),
+        "{answer}"
+    );
+}
+
+#[test]
 fn a_restore_over_ethernet_sized_datagrams_is_exact() {
     // 1452-byte datagrams (a's setting for b, which the daemon's sends follow): every chunk
     // reaches the frame reader in many small pieces that it copies together, so the restore

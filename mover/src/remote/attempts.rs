@@ -144,6 +144,8 @@ impl Stream {
     /// Resolves once a newer attempt of this stream's job has begun.
     pub async fn wait_superseded(&mut self) -> Superseded {
         loop {
+            // Marks the value seen, so `changed` waits for a newer one.
+            self.newest.borrow_and_update();
             if let Some(superseded) = self.superseded() {
                 return superseded;
             }
