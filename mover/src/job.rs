@@ -339,6 +339,14 @@ pub fn rfc3339(unix_s: i64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::JobControl;
+
+    #[test]
+    fn a_daemon_job_ships_as_its_start_and_an_in_process_run_as_its_first() {
+        assert_eq!(JobControl::attempt_of(None), 1);
+        assert_eq!(JobControl::attempt_of(Some(&JobControl::new("b-4", 3))), 3);
+    }
+
     #[test]
     fn rfc3339_known_dates() {
         assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");

@@ -130,6 +130,10 @@ impl Job {
 }
 
 impl Stream {
+    pub fn attempt(&self) -> u64 {
+        self.attempt
+    }
+
     /// Why this stream must stop, once a newer attempt of its job has begun.
     pub fn superseded(&self) -> Option<Superseded> {
         let newest = *self.newest.borrow();

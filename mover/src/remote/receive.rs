@@ -228,7 +228,8 @@ pub(super) async fn store(
         .ok()
         .and_then(|joined| joined.ok())
         .unwrap_or_default();
-    tracing::info!(peer = %peer, job = %job, tier = %tier, chunks, bytes, "store stream ended");
+    let attempt = attempt.as_ref().map(AttemptStream::attempt);
+    tracing::info!(peer = %peer, job = %job, attempt, tier = %tier, chunks, bytes, "store stream ended");
     let link = format!("{peer}->{}", site.name());
     crate::metrics::global().add(
         crate::metrics::names::BYTES_RECEIVED,
