@@ -43,6 +43,13 @@ pub const PACK_BYTES_TARGET_DEFAULT: u64 = 128 * 1024 * 1024;
 pub const PACK_BYTES_TARGET_MIN: u64 = 2 * CHUNK_BYTES_MAX as u64;
 pub const PACK_BYTES_TARGET_MAX: u64 = 1024 * 1024 * 1024;
 
+/// Small packs: a pack under 1/4 of the pack target is small. A small incremental backup
+/// seals one per worker that stored anything; once a tier holds this many small packs, the
+/// next local backup merges them (`store::repack`), so a tier holds at most about this many
+/// small files however many jobs ran, and a merge copies at most one pack target.
+pub const SMALL_PACK_SHARE_OF_TARGET: u64 = 4;
+pub const SMALL_PACKS_MERGE_AT: usize = 16;
+
 /// Work items queued ahead of the workers; bounds the scanner's lead (and its memory).
 pub const WORK_QUEUE_DEPTH: usize = 256;
 /// Results waiting for the control thread.

@@ -21,10 +21,6 @@ use serde::Serialize;
 use crate::config::{Config, CONFIG_FILE_NAME};
 use crate::error::{Error, Result};
 use crate::format::manifest;
-use crate::format::pack::{
-    check_pack_header, decode_footer, decode_trailer, FOOTER_ENTRY_BYTES, PACK_HEADER_BYTES,
-    RECORD_HEADER_BYTES, TRAILER_BYTES,
-};
 use crate::format::{hex, parse_hex32};
 use crate::site::INDEX_FILE_NAME;
 use crate::store::{Backend, Index, LocalDir, SealedPack};
@@ -187,35 +183,9 @@ pub(crate) fn read_footer(
     key: &str,
 ) -> Result<(Vec<crate::format::pack::FooterEntry>, u64)> {
     let len = backend.size(key)?;
-    if len < (PACK_HEADER_BYTES + TRAILER_BYTES) as u64 {
-        return Err(Error::corrupt(
-            format!("pack {key}"),
-            format!("{len} bytes is shorter than a sealed pack's header and trailer"),
-        ));
-    }
-    let mut buf = Vec::new();
-    backend.read_range(key, 0, PACK_HEADER_BYTES, &mut buf)?;
-    check_pack_header(&buf)?;
-    backend.read_range(key, len - TRAILER_BYTES as u64, TRAILER_BYTES, &mut buf)?;
-    let (entries, footer_offset, checksum) = decode_trailer(&buf, len)?;
-    let footer_len = entries as usize * FOOTER_ENTRY_BYTES;
-    backend.read_range(key, footer_offset, footer_len, &mut buf)?;
-    let entries = decode_footer(&buf, checksum)?;
-    for e in &entries {
-        // Footer offsets point at the record's header; its payload follows.
-        let end = e
-            .offset
-            .checked_add(RECORD_HEADER_BYTES as u64 + e.stored_len as u64);
-        if e.offset < PACK_HEADER_BYTES as u64 || end.is_none_or(|end| end > footer_offset) {
-            return Err(Error::corrupt(
-                format!("pack {key}"),
-                format!(
-                    "footer entry {} at {} runs outside the records",
-                    e.id, e.offset
-                ),
-            ));
-        }
-    }
+    let entries = crate::store::pack_reader::read_footer(key, len, |offset, n, buf| {
+        backend.read_range(key, offset, n, buf)
+    })?;
     Ok((entries, len))
 }
 

@@ -40,6 +40,23 @@ pub trait Backend: Send + Sync {
         tail_bytes: usize,
         abandoned: &dyn Fn(u64, &[u8]) -> bool,
     ) -> Result<Option<u64>>;
+    /// Opens `key` and takes the exclusive lock an appender or a remove_abandoned takes,
+    /// without waiting: `None` when the object is gone or someone else holds it. Two
+    /// repacks thus never take the same pack. The lock lasts as long as the handle.
+    fn hold(&self, key: &str) -> Result<Option<Box<dyn Held>>>;
+    /// Removes `key` durably (its name is gone after a crash too); `false` if it was gone.
+    fn remove(&self, key: &str) -> Result<bool>;
+}
+
+/// An object opened under its exclusive lock ([`Backend::hold`]). Reads go through the
+/// descriptor, so they keep working whatever happens to the name.
+pub trait Held: Send {
+    fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Reads exactly `len` bytes at `offset` into `out` (replacing its content).
+    fn read_range(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> Result<()>;
 }
 
 pub trait Appender: Send {
@@ -264,6 +281,65 @@ impl Backend for LocalDir {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io("remove", &path, e)),
         }
+    }
+
+    fn hold(&self, key: &str) -> Result<Option<Box<dyn Held>>> {
+        let path = self.path_of(key);
+        let file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+        {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("open", &path, e)),
+        };
+        if !lock_exclusive(&file, false).map_err(|e| Error::io("lock", &path, e))? {
+            return Ok(None);
+        }
+        let meta = file.metadata().map_err(|e| Error::io("stat", &path, e))?;
+        // Removed between our open and our lock (by whoever held it): not ours to take.
+        if !meta.is_file() || meta.nlink() == 0 {
+            return Ok(None);
+        }
+        Ok(Some(Box::new(HeldFile {
+            file,
+            path,
+            len: meta.len(),
+        })))
+    }
+
+    fn remove(&self, key: &str) -> Result<bool> {
+        let path = self.path_of(key);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Error::io("remove", &path, e)),
+        }
+        sync_dir(path.parent().expect("keys have a parent"))?;
+        Ok(true)
+    }
+}
+
+struct HeldFile {
+    file: File,
+    path: PathBuf,
+    len: u64,
+}
+
+impl Held for HeldFile {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_range(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> Result<()> {
+        if out.len() < len {
+            out.resize(len, 0);
+        }
+        out.truncate(len);
+        self.file
+            .read_exact_at(out, offset)
+            .map_err(|e| Error::io("read", &self.path, e))
     }
 }
 

@@ -13,6 +13,11 @@
 //! - `damaged`:   chunk id → why its indexed record was found bad (by verify, a restore, a
 //!   peer's fetch). Such a chunk does not satisfy dedup, and the next sealed pack that holds
 //!   it takes over its row (and clears this one).
+//! - `pack_bytes`: pack id → its sealed length, for choosing small packs to merge without a
+//!   stat per pack (packs committed by builds before this table have no row: they are
+//!   measured once and recorded then).
+//! - `condemned`: pack id → tier name: packs a repack (`store::repack`) took out of `packs`
+//!   whose files are not yet known to be deleted; `store::reclaim` finishes the deletion.
 //!
 //! Writers commit with redb's default durability (fsync on commit), so a row that is readable
 //! after a crash was durable before the commit returned.
@@ -32,6 +37,8 @@ const QUEUE: TableDefinition<&str, &str> = TableDefinition::new("queue");
 const IDEMPOTENCY: TableDefinition<&str, &str> = TableDefinition::new("idempotency");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const DAMAGED: TableDefinition<[u8; 32], &str> = TableDefinition::new("damaged");
+const PACK_BYTES: TableDefinition<u64, u64> = TableDefinition::new("pack_bytes");
+const CONDEMNED: TableDefinition<u64, &str> = TableDefinition::new("condemned");
 
 /// Where one chunk is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +56,19 @@ pub struct SealedPack {
     pub tier: String,
     pub entries: Vec<FooterEntry>,
     pub bytes: u64,
+}
+
+/// A record a repack copied: from `from_offset` of pack `from_pack` to `to` in the new pack.
+pub struct Move {
+    pub from_pack: u64,
+    pub from_offset: u64,
+    pub to: FooterEntry,
+}
+
+/// A pack a repack emptied, with every record its footer lists.
+pub struct OldPack {
+    pub pack_id: u64,
+    pub entries: Vec<FooterEntry>,
 }
 
 /// One row of the catalog.
@@ -91,6 +111,8 @@ impl Index {
         txn.open_table(IDEMPOTENCY)?;
         txn.open_table(META)?;
         txn.open_table(DAMAGED)?;
+        txn.open_table(PACK_BYTES)?;
+        txn.open_table(CONDEMNED)?;
         txn.commit()?;
         Ok(Index { db })
     }
@@ -174,6 +196,11 @@ impl Index {
         {
             let mut packs = txn.open_table(PACKS)?;
             packs.insert(pack.pack_id, pack.tier.as_str())?;
+            // Zero: a repair repointing single records, which does not know the length.
+            if pack.bytes > 0 {
+                txn.open_table(PACK_BYTES)?
+                    .insert(pack.pack_id, pack.bytes)?;
+            }
             let mut chunks = txn.open_table(CHUNKS)?;
             let mut damaged = txn.open_table(DAMAGED)?;
             for e in &pack.entries {
@@ -196,6 +223,140 @@ impl Index {
         }
         txn.commit()?;
         Ok(())
+    }
+
+    /// The committed packs of `tier` with their sealed length where it is recorded.
+    pub fn tier_packs(&self, tier: &str) -> Result<Vec<(u64, Option<u64>)>> {
+        let txn = self.db.begin_read()?;
+        let packs = txn.open_table(PACKS)?;
+        let sizes = txn.open_table(PACK_BYTES)?;
+        let mut out = Vec::new();
+        for row in packs.iter()? {
+            let (id, pack_tier) = row?;
+            if pack_tier.value() == tier {
+                let id = id.value();
+                out.push((id, sizes.get(id)?.map(|b| b.value())));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records the sealed length of packs committed without one.
+    pub fn note_pack_bytes(&self, sizes: &[(u64, u64)]) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let packs = txn.open_table(PACKS)?;
+            let mut table = txn.open_table(PACK_BYTES)?;
+            for &(id, bytes) in sizes {
+                if packs.get(id)?.is_some() {
+                    table.insert(id, bytes)?;
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Commits a repack in one transaction: each moved chunk whose row still points at the
+    /// record it was copied from now points into `new` (a row repointed meanwhile, by damage
+    /// healing, is left alone), `new` joins `packs`, and each old pack that no row points
+    /// into any more leaves `packs` for `condemned`. Returns the condemned packs.
+    pub fn commit_repack(
+        &self,
+        new: &SealedPack,
+        moves: &[Move],
+        old: &[OldPack],
+    ) -> Result<Vec<u64>> {
+        let txn = self.db.begin_write()?;
+        let mut condemned_ids = Vec::new();
+        {
+            let mut chunks = txn.open_table(CHUNKS)?;
+            let mut packs = txn.open_table(PACKS)?;
+            let mut sizes = txn.open_table(PACK_BYTES)?;
+            let mut condemned = txn.open_table(CONDEMNED)?;
+            for m in moves {
+                let current = match chunks.get(m.to.id.0)? {
+                    Some(row) => Some(location(row.value())?),
+                    None => None,
+                };
+                if current.is_some_and(|at| at.pack_id == m.from_pack && at.offset == m.from_offset)
+                {
+                    let e = &m.to;
+                    chunks.insert(
+                        e.id.0,
+                        (
+                            new.pack_id,
+                            e.offset,
+                            e.stored_len,
+                            e.raw_len,
+                            e.codec as u8,
+                        ),
+                    )?;
+                }
+            }
+            packs.insert(new.pack_id, new.tier.as_str())?;
+            sizes.insert(new.pack_id, new.bytes)?;
+            for pack in old {
+                let mut still_used = false;
+                for e in &pack.entries {
+                    let row = chunks.get(e.id.0)?;
+                    if row.is_some_and(|r| {
+                        let (pack_id, offset, ..) = r.value();
+                        pack_id == pack.pack_id && offset == e.offset
+                    }) {
+                        still_used = true;
+                        break;
+                    }
+                }
+                if still_used {
+                    tracing::warn!(pack = %format_args!("{:016x}", pack.pack_id), "a record of a merged pack is still indexed there; the pack is kept");
+                    continue;
+                }
+                if packs.remove(pack.pack_id)?.is_some() {
+                    sizes.remove(pack.pack_id)?;
+                    condemned.insert(pack.pack_id, new.tier.as_str())?;
+                    condemned_ids.push(pack.pack_id);
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(condemned_ids)
+    }
+
+    /// Packs of `tier` condemned by a repack whose files may still exist. A pack that
+    /// `packs` lists again is never among them.
+    pub fn condemned(&self, tier: &str) -> Result<Vec<u64>> {
+        let txn = self.db.begin_read()?;
+        let condemned = txn.open_table(CONDEMNED)?;
+        let packs = txn.open_table(PACKS)?;
+        let mut out = Vec::new();
+        for row in condemned.iter()? {
+            let (id, pack_tier) = row?;
+            let id = id.value();
+            if pack_tier.value() == tier && packs.get(id)?.is_none() {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets condemned packs whose files are deleted.
+    pub fn forget_condemned(&self, ids: &[u64]) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut condemned = txn.open_table(CONDEMNED)?;
+            for id in ids {
+                condemned.remove(*id)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Whether chunk `id` is marked damaged.
+    pub fn is_damaged(&self, id: &ChunkId) -> Result<bool> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(DAMAGED)?.get(id.0)?.is_some())
     }
 
     pub fn put_snapshot(&self, info: &SnapshotInfo) -> Result<()> {

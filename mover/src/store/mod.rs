@@ -8,6 +8,7 @@ pub mod inflight;
 pub mod pack_reader;
 pub mod pack_writer;
 pub mod reclaim;
+pub mod repack;
 
 pub use backend::{Appender, Backend, LocalDir};
 pub use index::{Index, Location, SealedPack, SnapshotInfo};

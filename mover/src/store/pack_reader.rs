@@ -7,8 +7,18 @@ use super::backend::Backend;
 use super::index::{Index, Location};
 use super::pack_key;
 use crate::error::{Error, Result};
-use crate::format::pack::{open_record, RecordHeader, RECORD_HEADER_BYTES};
+use crate::format::pack::{
+    check_pack_header, decode_footer, decode_trailer, open_record, FooterEntry, RecordHeader,
+    FOOTER_ENTRY_BYTES, PACK_HEADER_BYTES, RECORD_HEADER_BYTES, TRAILER_BYTES,
+};
 use crate::format::ChunkId;
+
+/// How reading a record's bytes went.
+enum Raw {
+    Read,
+    /// The pack is not there (any more): the error to report if the chunk did not move.
+    PackGone(Error),
+}
 
 pub struct ChunkReader<'a> {
     index: &'a Index,
@@ -86,30 +96,42 @@ impl<'a> ChunkReader<'a> {
     }
 
     /// Reads `id`'s record into `record` and checks its header against the index.
+    ///
+    /// A repack (`store::repack`) may move the chunk and delete its old pack between our
+    /// lookup and our read: a pack that is gone (no longer registered, or its file removed)
+    /// sends us back to the index once, and a chunk that moved is read from its new home.
     fn fetch_record(
         &mut self,
         id: &ChunkId,
         record: &mut Vec<u8>,
     ) -> Result<(RecordHeader, String, Location)> {
         let location = self.locate(id)?;
-        let backend = self.backend_of(location.pack_id)?;
-        let len = RECORD_HEADER_BYTES + location.stored_len as usize;
+        self.fetch_from(id, location, record)
+    }
+
+    /// [`fetch_record`](Self::fetch_record) from `location`, where the index put `id` when
+    /// it was looked up.
+    fn fetch_from(
+        &mut self,
+        id: &ChunkId,
+        location: Location,
+        record: &mut Vec<u8>,
+    ) -> Result<(RecordHeader, String, Location)> {
+        let location = match self.read_record(id, location, record)? {
+            Raw::Read => location,
+            Raw::PackGone(e) => {
+                let moved = self.locate(id)?;
+                if moved == location {
+                    return Err(e);
+                }
+                match self.read_record(id, moved, record)? {
+                    Raw::Read => moved,
+                    Raw::PackGone(e) => return Err(e),
+                }
+            }
+        };
         let key = pack_key(location.pack_id);
         let damaged = |detail: String| Error::corrupt(format!("chunk {id} in {key}"), detail);
-        match backend.read_range(&key, location.offset, len, record) {
-            Ok(()) => {}
-            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(self.noted(
-                    id,
-                    location,
-                    damaged(format!(
-                        "the record of {len} bytes at offset {} runs past the end of the pack (truncated?)",
-                        location.offset
-                    )),
-                ));
-            }
-            Err(e) => return Err(e),
-        }
         let header = match RecordHeader::decode(&record[..RECORD_HEADER_BYTES]) {
             Ok(header) => header,
             Err(e) => return Err(self.noted(id, location, damaged(e.to_string()))),
@@ -127,16 +149,52 @@ impl<'a> ChunkReader<'a> {
         Ok((header, key, location))
     }
 
-    fn backend_of(&mut self, pack_id: u64) -> Result<Arc<dyn Backend>> {
-        if let Some(backend) = self.pack_tiers.get(&pack_id) {
-            return Ok(backend.clone());
-        }
-        let tier = self.index.pack_tier(pack_id)?.ok_or_else(|| {
-            Error::corrupt(
+    /// Reads the record at `location` into `record`, unchecked.
+    fn read_record(
+        &mut self,
+        id: &ChunkId,
+        location: Location,
+        record: &mut Vec<u8>,
+    ) -> Result<Raw> {
+        let pack_id = location.pack_id;
+        let key = pack_key(pack_id);
+        let Some(backend) = self.backend_of(pack_id)? else {
+            return Ok(Raw::PackGone(Error::corrupt(
                 format!("pack {pack_id:016x}"),
                 "referenced by the index but not registered",
-            )
-        })?;
+            )));
+        };
+        let len = RECORD_HEADER_BYTES + location.stored_len as usize;
+        match backend.read_range(&key, location.offset, len, record) {
+            Ok(()) => Ok(Raw::Read),
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(self.noted(
+                    id,
+                    location,
+                    Error::corrupt(
+                        format!("chunk {id} in {key}"),
+                        format!(
+                            "the record of {len} bytes at offset {} runs past the end of the pack (truncated?)",
+                            location.offset
+                        ),
+                    ),
+                ))
+            }
+            Err(Error::Io { op, path, source }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Ok(Raw::PackGone(Error::Io { op, path, source }))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The backend holding `pack_id`; `None` when no tier registers it (any more).
+    fn backend_of(&mut self, pack_id: u64) -> Result<Option<Arc<dyn Backend>>> {
+        if let Some(backend) = self.pack_tiers.get(&pack_id) {
+            return Ok(Some(backend.clone()));
+        }
+        let Some(tier) = self.index.pack_tier(pack_id)? else {
+            return Ok(None);
+        };
         let backend = self
             .tiers
             .get(&tier)
@@ -147,6 +205,99 @@ impl<'a> ChunkReader<'a> {
             })?
             .clone();
         self.pack_tiers.insert(pack_id, backend.clone());
-        Ok(backend)
+        Ok(Some(backend))
+    }
+}
+
+/// The footer of the sealed pack `key` of `len` bytes, checked against its header, trailer and
+/// checksum, and every entry against the records' extent. `read(offset, len, buf)` reads the
+/// pack: by name, or through a descriptor held under the pack's lock.
+pub fn read_footer(
+    key: &str,
+    len: u64,
+    mut read: impl FnMut(u64, usize, &mut Vec<u8>) -> Result<()>,
+) -> Result<Vec<FooterEntry>> {
+    if len < (PACK_HEADER_BYTES + TRAILER_BYTES) as u64 {
+        return Err(Error::corrupt(
+            format!("pack {key}"),
+            format!("{len} bytes is shorter than a sealed pack's header and trailer"),
+        ));
+    }
+    let mut buf = Vec::new();
+    read(0, PACK_HEADER_BYTES, &mut buf)?;
+    check_pack_header(&buf)?;
+    read(len - TRAILER_BYTES as u64, TRAILER_BYTES, &mut buf)?;
+    let (entries, footer_offset, checksum) = decode_trailer(&buf, len)?;
+    let footer_len = entries as usize * FOOTER_ENTRY_BYTES;
+    read(footer_offset, footer_len, &mut buf)?;
+    let entries = decode_footer(&buf, checksum)?;
+    for e in &entries {
+        // Footer offsets point at the record's header; its payload follows.
+        let end = e
+            .offset
+            .checked_add(RECORD_HEADER_BYTES as u64 + e.stored_len as u64);
+        if e.offset < PACK_HEADER_BYTES as u64 || end.is_none_or(|end| end > footer_offset) {
+            return Err(Error::corrupt(
+                format!("pack {key}"),
+                format!(
+                    "footer entry {} at {} runs outside the records",
+                    e.id, e.offset
+                ),
+            ));
+        }
+    }
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::repack::merge;
+    use crate::store::repack::tests::{committed_pack, id_of, payload, tier};
+
+    #[test]
+    fn a_chunk_whose_pack_a_merge_deleted_after_the_lookup_is_read_from_its_new_home() {
+        let t = tier();
+        let old: Vec<u64> = (0..3)
+            .map(|i| committed_pack(&t, &[i, 10 + i]).pack_id)
+            .collect();
+        let id = id_of(&payload(0));
+        let looked_up = t.index.lookup(&id).unwrap().unwrap();
+        // A reader that already read from the old pack (it knows its tier) ...
+        let mut warm = ChunkReader::new(&t.index, &t.tiers);
+        let mut out = Vec::new();
+        warm.read(&id_of(&payload(10)), &mut out).unwrap();
+        // ... and one that did not.
+        let mut cold = ChunkReader::new(&t.index, &t.tiers);
+
+        let merged = merge(&t.index, "hot", &t.backend, &old, 1 << 20).unwrap();
+        assert_eq!(merged.packs, 3);
+        assert!(!t.root.join(pack_key(looked_up.pack_id)).exists());
+
+        let mut record = Vec::new();
+        for reader in [&mut warm, &mut cold] {
+            let (header, key, at) = reader.fetch_from(&id, looked_up, &mut record).unwrap();
+            assert_eq!(header.id, id);
+            assert_ne!(at.pack_id, looked_up.pack_id);
+            assert_eq!(key, pack_key(at.pack_id));
+            open_record(&header, &record[RECORD_HEADER_BYTES..], &mut out).unwrap();
+            assert_eq!(out, payload(0));
+        }
+        assert!(t.index.damaged().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_pack_gone_without_a_move_is_reported_as_before() {
+        let t = tier();
+        let pack = committed_pack(&t, &[5]);
+        std::fs::remove_file(t.root.join(pack_key(pack.pack_id))).unwrap();
+        let mut out = Vec::new();
+        let err = ChunkReader::new(&t.index, &t.tiers)
+            .read(&id_of(&payload(5)), &mut out)
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound),
+            "{err}"
+        );
     }
 }

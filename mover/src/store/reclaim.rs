@@ -7,12 +7,17 @@
 //! can find. And a pack still being written is never taken: its writer holds an exclusive
 //! `flock` on it from before its first byte to after its seal or removal, in this process or
 //! another, and the backend removes only what it can lock (`Backend::remove_abandoned`).
+//!
+//! It also finishes repacks (`store::repack`) that committed but did not delete the packs
+//! they emptied (a crash between the two): those packs are in the `condemned` table, not in
+//! `packs`, so no index row points into them; their files are deleted and the rows dropped.
 
 use std::collections::HashSet;
 
 use super::backend::Backend;
 use super::index::Index;
 use super::pack_key;
+use super::repack::delete_condemned;
 use crate::error::Result;
 use crate::format::pack::{decode_trailer, PACK_HEADER_BYTES, TRAILER_BYTES};
 
@@ -20,6 +25,8 @@ use crate::format::pack::{decode_trailer, PACK_HEADER_BYTES, TRAILER_BYTES};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Reclaimed {
     pub packs: u64,
+    /// Packs emptied by a repack whose files are now deleted (counted apart from `packs`).
+    pub condemned: u64,
     /// Space given back (allocated blocks, which for a preallocated pack exceed its data).
     pub bytes: u64,
 }
@@ -27,8 +34,21 @@ pub struct Reclaimed {
 /// Removes the unsealed packs of `tier` that no writer owns and the index does not reference.
 /// A pack that cannot be examined is kept and logged; only a tier that cannot be listed fails.
 pub fn reclaim_tier(index: &Index, tier: &str, backend: &dyn Backend) -> Result<Reclaimed> {
-    let committed: HashSet<u64> = index.pack_ids()?;
     let mut reclaimed = Reclaimed::default();
+    let condemned = index.condemned(tier)?;
+    if !condemned.is_empty() {
+        let deleted = delete_condemned(tier, backend, &condemned);
+        index.forget_condemned(&deleted)?;
+        reclaimed.condemned = deleted.len() as u64;
+        if reclaimed.condemned > 0 {
+            tracing::info!(
+                tier,
+                packs = reclaimed.condemned,
+                "deleted packs an interrupted merge had emptied"
+            );
+        }
+    }
+    let committed: HashSet<u64> = index.pack_ids()?;
     for key in backend.list("packs")? {
         let Some(pack_id) = pack_id_of(&key) else {
             continue;

@@ -1,0 +1,485 @@
+//! Moves live records out of packs into a new one and retires the old packs: here, merging a
+//! tier's small packs, which small incremental backups leave one (or one per worker) each.
+//!
+//! Order (what makes a crash at any point safe):
+//! 1. each old pack is opened under its exclusive lock (one that some other repack, or a
+//!    writer, holds is skipped), its live records (those the index still points at) are read
+//!    and checked; a pack with a bad record is left as it is and the chunk marked damaged;
+//! 2. the records are appended to a new pack, which is sealed (fdatasync, directory fsync);
+//! 3. one index transaction repoints each moved chunk whose row still points at the record it
+//!    was copied from, adds the new pack and moves the old ones from `packs` to `condemned`;
+//! 4. the old files are deleted (under their lock) and their `condemned` rows dropped.
+//!
+//! A crash before 3 leaves the new pack sealed but not indexed: nothing points into it, the
+//! old packs are untouched, and it is only space (as a killed backup's sealed, uncommitted
+//! pack). A crash after 3 leaves condemned files, which `store::reclaim` deletes when the site
+//! opens or a local backup starts. A reader that looked a chunk up before 3 and opens the old
+//! pack after 4 finds it gone and looks again (`pack_reader`); one that had it open reads on.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use super::backend::{Backend, Held};
+use super::index::{Index, Move, OldPack};
+use super::pack_key;
+use super::pack_reader::read_footer;
+use super::pack_writer::PackWriter;
+use crate::constants::{SMALL_PACKS_MERGE_AT, SMALL_PACK_SHARE_OF_TARGET};
+use crate::error::{Error, Result};
+use crate::format::pack::{FooterEntry, RecordHeader, RECORD_HEADER_BYTES};
+
+/// What a merge did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Merged {
+    /// Old packs retired into the new one.
+    pub packs: u64,
+    /// Record bytes copied (headers included).
+    pub bytes: u64,
+    /// Records left behind because no index row pointed at them (copies of a chunk stored
+    /// twice, or replaced by healing).
+    pub dead_records: u64,
+}
+
+/// Merges the small packs of `tier` when it holds at least [`SMALL_PACKS_MERGE_AT`] sealed,
+/// committed packs smaller than `target_bytes` / [`SMALL_PACK_SHARE_OF_TARGET`]: the smallest
+/// first, up to `target_bytes` in all, into one new pack. Nothing to merge costs one read of
+/// the index's pack tables.
+pub fn merge_small_packs(
+    index: &Index,
+    tier: &str,
+    backend: &Arc<dyn Backend>,
+    target_bytes: u64,
+) -> Result<Merged> {
+    let small_below = target_bytes / SMALL_PACK_SHARE_OF_TARGET;
+    let mut small = Vec::new();
+    let mut measured = Vec::new();
+    for (pack_id, bytes) in index.tier_packs(tier)? {
+        let bytes = match bytes {
+            Some(bytes) => bytes,
+            None => match backend.size(&pack_key(pack_id)) {
+                Ok(bytes) => {
+                    measured.push((pack_id, bytes));
+                    bytes
+                }
+                Err(e) => {
+                    tracing::warn!(tier, pack = %pack_key(pack_id), error = %e, "could not measure a pack; not merged");
+                    continue;
+                }
+            },
+        };
+        if bytes < small_below {
+            small.push((bytes, pack_id));
+        }
+    }
+    if !measured.is_empty() {
+        index.note_pack_bytes(&measured)?;
+    }
+    if small.len() < SMALL_PACKS_MERGE_AT {
+        return Ok(Merged::default());
+    }
+    small.sort_unstable();
+    let mut chosen = Vec::new();
+    let mut total = 0;
+    for (bytes, pack_id) in small {
+        if total + bytes > target_bytes {
+            break;
+        }
+        total += bytes;
+        chosen.push(pack_id);
+    }
+    merge(index, tier, backend, &chosen, total)
+}
+
+/// Merges the live records of `packs` (of `tier`) into one new pack of about `expected_bytes`.
+/// Packs that cannot be taken (locked, gone, no longer committed, a bad record) are left out;
+/// with fewer than two taken nothing is written.
+pub fn merge(
+    index: &Index,
+    tier: &str,
+    backend: &Arc<dyn Backend>,
+    packs: &[u64],
+    expected_bytes: u64,
+) -> Result<Merged> {
+    let Some(committed) = merge_and_commit(index, tier, backend, packs, expected_bytes)? else {
+        return Ok(Merged::default());
+    };
+    // Deleted while still locked: a repack that opened one of these files before the
+    // deletion cannot take it once we let go (its lock finds no name left).
+    let deleted = delete_condemned(tier, backend.as_ref(), &committed.condemned);
+    index.forget_condemned(&deleted)?;
+    let merged = committed.merged;
+    tracing::info!(
+        tier,
+        packs = merged.packs,
+        into = %pack_key(committed.pack_id),
+        bytes = merged.bytes,
+        dead_records = merged.dead_records,
+        "merged small packs"
+    );
+    Ok(merged)
+}
+
+/// A merge up to its index commit: the old packs are condemned, their files not yet deleted.
+struct Committed {
+    merged: Merged,
+    pack_id: u64,
+    condemned: Vec<u64>,
+    /// The old packs' locks, held until their files are deleted.
+    _held: Vec<Box<dyn Held>>,
+}
+
+/// Steps 1 to 3 of the module's order; `None` when fewer than two packs could be taken.
+fn merge_and_commit(
+    index: &Index,
+    tier: &str,
+    backend: &Arc<dyn Backend>,
+    packs: &[u64],
+    expected_bytes: u64,
+) -> Result<Option<Committed>> {
+    let mut held = Vec::new();
+    let mut taken = Vec::new();
+    let mut merged = Merged::default();
+    for &pack_id in packs {
+        let key = pack_key(pack_id);
+        let pack = match backend.hold(&key) {
+            Ok(Some(pack)) => pack,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(tier, pack = %key, error = %e, "could not open a small pack; not merged");
+                continue;
+            }
+        };
+        // Condemned by another repack between our scan and our lock.
+        if index.pack_tier(pack_id)?.as_deref() != Some(tier) {
+            continue;
+        }
+        if let Some(live) = read_live(index, pack_id, &key, &*pack)? {
+            merged.dead_records += (live.entries.len() - live.records.len()) as u64;
+            taken.push(live);
+            held.push(pack);
+        }
+    }
+    if taken.len() < 2 {
+        return Ok(None);
+    }
+
+    let mut writer = PackWriter::create(backend, tier, expected_bytes)?;
+    let mut sources = Vec::new();
+    for live in &taken {
+        for (from, range) in &live.records {
+            let record = &live.bytes[range.clone()];
+            let header = RecordHeader::decode(&record[..RECORD_HEADER_BYTES])?;
+            writer.append(&header, &record[RECORD_HEADER_BYTES..])?;
+            sources.push((live.pack_id, from.offset));
+        }
+    }
+    let sealed = writer.seal()?;
+    merged.bytes = sealed.entries.iter().map(record_len).sum();
+    let moves: Vec<Move> = sources
+        .into_iter()
+        .zip(&sealed.entries)
+        .map(|((from_pack, from_offset), to)| Move {
+            from_pack,
+            from_offset,
+            to: *to,
+        })
+        .collect();
+    let old: Vec<OldPack> = taken
+        .into_iter()
+        .map(|live| OldPack {
+            pack_id: live.pack_id,
+            entries: live.entries,
+        })
+        .collect();
+    let condemned = index.commit_repack(&sealed, &moves, &old)?;
+    merged.packs = condemned.len() as u64;
+    Ok(Some(Committed {
+        merged,
+        pack_id: sealed.pack_id,
+        condemned,
+        _held: held,
+    }))
+}
+
+/// Deletes the files of condemned packs; returns those deleted (or already gone). One that
+/// cannot be deleted keeps its `condemned` row, for the next reclaim.
+pub fn delete_condemned(tier: &str, backend: &dyn Backend, condemned: &[u64]) -> Vec<u64> {
+    let mut deleted = Vec::new();
+    for &pack_id in condemned {
+        match backend.remove(&pack_key(pack_id)) {
+            Ok(_) => deleted.push(pack_id),
+            Err(e) => {
+                tracing::warn!(tier, pack = %pack_key(pack_id), error = %e, "could not delete a merged pack; the next reclaim tries again")
+            }
+        }
+    }
+    deleted
+}
+
+/// The live records of one pack, checked, in one buffer.
+struct Live {
+    pack_id: u64,
+    /// Every record the footer lists.
+    entries: Vec<FooterEntry>,
+    /// The live ones: their footer entry and their bytes (header and payload) in `bytes`.
+    records: Vec<(FooterEntry, Range<usize>)>,
+    bytes: Vec<u8>,
+}
+
+fn record_len(e: &FooterEntry) -> u64 {
+    RECORD_HEADER_BYTES as u64 + e.stored_len as u64
+}
+
+/// Reads and checks the records of pack `pack_id` that the index points at. `None`: the pack
+/// is left out (unreadable footer, a chunk known damaged, or a bad record, which is marked
+/// damaged so that the next backup holding its bytes stores them again).
+fn read_live(index: &Index, pack_id: u64, key: &str, held: &dyn Held) -> Result<Option<Live>> {
+    let entries = match read_footer(key, held.len(), |offset, len, buf| {
+        held.read_range(offset, len, buf)
+    }) {
+        Ok(entries) => entries,
+        Err(e) => {
+            tracing::warn!(pack = %key, error = %e, "a small pack's footer cannot be read; not merged");
+            return Ok(None);
+        }
+    };
+    let mut live = Live {
+        pack_id,
+        records: Vec::new(),
+        bytes: Vec::new(),
+        entries,
+    };
+    let mut record = Vec::new();
+    for e in &live.entries {
+        let Some(at) = index.lookup(&e.id)? else {
+            continue;
+        };
+        if at.pack_id != pack_id || at.offset != e.offset {
+            continue;
+        }
+        if index.is_damaged(&e.id)? {
+            return Ok(None);
+        }
+        let len = record_len(e) as usize;
+        let checked = held
+            .read_range(e.offset, len, &mut record)
+            .and_then(|()| check_record(&record, e));
+        if let Err(e2) = checked {
+            let reason = format!("chunk {} in {key}: {e2}", e.id);
+            tracing::warn!(pack = %key, chunk = %e.id, error = %e2, "a bad record found while merging small packs; the pack is left out");
+            index.mark_damaged(&e.id, &at, &reason)?;
+            return Ok(None);
+        }
+        let start = live.bytes.len();
+        live.bytes.extend_from_slice(&record);
+        live.records.push((*e, start..live.bytes.len()));
+    }
+    Ok(Some(live))
+}
+
+/// A record as read matches its footer entry and its header and payload checksums.
+fn check_record(record: &[u8], entry: &FooterEntry) -> Result<()> {
+    let header = RecordHeader::decode(&record[..RECORD_HEADER_BYTES])?;
+    if header.id != entry.id || header.stored_len != entry.stored_len {
+        return Err(Error::corrupt(
+            format!("record at offset {}", entry.offset),
+            format!(
+                "holds chunk {} where the footer says {}",
+                header.id, entry.id
+            ),
+        ));
+    }
+    if xxhash_rust::xxh3::xxh3_64(&record[RECORD_HEADER_BYTES..]) != header.payload_xxh3 {
+        return Err(Error::corrupt(
+            format!("record at offset {}", entry.offset),
+            "payload checksum (xxh3) mismatch",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::format::{ChunkId, Codec};
+    use crate::store::reclaim::reclaim_tier;
+    use crate::store::{LocalDir, Location, SealedPack};
+
+    pub(crate) struct Tier {
+        _dir: tempfile::TempDir,
+        pub index: Index,
+        pub backend: Arc<dyn Backend>,
+        pub tiers: HashMap<String, Arc<dyn Backend>>,
+        pub root: std::path::PathBuf,
+    }
+
+    pub(crate) fn tier() -> Tier {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("hot");
+        std::fs::create_dir(&root).unwrap();
+        let backend: Arc<dyn Backend> = Arc::new(LocalDir::new(&root));
+        Tier {
+            index: Index::open(&dir.path().join("index.redb")).unwrap(),
+            tiers: HashMap::from([("hot".to_string(), backend.clone())]),
+            backend,
+            root,
+            _dir: dir,
+        }
+    }
+
+    pub(crate) fn payload(seed: u32) -> Vec<u8> {
+        (0..4096 + seed)
+            .map(|i| (i.wrapping_mul(seed | 1) >> 3) as u8)
+            .collect()
+    }
+
+    pub(crate) fn id_of(payload: &[u8]) -> ChunkId {
+        ChunkId(*blake3::hash(payload).as_bytes())
+    }
+
+    /// Seals and commits a pack holding the chunks made from `seeds`.
+    pub(crate) fn committed_pack(t: &Tier, seeds: &[u32]) -> SealedPack {
+        let mut writer = PackWriter::create(&t.backend, "hot", 8 << 20).unwrap();
+        for &seed in seeds {
+            let payload = payload(seed);
+            let header = RecordHeader::new(id_of(&payload), Codec::Raw, payload.len(), &payload);
+            writer.append(&header, &payload).unwrap();
+        }
+        let sealed = writer.seal().unwrap();
+        t.index.commit_pack(&sealed).unwrap();
+        sealed
+    }
+
+    fn pack_files(root: &std::path::Path) -> usize {
+        LocalDir::new(root).list("packs").unwrap().len()
+    }
+
+    fn read(t: &Tier, seed: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        crate::store::pack_reader::ChunkReader::new(&t.index, &t.tiers)
+            .read(&id_of(&payload(seed)), &mut out)
+            .unwrap();
+        out
+    }
+
+    fn location(t: &Tier, seed: u32) -> Location {
+        t.index.lookup(&id_of(&payload(seed))).unwrap().unwrap()
+    }
+
+    #[test]
+    fn small_packs_merge_into_one_and_dead_records_are_dropped() {
+        let t = tier();
+        let mut packs = Vec::new();
+        for i in 0..SMALL_PACKS_MERGE_AT as u32 - 1 {
+            packs.push(committed_pack(&t, &[i]));
+        }
+        // Below the threshold: nothing happens.
+        let merged = merge_small_packs(&t.index, "hot", &t.backend, 8 << 20).unwrap();
+        assert_eq!(merged, Merged::default());
+        assert_eq!(pack_files(&t.root), SMALL_PACKS_MERGE_AT - 1);
+
+        // A chunk stored twice (racing writers): the second copy is dead and not carried over.
+        let twice = committed_pack(&t, &[0, 100]);
+        let merged = merge_small_packs(&t.index, "hot", &t.backend, 8 << 20).unwrap();
+        assert_eq!(merged.packs, SMALL_PACKS_MERGE_AT as u64);
+        assert_eq!(merged.dead_records, 1);
+        assert_eq!(pack_files(&t.root), 1);
+        let new_pack = location(&t, 0).pack_id;
+        for seed in (0..SMALL_PACKS_MERGE_AT as u32 - 1).chain([100]) {
+            assert_eq!(read(&t, seed), payload(seed));
+            assert_eq!(location(&t, seed).pack_id, new_pack);
+        }
+        let registered = t.index.pack_ids().unwrap();
+        assert_eq!(registered.into_iter().collect::<Vec<_>>(), vec![new_pack]);
+        assert!(t.index.condemned("hot").unwrap().is_empty());
+        let _ = (packs, twice);
+    }
+
+    #[test]
+    fn a_pack_with_a_bad_record_is_left_out_and_its_chunk_marked_damaged() {
+        let t = tier();
+        let good = committed_pack(&t, &[1]);
+        let bad = committed_pack(&t, &[2]);
+        let other = committed_pack(&t, &[3]);
+        // Flip a payload byte of chunk 2.
+        let path = t.root.join(pack_key(bad.pack_id));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[bad.entries[0].offset as usize + RECORD_HEADER_BYTES + 10] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+
+        let ids = [good.pack_id, bad.pack_id, other.pack_id];
+        let merged = merge(&t.index, "hot", &t.backend, &ids, 1 << 20).unwrap();
+        assert_eq!(merged.packs, 2);
+        assert!(path.exists(), "the damaged pack was merged away");
+        assert_eq!(location(&t, 2).pack_id, bad.pack_id);
+        let damaged = t.index.damaged().unwrap();
+        assert_eq!(damaged.len(), 1);
+        assert_eq!(damaged[0].0, id_of(&payload(2)));
+        assert_eq!(read(&t, 1), payload(1));
+        assert_eq!(read(&t, 3), payload(3));
+    }
+
+    #[test]
+    fn a_pack_another_repack_holds_is_not_taken() {
+        let t = tier();
+        let packs: Vec<u64> = (0..3).map(|i| committed_pack(&t, &[i]).pack_id).collect();
+        let held = t.backend.hold(&pack_key(packs[0])).unwrap().unwrap();
+        let merged = merge(&t.index, "hot", &t.backend, &packs, 1 << 20).unwrap();
+        assert_eq!(merged.packs, 2);
+        assert_eq!(location(&t, 0).pack_id, packs[0]);
+        assert!(t.root.join(pack_key(packs[0])).exists());
+        drop(held);
+    }
+
+    #[test]
+    fn a_merge_committed_but_not_deleted_is_finished_by_reclaim() {
+        let t = tier();
+        let packs: Vec<u64> = (0..4).map(|i| committed_pack(&t, &[i]).pack_id).collect();
+        // The merge up to its index commit, then a crash: the old files stay.
+        let committed = merge_and_commit(&t.index, "hot", &t.backend, &packs, 1 << 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!(committed.condemned.len(), 4);
+        drop(committed);
+        assert_eq!(pack_files(&t.root), 5);
+        assert_eq!(t.index.condemned("hot").unwrap().len(), 4);
+        for seed in 0..4 {
+            assert_eq!(read(&t, seed), payload(seed));
+        }
+
+        // What the next site open (or local backup) runs.
+        let reclaimed = reclaim_tier(&t.index, "hot", &*t.backend).unwrap();
+        assert_eq!(reclaimed.condemned, 4);
+        assert_eq!(pack_files(&t.root), 1);
+        assert!(t.index.condemned("hot").unwrap().is_empty());
+        for (seed, old) in (0..4).zip(&packs) {
+            assert!(!t.root.join(pack_key(*old)).exists());
+            assert_eq!(read(&t, seed), payload(seed));
+        }
+    }
+
+    #[test]
+    fn reclaim_never_deletes_a_pack_that_packs_still_lists() {
+        let t = tier();
+        let packs: Vec<u64> = (0..2).map(|i| committed_pack(&t, &[i]).pack_id).collect();
+        let committed = merge_and_commit(&t.index, "hot", &t.backend, &packs, 1 << 20)
+            .unwrap()
+            .unwrap();
+        drop(committed);
+        // Registered again (as a repair-index would after losing the index).
+        t.index
+            .commit_pack(&SealedPack {
+                pack_id: packs[0],
+                tier: "hot".into(),
+                entries: Vec::new(),
+                bytes: 0,
+            })
+            .unwrap();
+        let reclaimed = reclaim_tier(&t.index, "hot", &*t.backend).unwrap();
+        assert_eq!(reclaimed.condemned, 1);
+        assert!(t.root.join(pack_key(packs[0])).exists());
+        assert!(!t.root.join(pack_key(packs[1])).exists());
+    }
+}
