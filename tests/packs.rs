@@ -1,6 +1,7 @@
 //! Pack space: a killed or failed backup leaves no preallocated pack behind once the site is
 //! opened again, and reclaiming never takes a pack that a live writer (here: this test
-//! process) is writing, nor a sealed one.
+//! process) is writing, nor a sealed one. Small incremental backups do not leave a small
+//! pack each: the tier's small packs are merged once there are enough of them.
 
 mod common;
 
@@ -237,4 +238,47 @@ fn an_oversized_pack_target_is_refused_at_its_position() {
         message.contains("engine.pack_target_bytes") && message.contains("1073741824 (1 GiB)"),
         "{message}"
     );
+}
+
+#[test]
+fn small_incremental_backups_do_not_leave_a_pack_each() {
+    const BACKUPS: u64 = 40;
+    let work = workdir();
+    let data = work.path().join("data");
+    write_random(&data.join("base.bin"), 2 * MIB, 1);
+    let note = |i: u64| random_bytes(20_000 + i as usize, 100 + i);
+    let site = init_site(work.path(), "a");
+    let mut snapshots = Vec::new();
+    let mut merged = 0;
+    for i in 0..BACKUPS {
+        std::fs::write(data.join("note.bin"), note(i)).unwrap();
+        let job = backup(&site, &data);
+        merged += job["packs_merged"]
+            .as_u64()
+            .expect("the job reports packs_merged");
+        snapshots.push(snapshot_id(&job));
+    }
+    let files = packs(&site);
+    assert!(
+        files.len() <= mover::constants::SMALL_PACKS_MERGE_AT + 2,
+        "{} pack files after {BACKUPS} small backups ({merged} merged away)",
+        files.len()
+    );
+    assert!(merged > 0);
+    assert!(files.iter().all(|(_, sealed)| *sealed), "{files:?}");
+
+    // Every snapshot still restores exactly what it saw, and nothing reads as damaged.
+    for (i, snapshot) in snapshots.iter().enumerate() {
+        let to = work.path().join(format!("restored-{i}"));
+        restore(&site, snapshot, &to);
+        assert!(
+            std::fs::read(to.join("base.bin")).unwrap()
+                == std::fs::read(data.join("base.bin")).unwrap()
+        );
+        assert!(
+            std::fs::read(to.join("note.bin")).unwrap() == note(i as u64),
+            "snapshot {i}"
+        );
+    }
+    verify_clean(&site);
 }

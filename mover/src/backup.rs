@@ -384,7 +384,7 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
         time: crate::job::rfc3339(now_ns / 1_000_000_000),
         created_unix_ns: now_ns,
         site: site.name().to_string(),
-        tier,
+        tier: tier.clone(),
         source: job.path.clone(),
         hostname: manifest.hostname.clone(),
         parent: parent.as_ref().map(|(id, _)| hex(id)),
@@ -402,6 +402,8 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
         warnings: job.warnings.len() as u64,
     })?;
     job.snapshot = Some(id_hex);
+    // After the snapshot is visible: a merge neither delays it nor can fail it.
+    job.packs_merged = site.merge_small_packs(&tier);
     job.state = JobState::Done;
     job.elapsed_s = started.elapsed().as_secs_f64();
     record_job(site, &job);

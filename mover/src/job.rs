@@ -227,6 +227,9 @@ pub struct Job {
     pub directories: u64,
     pub chunks_total: u64,
     pub chunks_new: u64,
+    /// Local backup: small packs of the tier merged into one after the snapshot committed
+    /// (`store::repack`); 0 while the tier holds few small packs.
+    pub packs_merged: u64,
     pub workers: usize,
     /// Backup: every file was read with O_DIRECT. Restore: large files were written with it.
     pub direct_io: bool,
@@ -281,6 +284,7 @@ impl Job {
             directories: 0,
             chunks_total: 0,
             chunks_new: 0,
+            packs_merged: 0,
             workers: 0,
             direct_io: true,
             registered_reads: false,

@@ -21,6 +21,7 @@ use crate::format::manifest::{self, Manifest};
 use crate::store::inflight::InFlight;
 use crate::store::pack_reader::ChunkReader;
 use crate::store::reclaim::{self, Reclaimed};
+use crate::store::repack;
 use crate::store::{manifest_key, Backend, Index, LocalDir};
 
 pub const INDEX_FILE_NAME: &str = "index.redb";
@@ -184,6 +185,21 @@ impl Site {
             tracing::warn!(tier, error = %e, "could not look for unsealed packs to reclaim");
             Reclaimed::default()
         })
+    }
+
+    /// Merges the small packs of `tier` once there are enough of them (`store::repack`);
+    /// returns how many packs were merged away. Housekeeping: a failure is logged, never
+    /// fatal (the packs stay as they are, all of them readable).
+    pub fn merge_small_packs(&self, tier: &str) -> u64 {
+        let Some(backend) = self.tiers.get(tier) else {
+            return 0;
+        };
+        repack::merge_small_packs(&self.index, tier, backend, self.config.pack_target_bytes())
+            .map(|merged| merged.packs)
+            .unwrap_or_else(|e| {
+                tracing::warn!(tier, error = %e, "could not merge small packs");
+                0
+            })
     }
 
     /// A copy of the current peers (reloads replace them).
