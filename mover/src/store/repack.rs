@@ -482,4 +482,38 @@ pub(crate) mod tests {
         assert!(t.root.join(pack_key(packs[0])).exists());
         assert!(!t.root.join(pack_key(packs[1])).exists());
     }
+
+    #[test]
+    fn a_site_from_before_the_pack_bytes_table_opens_and_merges() {
+        let mut t = tier();
+        for i in 0..SMALL_PACKS_MERGE_AT as u32 {
+            committed_pack(&t, &[i]);
+        }
+        // The index as the previous build left it: neither `pack_bytes` nor `condemned`.
+        let path = t._dir.path().join("index.redb");
+        t.index = Index::open(&t._dir.path().join("other.redb")).unwrap();
+        {
+            let db = redb::Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.delete_table(redb::TableDefinition::<u64, u64>::new("pack_bytes"))
+                .unwrap();
+            txn.delete_table(redb::TableDefinition::<u64, &str>::new("condemned"))
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        t.index = Index::open(&path).unwrap();
+        assert!(t
+            .index
+            .tier_packs("hot")
+            .unwrap()
+            .iter()
+            .all(|(_, bytes)| bytes.is_none()));
+
+        let merged = merge_small_packs(&t.index, "hot", &t.backend, 8 << 20).unwrap();
+        assert_eq!(merged.packs, SMALL_PACKS_MERGE_AT as u64);
+        assert_eq!(pack_files(&t.root), 1);
+        for seed in 0..SMALL_PACKS_MERGE_AT as u32 {
+            assert_eq!(read(&t, seed), payload(seed));
+        }
+    }
 }
