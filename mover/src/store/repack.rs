@@ -92,7 +92,8 @@ pub fn merge_small_packs(
 
 /// Merges the live records of `packs` (of `tier`) into one new pack of about `expected_bytes`.
 /// Packs that cannot be taken (locked, gone, no longer committed, a bad record) are left out;
-/// with fewer than two taken nothing is written.
+/// with fewer than two taken nothing is kept. Holds one old pack's live records in memory at a
+/// time.
 pub fn merge(
     index: &Index,
     tier: &str,
@@ -137,7 +138,9 @@ fn merge_and_commit(
     expected_bytes: u64,
 ) -> Result<Option<Committed>> {
     let mut held = Vec::new();
-    let mut taken = Vec::new();
+    let mut old = Vec::new();
+    let mut sources = Vec::new();
+    let mut writer = None;
     let mut merged = Merged::default();
     for &pack_id in packs {
         let key = pack_key(pack_id);
@@ -153,26 +156,31 @@ fn merge_and_commit(
         if index.pack_tier(pack_id)?.as_deref() != Some(tier) {
             continue;
         }
-        if let Some(live) = read_live(index, pack_id, &key, &*pack)? {
-            merged.dead_records += (live.entries.len() - live.records.len()) as u64;
-            taken.push(live);
-            held.push(pack);
-        }
-    }
-    if taken.len() < 2 {
-        return Ok(None);
-    }
-
-    let mut writer = PackWriter::create(backend, tier, expected_bytes)?;
-    let mut sources = Vec::new();
-    for live in &taken {
+        // One pack's records in memory at a time (under a quarter of a pack target).
+        let Some(live) = read_live(index, pack_id, &key, &*pack)? else {
+            continue;
+        };
+        let writer = match &mut writer {
+            Some(writer) => writer,
+            None => writer.insert(PackWriter::create(backend, tier, expected_bytes)?),
+        };
         for (from, range) in &live.records {
             let record = &live.bytes[range.clone()];
             let header = RecordHeader::decode(&record[..RECORD_HEADER_BYTES])?;
             writer.append(&header, &record[RECORD_HEADER_BYTES..])?;
-            sources.push((live.pack_id, from.offset));
+            sources.push((pack_id, from.offset));
         }
+        merged.dead_records += (live.entries.len() - live.records.len()) as u64;
+        old.push(OldPack {
+            pack_id,
+            entries: live.entries,
+        });
+        held.push(pack);
     }
+    // One pack alone gains nothing; the writer, dropped unsealed, removes its file.
+    let Some(writer) = writer.filter(|_| old.len() >= 2) else {
+        return Ok(None);
+    };
     let sealed = writer.seal()?;
     merged.bytes = sealed.entries.iter().map(record_len).sum();
     let moves: Vec<Move> = sources
@@ -182,13 +190,6 @@ fn merge_and_commit(
             from_pack,
             from_offset,
             to: *to,
-        })
-        .collect();
-    let old: Vec<OldPack> = taken
-        .into_iter()
-        .map(|live| OldPack {
-            pack_id: live.pack_id,
-            entries: live.entries,
         })
         .collect();
     let condemned = index.commit_repack(&sealed, &moves, &old)?;
@@ -218,7 +219,6 @@ pub fn delete_condemned(tier: &str, backend: &dyn Backend, condemned: &[u64]) ->
 
 /// The live records of one pack, checked, in one buffer.
 struct Live {
-    pack_id: u64,
     /// Every record the footer lists.
     entries: Vec<FooterEntry>,
     /// The live ones: their footer entry and their bytes (header and payload) in `bytes`.
@@ -244,7 +244,6 @@ fn read_live(index: &Index, pack_id: u64, key: &str, held: &dyn Held) -> Result<
         }
     };
     let mut live = Live {
-        pack_id,
         records: Vec::new(),
         bytes: Vec::new(),
         entries,
