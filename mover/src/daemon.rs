@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use transport::tls::TrustStore;
 
+use crate::api::access::Access;
 use crate::api::routes::Api;
-use crate::api::server::Access;
 use crate::audit::{AuditLog, Who};
 use crate::config::Config;
 use crate::constants::DRAIN_WAIT_S;

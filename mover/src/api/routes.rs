@@ -13,17 +13,23 @@
 //! | `GET /v1/status` | the daemon: site, version, uptime, jobs by state |
 //! | `GET /metrics` | Prometheus text |
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
-use hyper::{Method, Request, Response, StatusCode};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Extension, FromRequest, Path, Query, Request, State};
+use axum::http::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use axum::http::{Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{delete, get, post};
+use axum::Router;
 use serde_json::{json, Value};
+use tower_http::normalize_path::NormalizePath;
 
+use super::access::{Access, Caller};
 use super::refusals::{self, Refusals};
-use super::server::Access;
 use crate::audit::Who;
 use crate::constants::{
     API_BODY_BYTES_MAX, API_HEAD_TIMEOUT_S, API_REFUSAL_WINDOW_S, API_WAIT_S_MAX,
@@ -42,7 +48,7 @@ pub struct Api {
     refusals: std::sync::Mutex<Refusals>,
 }
 
-type Reply = Response<Full<Bytes>>;
+type Reply = Response;
 
 impl Api {
     pub fn new(board: std::sync::Arc<Board>, access: Access, socket: std::path::PathBuf) -> Api {
@@ -64,12 +70,11 @@ impl Api {
 
     /// Counts a refused request and audits it at a bounded rate (see [`refusals`]). Writes to
     /// the audit log (fsync): call it off the async threads.
-    pub fn refused(&self, caller: &Who, request: &Request<Incoming>, reason: &str) {
+    pub fn refused(&self, caller: &Who, target: &str, reason: &str) {
         metrics::global().add(names::API_REFUSED, &[("reason", "caller")], 1);
-        let target = format!("{} {}", request.method(), request.uri().path());
         let lines = self
             .lock_refusals()
-            .refused(*caller, &target, reason, Instant::now());
+            .refused(*caller, target, reason, Instant::now());
         self.audit_refusals(lines);
     }
 
@@ -108,7 +113,7 @@ impl Api {
 fn reply(status: StatusCode, body: &Value) -> Reply {
     let mut text = serde_json::to_vec_pretty(body).expect("JSON values serialise");
     text.push(b'\n');
-    let mut response = Response::new(Full::new(Bytes::from(text)));
+    let mut response = Response::new(text.into());
     *response.status_mut() = status;
     response
         .headers_mut()
@@ -120,12 +125,6 @@ fn error(status: StatusCode, reason: impl std::fmt::Display) -> Reply {
     reply(status, &json!({ "error": reason.to_string() }))
 }
 
-/// The answer to every request of a refused caller.
-pub fn refuse(request: &Request<Incoming>, reason: &str) -> Reply {
-    count(request.method(), StatusCode::FORBIDDEN);
-    error(StatusCode::FORBIDDEN, reason)
-}
-
 fn count(method: &Method, status: StatusCode) {
     metrics::global().add(
         names::API_REQUESTS,
@@ -134,41 +133,96 @@ fn count(method: &Method, status: StatusCode) {
     );
 }
 
-pub async fn handle(api: &Api, caller: Who, request: Request<Incoming>) -> Reply {
+/// The route a response answered, for the latency metric's `route` label (`other`: none).
+#[derive(Clone, Copy)]
+struct Route(&'static str);
+
+fn named(route: &'static str, mut reply: Reply) -> Reply {
+    reply.extensions_mut().insert(Route(route));
+    reply
+}
+
+/// The API as one service: axum routes the requests, tower layers bound them, and the
+/// connection's [`Caller`] (set by `server` as a request extension) is checked before
+/// anything else runs. A trailing slash is ignored (`/v1/jobs/` is `/v1/jobs`).
+pub fn app(api: Arc<Api>) -> NormalizePath<Router> {
+    let router = Router::new()
+        .route(
+            "/v1/jobs",
+            post(submit_route)
+                .get(list_route)
+                .fallback(|m: Method, u: Uri| async move { not_allowed(&m, &u, "GET, POST") }),
+        )
+        .route(
+            "/v1/jobs/{id}",
+            get(get_route)
+                .merge(delete(cancel_route))
+                .fallback(|m: Method, u: Uri| async move { not_allowed(&m, &u, "GET, DELETE") }),
+        )
+        .route("/v1/jobs/{id}/wait", only_get(get(wait_route)))
+        .route("/v1/snapshots", only_get(get(snapshots_route)))
+        .route("/v1/sites", only_get(get(sites_route)))
+        .route("/v1/status", only_get(get(status_route)))
+        .route("/metrics", only_get(get(metrics_route)))
+        .fallback(|m: Method, u: Uri| async move {
+            error(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "{m} {}: no such endpoint (see the README's API section)",
+                    u.path()
+                ),
+            )
+        })
+        // Layers run outside in: the caller check, then the metrics, then the body bound
+        // that every body extractor obeys.
+        .layer(DefaultBodyLimit::max(API_BODY_BYTES_MAX))
+        .layer(middleware::from_fn(observe))
+        .layer(middleware::from_fn_with_state(api.clone(), guard))
+        .with_state(api);
+    NormalizePath::trim_trailing_slash(router)
+}
+
+fn only_get(route: axum::routing::MethodRouter<Arc<Api>>) -> axum::routing::MethodRouter<Arc<Api>> {
+    route.fallback(|m: Method, u: Uri| async move { not_allowed(&m, &u, "GET") })
+}
+
+fn not_allowed(method: &Method, uri: &Uri, methods: &'static str) -> Reply {
+    let mut r = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} {}: expected {methods}", uri.path()),
+    );
+    r.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(methods));
+    r
+}
+
+/// Answers every request of a refused caller with 403 and the reason, and audits it.
+async fn guard(State(api): State<Arc<Api>>, request: Request, next: Next) -> Response {
+    let Some(caller) = request.extensions().get::<Caller>().cloned() else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "request without the caller's credentials (the API serves only its Unix socket)",
+        );
+    };
+    let Some(reason) = caller.refusal.as_deref() else {
+        return next.run(request).await;
+    };
+    let target = format!("{} {}", request.method(), request.uri().path());
+    // The audit log fsyncs: off the async threads.
+    tokio::task::block_in_place(|| api.refused(&caller.who, &target, reason));
+    count(request.method(), StatusCode::FORBIDDEN);
+    error(StatusCode::FORBIDDEN, reason)
+}
+
+/// Counts every answered request by method and status, and times it per route.
+async fn observe(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
-    let path = request.uri().path().to_string();
-    let query = request.uri().query().unwrap_or("").to_string();
-    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
-    let (route, response) = match (segments.as_slice(), &method) {
-        (["v1", "jobs"], &Method::POST) => ("jobs.submit", submit(api, caller, request).await),
-        (["v1", "jobs"], &Method::GET) => ("jobs.list", list(api, &query)),
-        (["v1", "jobs", id], &Method::GET) => ("jobs.get", get(api, id)),
-        (["v1", "jobs", id], &Method::DELETE) => ("jobs.cancel", cancel(api, caller, id)),
-        (["v1", "jobs", id, "wait"], &Method::GET) => ("jobs.wait", wait(api, id, &query).await),
-        (["v1", "snapshots"], &Method::GET) => ("snapshots", snapshots(api)),
-        (["v1", "sites"], &Method::GET) => ("sites", sites(api)),
-        (["v1", "status"], &Method::GET) => ("status", status(api)),
-        (["metrics"], &Method::GET) => ("metrics", metrics_text(api)),
-        (known, _) => match allowed(known) {
-            Some(methods) => {
-                let mut r = error(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    format!("{method} {path}: expected {methods}"),
-                );
-                r.headers_mut()
-                    .insert(ALLOW, HeaderValue::from_static(methods));
-                ("other", r)
-            }
-            None => (
-                "other",
-                error(
-                    StatusCode::NOT_FOUND,
-                    format!("{method} {path}: no such endpoint (see the README's API section)"),
-                ),
-            ),
-        },
-    };
+    let response = next.run(request).await;
+    let route = response
+        .extensions()
+        .get::<Route>()
+        .map_or("other", |r| r.0);
     count(&method, response.status());
     metrics::global().observe(
         names::API_REQUEST_SECONDS,
@@ -178,28 +232,85 @@ pub async fn handle(api: &Api, caller: Who, request: Request<Incoming>) -> Reply
     response
 }
 
-fn allowed(segments: &[&str]) -> Option<&'static str> {
-    match segments {
-        ["v1", "jobs"] => Some("GET, POST"),
-        ["v1", "jobs", _] => Some("GET, DELETE"),
-        ["v1", "jobs", _, "wait"]
-        | ["v1", "snapshots"]
-        | ["v1", "sites"]
-        | ["v1", "status"]
-        | ["metrics"] => Some("GET"),
-        _ => None,
-    }
+type Params = Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>;
+
+type Id = Result<Path<String>, axum::extract::rejection::PathRejection>;
+
+/// The 400 that names what is wrong with a job id in the path (bad percent-encoding).
+fn bad_id(e: axum::extract::rejection::PathRejection) -> Reply {
+    error(
+        StatusCode::BAD_REQUEST,
+        format!("job id: {}", e.body_text()),
+    )
 }
 
-fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
-    query
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
+/// The 400 that names what is wrong with a query string.
+fn bad_query(e: axum::extract::rejection::QueryRejection) -> Reply {
+    error(StatusCode::BAD_REQUEST, format!("query: {}", e.body_text()))
 }
 
-async fn submit(api: &Api, caller: Who, request: Request<Incoming>) -> Reply {
+async fn submit_route(
+    State(api): State<Arc<Api>>,
+    Extension(caller): Extension<Caller>,
+    request: Request,
+) -> Reply {
+    named("jobs.submit", submit(&api, caller.who, request).await)
+}
+
+async fn list_route(State(api): State<Arc<Api>>, query: Params) -> Reply {
+    let reply = match query {
+        Ok(Query(query)) => list(&api, &query),
+        Err(e) => bad_query(e),
+    };
+    named("jobs.list", reply)
+}
+
+async fn get_route(State(api): State<Arc<Api>>, id: Id) -> Reply {
+    let reply = match id {
+        Ok(Path(id)) => get_job(&api, &id),
+        Err(e) => bad_id(e),
+    };
+    named("jobs.get", reply)
+}
+
+async fn cancel_route(
+    State(api): State<Arc<Api>>,
+    Extension(caller): Extension<Caller>,
+    id: Id,
+) -> Reply {
+    let reply = match id {
+        Ok(Path(id)) => cancel(&api, caller.who, &id),
+        Err(e) => bad_id(e),
+    };
+    named("jobs.cancel", reply)
+}
+
+async fn wait_route(State(api): State<Arc<Api>>, id: Id, query: Params) -> Reply {
+    let reply = match (id, query) {
+        (Ok(Path(id)), Ok(Query(query))) => wait(&api, &id, &query).await,
+        (Err(e), _) => bad_id(e),
+        (_, Err(e)) => bad_query(e),
+    };
+    named("jobs.wait", reply)
+}
+
+async fn snapshots_route(State(api): State<Arc<Api>>) -> Reply {
+    named("snapshots", snapshots(&api))
+}
+
+async fn sites_route(State(api): State<Arc<Api>>) -> Reply {
+    named("sites", sites(&api))
+}
+
+async fn status_route(State(api): State<Arc<Api>>) -> Reply {
+    named("status", status(&api))
+}
+
+async fn metrics_route(State(api): State<Arc<Api>>) -> Reply {
+    named("metrics", metrics_text(&api))
+}
+
+async fn submit(api: &Api, caller: Who, request: Request) -> Reply {
     let declared = request
         .headers()
         .get(CONTENT_LENGTH)
@@ -214,7 +325,8 @@ async fn submit(api: &Api, caller: Who, request: Request<Incoming>) -> Reply {
             ),
         );
     }
-    let collect = Limited::new(request.into_body(), API_BODY_BYTES_MAX).collect();
+    // Bytes obeys the DefaultBodyLimit layer, so a chunked body is cut off at the bound too.
+    let collect = Bytes::from_request(request, &());
     let Ok(collected) =
         tokio::time::timeout(Duration::from_secs(API_HEAD_TIMEOUT_S), collect).await
     else {
@@ -224,11 +336,8 @@ async fn submit(api: &Api, caller: Who, request: Request<Incoming>) -> Reply {
         );
     };
     let body = match collected {
-        Ok(body) => body.to_bytes(),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
+        Ok(body) => body,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("request body: expected at most {API_BODY_BYTES_MAX} bytes"),
@@ -237,7 +346,7 @@ async fn submit(api: &Api, caller: Who, request: Request<Incoming>) -> Reply {
         Err(e) => {
             return error(
                 StatusCode::BAD_REQUEST,
-                format!("reading the request body: {e}"),
+                format!("reading the request body: {}", e.body_text()),
             )
         }
     };
@@ -266,8 +375,8 @@ fn parse_state(text: &str) -> Option<JobState> {
     serde_json::from_value(Value::String(text.to_string())).ok()
 }
 
-fn list(api: &Api, query: &str) -> Reply {
-    let only = match query_param(query, "state") {
+fn list(api: &Api, query: &HashMap<String, String>) -> Reply {
+    let only = match query.get("state") {
         Some(s) => match parse_state(s) {
             Some(state) => Some(state),
             None => {
@@ -279,7 +388,7 @@ fn list(api: &Api, query: &str) -> Reply {
         },
         None => None,
     };
-    let limit = match query_param(query, "limit").map(str::parse::<usize>) {
+    let limit = match query.get("limit").map(|v| v.parse::<usize>()) {
         None => 100,
         Some(Ok(n)) if n > 0 => n,
         Some(_) => {
@@ -315,7 +424,7 @@ fn lookup(api: &Api, id: &str) -> Result<crate::jobs::JobRecord, Box<Reply>> {
     }
 }
 
-fn get(api: &Api, id: &str) -> Reply {
+fn get_job(api: &Api, id: &str) -> Reply {
     match lookup(api, id) {
         Ok(record) => reply(StatusCode::OK, &json!(record)),
         Err(reply) => *reply,
@@ -339,8 +448,8 @@ fn cancel(api: &Api, caller: Who, id: &str) -> Reply {
 
 /// Holds the request until the job ends (or `timeout` passes), woken by the board's
 /// change counter rather than polling.
-async fn wait(api: &Api, id: &str, query: &str) -> Reply {
-    let timeout = match query_param(query, "timeout").map(str::parse::<f64>) {
+async fn wait(api: &Api, id: &str, query: &HashMap<String, String>) -> Reply {
+    let timeout = match query.get("timeout").map(|v| v.parse::<f64>()) {
         None => 30.0,
         Some(Ok(s)) if s.is_finite() && s >= 0.0 => s.min(API_WAIT_S_MAX as f64),
         Some(_) => {
@@ -447,7 +556,7 @@ fn metrics_text(api: &Api) -> Reply {
     );
     m.set(names::UP, &[], 1.0);
     m.set(names::START_TIME, &[], api.started_unix_s);
-    let mut response = Response::new(Full::new(Bytes::from(m.render())));
+    let mut response = Response::new(m.render().into());
     response.headers_mut().insert(
         CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

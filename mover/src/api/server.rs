@@ -1,20 +1,23 @@
-//! The API socket: creation, caller checks and the HTTP/1.1 connections.
+//! The API socket: creation, the accept loop and the HTTP/1.1 connections.
 //!
 //! The socket is bound under a temporary name, given its mode and group, then renamed into
-//! place, so there is no instant at which it exists with looser permissions. Each accepted
-//! connection is checked against `[api]` by SO_PEERCRED (uid, gid and the process's
-//! supplementary groups); a refused caller still gets HTTP answers (403 with the reason), and
-//! its refusals are audited at a bounded rate (`refusals`).
+//! place, so there is no instant at which it exists with looser permissions. The accept loop
+//! is ours, not axum's `serve`, because it is where the peer credentials are: each accepted
+//! connection's caller is read by SO_PEERCRED and judged once (`access`), and the verdict
+//! rides on every request of the connection as an extension to the router (`routes`), which
+//! answers a refused caller 403 and audits it at a bounded rate. The connection cap, the
+//! head size and the head timeout are enforced here because they come before any request
+//! exists for a tower layer to see.
 
-use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tower::ServiceExt;
 
 use super::routes::{self, Api};
 use crate::audit::Who;
@@ -23,64 +26,6 @@ use crate::constants::{
     API_CONNECTIONS_MAX, API_HEAD_BYTES_MAX, API_HEAD_TIMEOUT_S, API_REFUSAL_WINDOW_S,
 };
 use crate::error::{Error, Result};
-
-/// Who may call, reloadable on SIGHUP.
-pub struct Access {
-    section: RwLock<ApiSection>,
-    daemon_uid: u32,
-}
-
-impl Access {
-    pub fn new(section: ApiSection) -> Access {
-        Access {
-            section: RwLock::new(section),
-            // SAFETY: geteuid has no preconditions.
-            daemon_uid: unsafe { libc::geteuid() },
-        }
-    }
-
-    pub fn replace(&self, section: ApiSection) {
-        *self.section.write().unwrap_or_else(|e| e.into_inner()) = section;
-    }
-
-    /// `Err(reason)` for a caller the config does not allow.
-    pub fn check(&self, caller: &Who) -> std::result::Result<(), String> {
-        if caller.uid == 0 || caller.uid == self.daemon_uid {
-            return Ok(());
-        }
-        let section = self.section.read().unwrap_or_else(|e| e.into_inner());
-        if section.allowed_uids.contains(&caller.uid) {
-            return Ok(());
-        }
-        if !section.allowed_gids.is_empty() {
-            let mut groups = supplementary_groups(caller.pid);
-            groups.push(caller.gid);
-            if groups.iter().any(|g| section.allowed_gids.contains(g)) {
-                return Ok(());
-            }
-        }
-        Err(format!(
-            "uid {} (gid {}) may not use this daemon: expected root, uid {}, or a uid/gid listed in [api] allowed_uids/allowed_gids",
-            caller.uid, caller.gid, self.daemon_uid
-        ))
-    }
-}
-
-/// The caller process's supplementary groups (SO_PEERCRED carries only the primary one).
-fn supplementary_groups(pid: i32) -> Vec<u32> {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return Vec::new();
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| {
-            g.split_whitespace()
-                .filter_map(|n| n.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 /// Binds the socket at `path` with the configured mode and group.
 pub fn bind(path: &Path, section: &ApiSection) -> Result<std::os::unix::net::UnixListener> {
@@ -161,6 +106,9 @@ pub async fn serve(
             return;
         }
     };
+    let app = routes::app(api.clone());
+    // Connections, not requests, are what is scarce (a file descriptor and a task each, idle
+    // or not), so the cap gates accept; tower's concurrency limit would only see requests.
     let slots = Arc::new(tokio::sync::Semaphore::new(API_CONNECTIONS_MAX));
     // Writes the counts of refusal windows that end while their caller is quiet.
     let sweeper = tokio::spawn({
@@ -203,22 +151,14 @@ pub async fn serve(
                 continue;
             }
         };
-        let api = api.clone();
+        let caller = api.access.caller(caller);
+        let app = app.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let refusal = api.access.check(&caller).err();
-            let service = service_fn(move |request| {
-                let (api, refusal) = (api.clone(), refusal.clone());
-                async move {
-                    let response = match refusal {
-                        Some(reason) => {
-                            tokio::task::block_in_place(|| api.refused(&caller, &request, &reason));
-                            routes::refuse(&request, &reason)
-                        }
-                        None => routes::handle(&api, caller, request).await,
-                    };
-                    Ok::<_, Infallible>(response)
-                }
+            let uid = caller.who.uid;
+            let service = service_fn(move |mut request| {
+                request.extensions_mut().insert(caller.clone());
+                app.clone().oneshot(request)
             });
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -226,7 +166,7 @@ pub async fn serve(
                 .max_buf_size(API_HEAD_BYTES_MAX)
                 .serve_connection(TokioIo::new(stream), service);
             if let Err(e) = connection.await {
-                tracing::debug!(uid = caller.uid, error = %e, "API connection ended with an error");
+                tracing::debug!(uid, error = %e, "API connection ended with an error");
             }
         });
     }
