@@ -264,7 +264,7 @@ fn jobs_via_curl_and_cli() {
         "mover_jobs{state=\"done\"} 4",
         "mover_bytes_read_total{site=\"a\"}",
         "mover_bytes_stored_total{site=\"a\",tier=\"hot\"}",
-        "mover_stage_seconds{stage=\"pack_seal\",quantile=\"0.99\"}",
+        "mover_stage_seconds_bucket{stage=\"pack_seal\",le=\"+Inf\"}",
         "mover_job_queue_wait_seconds_count 4",
         "mover_api_requests_total{method=\"POST\",status=\"201\"}",
     ] {

@@ -1,45 +1,46 @@
-//! Process-wide metrics for the daemon's `GET /metrics`, in Prometheus text format 0.0.4.
+//! Process-wide metrics for the daemon's `GET /metrics`, in Prometheus text format 0.0.4,
+//! kept and encoded by prometheus-client.
 //!
 //! What mover exports is listed once, in [`names`]: byte counters per site, tier and link
 //! (read, deduplicated, stored, shipped, received, restored), job and API counters, gauges
-//! for queue depth, job states and peer connections, and latency summaries for each pipeline
+//! for queue depth, job states and peer connections, and latency histograms for each pipeline
 //! stage, queue wait and API route. Call sites pass a `&'static Def` from that table, so a
 //! metric name can never be typo'd, and [`global`] is the one registry the daemon renders.
 //!
-//! Cost: every call takes one mutex and looks up a `BTreeMap` keyed by (name, sorted labels),
-//! allocating the small label vector. That is fine per extent (64 MiB) or per batch (8 MiB)
-//! from several threads; never call it per byte or per chunk in a hot loop. Summaries keep an
-//! hdrhistogram of microseconds (1 µs .. 1 h, 3 significant digits, saturating) plus an exact
-//! f64 sum. Nothing here panics: a poisoned mutex is recovered, bad observations are dropped.
+//! Latencies are histograms, not summaries, because buckets add up across series and sites
+//! (`sum by (le)`), where quantiles cannot. One bucket layout serves every latency: see
+//! [`LATENCY_BUCKETS`].
+//!
+//! Cost: every call looks up its family in a fixed map, allocates the small sorted label
+//! vector and takes the family's read lock (its write lock for a new series); counters and
+//! gauges are atomics, a histogram observation takes that series' mutex. That is fine per
+//! extent (64 MiB) or per batch (8 MiB) from several threads; never call it per byte or per
+//! chunk in a hot loop. Nothing here panics: bad observations are dropped.
 
-use std::collections::btree_map::{BTreeMap, Entry};
-use std::fmt::Write as _;
-use std::sync::{LazyLock, Mutex, MutexGuard};
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::LazyLock;
 use std::time::Duration;
 
-use hdrhistogram::Histogram;
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 /// How a metric is exposed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Counter,
     Gauge,
-    Summary,
-}
-
-impl Kind {
-    fn as_str(self) -> &'static str {
-        match self {
-            Kind::Counter => "counter",
-            Kind::Gauge => "gauge",
-            Kind::Summary => "summary",
-        }
-    }
+    Histogram,
 }
 
 /// Every metric mover exports, with its help text: one table, so names are never typo'd at call sites.
 #[derive(Debug)]
 pub struct Def {
+    /// The name as exposed (a counter's ends in `_total`).
     pub name: &'static str,
     pub kind: Kind,
     pub help: &'static str,
@@ -50,10 +51,14 @@ pub mod names {
     use super::{Def, Kind};
 
     macro_rules! defs {
-        ($($id:ident: $kind:ident $name:literal [$($l:ident)*] $help:literal;)*) => {$(
-            #[doc = concat!("`", $name, "` (", stringify!($kind), $(", ", stringify!($l),)* "): ", $help)]
-            pub const $id: &Def = &Def { name: $name, kind: Kind::$kind, help: $help };
-        )*};
+        ($($id:ident: $kind:ident $name:literal [$($l:ident)*] $help:literal;)*) => {
+            $(
+                #[doc = concat!("`", $name, "` (", stringify!($kind), $(", ", stringify!($l),)* "): ", $help)]
+                pub const $id: &Def = &Def { name: $name, kind: Kind::$kind, help: $help };
+            )*
+            /// Every definition above, in the order they are exposed.
+            pub const ALL: &[&Def] = &[$($id),*];
+        };
     }
 
     defs! {
@@ -83,59 +88,49 @@ pub mod names {
         UP: Gauge "mover_up" [] "1 while the daemon is serving.";
         START_TIME: Gauge "mover_start_time_seconds" []
             "Daemon start time, seconds since the Unix epoch.";
-        STAGE_SECONDS: Summary "mover_stage_seconds" [stage]
+        STAGE_SECONDS: Histogram "mover_stage_seconds" [stage]
             "Seconds per unit of work in each stage (read_extent, chunk_hash, pack_seal, \
              index_commit, ship_batch, receive_ack, restore_file, ...).";
-        JOB_QUEUE_WAIT: Summary "mover_job_queue_wait_seconds" []
+        JOB_QUEUE_WAIT: Histogram "mover_job_queue_wait_seconds" []
             "Seconds jobs waited in the queue before starting.";
-        API_REQUEST_SECONDS: Summary "mover_api_request_seconds" [route]
+        API_REQUEST_SECONDS: Histogram "mover_api_request_seconds" [route]
             "HTTP API request latency in seconds, per route.";
     }
 }
 
-/// Largest recordable latency: one hour, in microseconds. Larger values clamp to it.
-const MAX_US: u64 = 3_600_000_000;
-const QUANTILES: [(f64, &str); 4] = [(0.5, "0.5"), (0.9, "0.9"), (0.99, "0.99"), (0.999, "0.999")];
+/// Upper bounds (seconds) of every latency histogram: 1, 2.5 and 5 per decade from 10 µs to
+/// 50 000 s. The summaries they replace covered 1 µs .. 1 h; nothing mover times is under
+/// 10 µs (an API answer from memory takes ~30 µs), and the top reaches past the longest
+/// API long poll (1 h) and covers queue waits of half a day; beyond lands in `+Inf`. Three
+/// buckets a decade keep `histogram_quantile` within a factor of 2.5 everywhere, for 31
+/// series lines per label set.
+pub const LATENCY_BUCKETS: [f64; 30] = [
+    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1e3, 2.5e3, 5e3, 1e4, 2.5e4, 5e4,
+];
 
+/// A series' labels, sorted by name, so the order at call sites does not matter.
 type Labels = Vec<(&'static str, String)>;
 
-struct Summary {
-    hist: Histogram<u64>,
-    sum: f64,
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
 }
 
-enum Value {
-    Counter(u64),
-    Gauge(f64),
-    Summary(Box<Summary>),
+enum Series {
+    Counter(Family<Labels, Counter>),
+    Gauge(Family<Labels, Gauge<f64, AtomicU64>>),
+    Histogram(Family<Labels, Histogram, fn() -> Histogram>),
 }
 
-struct Family {
-    def: &'static Def,
-    series: BTreeMap<Labels, Value>,
-}
-
-/// A registry of counters, gauges and summaries; see [`global`].
+/// A registry holding every metric of [`names::ALL`]; see [`global`].
 pub struct Metrics {
-    families: Mutex<BTreeMap<&'static str, Family>>,
+    registry: Registry,
+    series: HashMap<&'static str, Series>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-impl Value {
-    fn new(kind: Kind) -> Option<Value> {
-        Some(match kind {
-            Kind::Counter => Value::Counter(0),
-            Kind::Gauge => Value::Gauge(0.0),
-            Kind::Summary => {
-                let hist = Histogram::new_with_bounds(1, MAX_US, 3).ok()?;
-                Value::Summary(Box::new(Summary { hist, sum: 0.0 }))
-            }
-        })
     }
 }
 
@@ -147,88 +142,57 @@ fn key(labels: &[(&'static str, &str)]) -> Labels {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        Metrics {
-            families: Mutex::new(BTreeMap::new()),
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<&'static str, Family>> {
-        self.families.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Runs `f` on the series for (def, labels), created on first use. A `def` of another
-    /// kind than the caller expects is ignored rather than mixed in.
-    fn update(
-        &self,
-        def: &'static Def,
-        labels: &[(&'static str, &str)],
-        kind: Kind,
-        f: impl FnOnce(&mut Value),
-    ) {
-        if def.kind != kind {
-            return;
-        }
-        let key = key(labels);
-        let mut fams = self.lock();
-        let fam = fams.entry(def.name).or_insert_with(|| Family {
-            def,
-            series: BTreeMap::new(),
-        });
-        match fam.series.entry(key) {
-            Entry::Occupied(e) => f(e.into_mut()),
-            Entry::Vacant(e) => {
-                if let Some(v) = Value::new(kind) {
-                    f(e.insert(v));
+        let mut registry = Registry::default();
+        let mut series = HashMap::new();
+        for def in names::ALL {
+            // prometheus-client adds a counter's `_total` and the help's final period itself.
+            let name = def.name.strip_suffix("_total").unwrap_or(def.name);
+            let help = def.help.strip_suffix('.').unwrap_or(def.help);
+            let s = match def.kind {
+                Kind::Counter => {
+                    let family = Family::default();
+                    registry.register(name, help, family.clone());
+                    Series::Counter(family)
                 }
-            }
+                Kind::Gauge => {
+                    let family = Family::default();
+                    registry.register(name, help, family.clone());
+                    Series::Gauge(family)
+                }
+                Kind::Histogram => {
+                    let family = Family::new_with_constructor(latency_histogram as fn() -> _);
+                    registry.register(name, help, family.clone());
+                    Series::Histogram(family)
+                }
+            };
+            series.insert(def.name, s);
         }
+        Metrics { registry, series }
     }
 
-    fn read<T>(
-        &self,
-        def: &'static Def,
-        labels: &[(&'static str, &str)],
-        f: impl FnOnce(&Value) -> Option<T>,
-    ) -> Option<T> {
-        self.lock()
-            .get(def.name)?
-            .series
-            .get(&key(labels))
-            .and_then(f)
-    }
-
-    /// Adds `value` to a counter (saturating).
+    /// Adds `value` to a counter. A `def` of another kind is ignored rather than mixed in.
     pub fn add(&self, def: &'static Def, labels: &[(&'static str, &str)], value: u64) {
-        self.update(def, labels, Kind::Counter, |v| {
-            if let Value::Counter(c) = v {
-                *c = c.saturating_add(value);
-            }
-        });
+        if let Some(Series::Counter(f)) = self.series.get(def.name) {
+            f.get_or_create(&key(labels)).inc_by(value);
+        }
     }
 
     /// Sets a gauge.
     pub fn set(&self, def: &'static Def, labels: &[(&'static str, &str)], value: f64) {
-        self.update(def, labels, Kind::Gauge, |v| {
-            if let Value::Gauge(g) = v {
-                *g = value;
-            }
-        });
+        if let Some(Series::Gauge(f)) = self.series.get(def.name) {
+            f.get_or_create(&key(labels)).set(value);
+        }
     }
 
-    /// Records one latency in a summary. Negative or NaN seconds are ignored; values above
-    /// one hour (infinity included) count as one hour.
+    /// Records one latency in a histogram. Negative, NaN and infinite seconds are dropped:
+    /// they are clock errors, and one would poison the histogram's sum for good.
     pub fn observe(&self, def: &'static Def, labels: &[(&'static str, &str)], seconds: f64) {
-        if seconds.is_nan() || seconds < 0.0 {
+        if !seconds.is_finite() || seconds < 0.0 {
             return;
         }
-        let seconds = seconds.min(MAX_US as f64 / 1e6);
-        let micros = ((seconds * 1e6).round() as u64).min(MAX_US);
-        self.update(def, labels, Kind::Summary, |v| {
-            if let Value::Summary(s) = v {
-                s.hist.saturating_record(micros);
-                s.sum += seconds;
-            }
-        });
+        if let Some(Series::Histogram(f)) = self.series.get(def.name) {
+            f.get_or_create(&key(labels)).observe(seconds);
+        }
     }
 
     /// [`Metrics::observe`] for a measured [`Duration`].
@@ -243,91 +207,32 @@ impl Metrics {
 
     /// A counter's current value; 0 when the series doesn't exist. For tests.
     pub fn counter_value(&self, def: &'static Def, labels: &[(&'static str, &str)]) -> u64 {
-        let f = |v: &Value| match v {
-            Value::Counter(c) => Some(*c),
-            _ => None,
-        };
-        self.read(def, labels, f).unwrap_or_default()
+        match self.series.get(def.name) {
+            Some(Series::Counter(f)) => f.get(&key(labels)).map_or(0, |c| c.get()),
+            _ => 0,
+        }
     }
 
     /// A gauge's current value, if it was ever set. For tests.
     pub fn gauge_value(&self, def: &'static Def, labels: &[(&'static str, &str)]) -> Option<f64> {
-        self.read(def, labels, |v| match v {
-            Value::Gauge(g) => Some(*g),
+        match self.series.get(def.name) {
+            Some(Series::Gauge(f)) => f.get(&key(labels)).map(|g| g.get()),
             _ => None,
-        })
+        }
     }
 
-    /// The full exposition text: every metric with at least one series, sorted by name, then
-    /// its series sorted by labels.
+    /// The full exposition text (Prometheus text format 0.0.4, [`CONTENT_TYPE`]): every
+    /// metric of the table with at least one series, in the table's order.
     pub fn render(&self) -> String {
-        let fams = self.lock();
-        let mut out = String::with_capacity(4096);
-        for (name, fam) in fams.iter().filter(|(_, f)| !f.series.is_empty()) {
-            let help = fam.def.help.replace('\\', "\\\\").replace('\n', "\\n");
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {}", fam.def.kind.as_str());
-            for (labels, value) in &fam.series {
-                match value {
-                    Value::Counter(c) => sample(&mut out, name, "", labels, None, *c as f64),
-                    Value::Gauge(g) => sample(&mut out, name, "", labels, None, *g),
-                    Value::Summary(s) => {
-                        for (q, qs) in QUANTILES {
-                            let secs = s.hist.value_at_quantile(q) as f64 / 1e6;
-                            sample(&mut out, name, "", labels, Some(qs), secs);
-                        }
-                        sample(&mut out, name, "_sum", labels, None, s.sum);
-                        sample(&mut out, name, "_count", labels, None, s.hist.len() as f64);
-                    }
-                }
-            }
-        }
+        let mut out = String::with_capacity(16 * 1024);
+        // Writing into a String cannot fail; the encoder's own errors are only the writer's.
+        let _ = prometheus_text::encode(&mut out, &self.registry);
         out
     }
 }
 
-/// Writes one sample line: `name{labels[,quantile]} value`.
-fn sample(out: &mut String, name: &str, suffix: &str, labels: &Labels, q: Option<&str>, v: f64) {
-    out.push_str(name);
-    out.push_str(suffix);
-    let quantile = q.map(|q| ("quantile", q));
-    let all = labels.iter().map(|(k, v)| (*k, v.as_str())).chain(quantile);
-    for (i, (k, val)) in all.enumerate() {
-        out.push(if i == 0 { '{' } else { ',' });
-        out.push_str(k);
-        out.push_str("=\"");
-        escape_label(out, val);
-        out.push('"');
-    }
-    if !labels.is_empty() || q.is_some() {
-        out.push('}');
-    }
-    out.push(' ');
-    out.push_str(&fmt_float(v));
-    out.push('\n');
-}
-
-fn escape_label(out: &mut String, v: &str) {
-    for ch in v.chars() {
-        match ch {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-}
-
-/// Prometheus floats: Go's `ParseFloat` syntax, with `+Inf`, `-Inf` and `NaN`.
-fn fmt_float(v: f64) -> String {
-    if v.is_nan() {
-        "NaN".into()
-    } else if v.is_infinite() {
-        if v > 0.0 { "+Inf" } else { "-Inf" }.into()
-    } else {
-        format!("{v}")
-    }
-}
+/// The `Content-Type` of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
 /// The process's registry, rendered by the daemon's `GET /metrics`.
 pub fn global() -> &'static Metrics {
@@ -364,11 +269,10 @@ mod tests {
         assert_eq!(get(&[("site", "a"), ("tier", "hot")]), 12_000);
         assert_eq!(get(&[("tier", "cold"), ("site", "a")]), 12_000);
         assert_eq!(get(&[("site", "b"), ("tier", "hot")]), 0);
-        // A def of the wrong kind is ignored; counters saturate.
+        // A def of the wrong kind is ignored.
         m.set(BYTES_STORED, &[("site", "a"), ("tier", "hot")], 1.0);
-        m.add(BYTES_STORED, &[("site", "a"), ("tier", "cold")], u64::MAX);
+        m.observe(BYTES_STORED, &[("site", "a"), ("tier", "hot")], 1.0);
         assert_eq!(get(&[("site", "a"), ("tier", "hot")]), 12_000);
-        assert_eq!(get(&[("site", "a"), ("tier", "cold")]), u64::MAX);
         global().add(BYTES_RESTORED, &[("site", "global-test")], 2);
         global().add(BYTES_RESTORED, &[("site", "global-test")], 3);
         assert_eq!(
@@ -391,38 +295,56 @@ mod tests {
     }
 
     #[test]
-    fn summary_quantiles() {
+    fn histogram_buckets_count_cumulatively() {
         let (m, stage) = (Metrics::new(), [("stage", "chunk_hash")]);
         (1..=1000u32).for_each(|ms| m.observe(STAGE_SECONDS, &stage, f64::from(ms) / 1e3));
         let text = m.render();
-        for (q, want) in [("0.5", 0.5), ("0.9", 0.9), ("0.99", 0.99), ("0.999", 0.999)] {
-            let series = format!("mover_stage_seconds{{stage=\"chunk_hash\",quantile=\"{q}\"}}");
-            let got = line_value(&text, &series);
-            assert!((got - want).abs() <= want * 0.01, "p{q}: {got} vs {want}");
+        let bucket = |le: &str| {
+            let series = format!("mover_stage_seconds_bucket{{stage=\"chunk_hash\",le=\"{le}\"}}");
+            line_value(&text, &series)
+        };
+        // Bounds are inclusive: 1 ms, 2 ms (≤ 2.5 ms), ..., 1 s.
+        for (le, want) in [
+            ("0.0005", 0.0),
+            ("0.001", 1.0),
+            ("0.0025", 2.0),
+            ("0.1", 100.0),
+        ] {
+            assert_eq!(bucket(le), want, "le={le}\n{text}");
         }
+        assert_eq!(bucket("0.5"), 500.0);
+        assert_eq!(bucket("1"), 1000.0);
+        assert_eq!(bucket("+Inf"), 1000.0);
         let sum = line_value(&text, "mover_stage_seconds_sum{stage=\"chunk_hash\"}");
         assert!((sum - 500.5).abs() < 1e-9, "{sum}");
         let count = line_value(&text, "mover_stage_seconds_count{stage=\"chunk_hash\"}");
         assert_eq!(count, 1000.0);
+        // The buckets cover what the summaries did, up to past the API's longest wait.
+        assert!(LATENCY_BUCKETS.windows(2).all(|w| w[0] < w[1]));
+        assert!(
+            LATENCY_BUCKETS[LATENCY_BUCKETS.len() - 1] > crate::constants::API_WAIT_S_MAX as f64
+        );
     }
 
     #[test]
     fn bad_observations_do_not_panic() {
         let m = Metrics::new();
         let inf = f64::INFINITY;
-        for s in [f64::NAN, -1.0, -inf, inf, 1e300, 0.0, 7200.0] {
+        for s in [f64::NAN, -1.0, -inf, inf, 0.0, 7200.0, 1e300] {
             m.observe(JOB_QUEUE_WAIT, &[], s);
         }
         m.observe(BYTES_READ, &[], 1.0); // wrong kind: ignored
         let text = m.render();
-        assert!(!text.contains("mover_bytes_read_total"), "{text}");
-        assert_eq!(line_value(&text, "mover_job_queue_wait_seconds_count"), 4.0);
+        assert!(!text.contains("mover_bytes_read_total "), "{text}");
+        assert_eq!(line_value(&text, "mover_job_queue_wait_seconds_count"), 3.0);
         assert_eq!(
             line_value(&text, "mover_job_queue_wait_seconds_sum"),
-            10_800.0
+            7200.0 + 1e300
         );
-        let top = line_value(&text, "mover_job_queue_wait_seconds{quantile=\"0.999\"}");
-        assert!((top - 3600.0).abs() < 3600.0 * 0.001, "{top}");
+        let top = "mover_job_queue_wait_seconds_bucket{le=\"50000\"}";
+        assert_eq!(line_value(&text, top), 2.0, "{text}");
+        let all = "mover_job_queue_wait_seconds_bucket{le=\"+Inf\"}";
+        assert_eq!(line_value(&text, all), 3.0, "{text}");
     }
 
     #[test]
@@ -481,7 +403,7 @@ mod tests {
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
                 let (name, kind) = rest.split_once(' ').unwrap();
-                let kind_ok = ["counter", "gauge", "summary"].contains(&kind);
+                let kind_ok = ["counter", "gauge", "histogram"].contains(&kind);
                 assert!(is_name(name) && kind_ok, "{line}");
                 assert!(typed.insert(name.to_owned()), "second TYPE: {line}");
                 continue;
@@ -498,17 +420,15 @@ mod tests {
                 name,
                 name.trim_end_matches("_sum"),
                 name.trim_end_matches("_count"),
+                name.trim_end_matches("_bucket"),
             ];
             assert!(fam.iter().any(|f| typed.contains(*f)), "no TYPE: {line}");
         }
-        assert!(
-            !text.contains("mover_bytes_restored_total"),
-            "empty: {text}"
-        );
+        // A metric without series is left out.
+        assert!(!text.contains("mover_bytes_restored_total"), "{text}");
         assert_eq!(line_value(&text, "mover_up"), 1.0);
         assert_eq!(line_value(&text, "mover_start_time_seconds"), 1.7e9);
         assert!(text.contains("mover_peer_connections NaN\n"));
         assert_eq!(text, m.render());
-        assert!(text.find("link=\"a->b\"").unwrap() < text.find("link=\"a->c\"").unwrap());
     }
 }

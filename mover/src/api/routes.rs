@@ -559,7 +559,7 @@ fn metrics_text(api: &Api) -> Reply {
     let mut response = Response::new(m.render().into());
     response.headers_mut().insert(
         CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        HeaderValue::from_static(metrics::CONTENT_TYPE),
     );
     response
 }

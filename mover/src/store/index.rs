@@ -102,18 +102,45 @@ impl Index {
             )),
             other => Error::Index(format!("{}: {other}", path.display())),
         })?;
-        let txn = db.begin_write()?;
-        txn.open_table(CHUNKS)?;
-        txn.open_table(PACKS)?;
-        txn.open_table(SNAPSHOTS)?;
-        txn.open_table(JOBS)?;
-        txn.open_table(QUEUE)?;
-        txn.open_table(IDEMPOTENCY)?;
-        txn.open_table(META)?;
-        txn.open_table(DAMAGED)?;
-        txn.open_table(PACK_BYTES)?;
-        txn.open_table(CONDEMNED)?;
-        txn.commit()?;
+        // Tables are created only when one is missing (a new site, or one made by an older
+        // build): a site that has them all opens without writing, so read-only commands
+        // (`snapshots`, `verify`) still work on a full disk.
+        let missing = {
+            use redb::TableHandle;
+            let txn = db.begin_read()?;
+            let present: std::collections::HashSet<String> = txn
+                .list_tables()?
+                .map(|t| t.name().to_string())
+                .collect();
+            [
+                CHUNKS.name(),
+                PACKS.name(),
+                SNAPSHOTS.name(),
+                JOBS.name(),
+                QUEUE.name(),
+                IDEMPOTENCY.name(),
+                META.name(),
+                DAMAGED.name(),
+                PACK_BYTES.name(),
+                CONDEMNED.name(),
+            ]
+            .iter()
+            .any(|name| !present.contains(*name))
+        };
+        if missing {
+            let txn = db.begin_write()?;
+            txn.open_table(CHUNKS)?;
+            txn.open_table(PACKS)?;
+            txn.open_table(SNAPSHOTS)?;
+            txn.open_table(JOBS)?;
+            txn.open_table(QUEUE)?;
+            txn.open_table(IDEMPOTENCY)?;
+            txn.open_table(META)?;
+            txn.open_table(DAMAGED)?;
+            txn.open_table(PACK_BYTES)?;
+            txn.open_table(CONDEMNED)?;
+            txn.commit()?;
+        }
         Ok(Index { db })
     }
 
