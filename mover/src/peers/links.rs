@@ -219,11 +219,10 @@ mod tests {
         let b = registry.bucket("b").unwrap();
         let c = registry.bucket("c").unwrap();
         // b: same cap spelled differently and a new address; c: a new cap; d: gone.
-        registry
-            .reload(&peers(&[
-                ("b", peer("127.0.0.1:7404", Some("64Mbit"))),
-                ("c", peer("127.0.0.1:7402", Some("2gbit"))),
-            ]));
+        registry.reload(&peers(&[
+            ("b", peer("127.0.0.1:7404", Some("64Mbit"))),
+            ("c", peer("127.0.0.1:7402", Some("2gbit"))),
+        ]));
         assert!(Arc::ptr_eq(&b, &registry.bucket("b").unwrap()));
         assert_eq!(registry.link("b").unwrap().address.port(), 7404);
         let new_c = registry.bucket("c").unwrap();
