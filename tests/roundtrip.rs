@@ -213,55 +213,65 @@ fn quickstart_runs_and_reports() {
     assert!(report["backup_gb_per_s"].as_f64().unwrap() > 0.0);
 }
 
-/// Whether the file system at `dir` refuses O_DIRECT (tmpfs before Linux 6.6, some FUSE).
-fn refuses_direct_io(dir: &str) -> bool {
+/// Whether `dir` refuses O_DIRECT: the check that the fault below is in force.
+fn refuses_direct_io(dir: &Path) -> bool {
     use std::os::unix::fs::OpenOptionsExt;
-    let probe = tempfile::NamedTempFile::new_in(dir).unwrap();
-    std::fs::OpenOptions::new()
+    let probe = dir.join(".probe");
+    std::fs::write(&probe, b"").unwrap();
+    let refused = std::fs::OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_DIRECT)
-        .open(probe.path())
-        .is_err()
+        .open(&probe)
+        .is_err();
+    std::fs::remove_file(&probe).unwrap();
+    refused
+}
+
+/// `dir` served through mover-faultfs refusing O_DIRECT with EINVAL, as tmpfs did before
+/// Linux 6.6 and some FUSE and network file systems still do.
+fn refusing_direct_io(dir: &Path) -> FaultFs {
+    assert!(
+        is_root(),
+        "this test mounts mover-faultfs (FUSE) and needs root; CI runs as root"
+    );
+    let fs = FaultFs::over(dir);
+    fs.set("direct * EINVAL\n");
+    assert!(refuses_direct_io(dir), "{} accepts O_DIRECT", dir.display());
+    fs
 }
 
 #[test]
-#[ignore = "needs /dev/shm to refuse O_DIRECT: tmpfs accepts it since Linux 6.6, as here and on CI"]
-fn a_tmpfs_target_falls_back_to_buffered_writes() {
-    // tmpfs refuses O_DIRECT: a large file is then restored with ordinary writes, exactly.
-    assert!(
-        refuses_direct_io("/dev/shm"),
-        "this test needs /dev/shm to refuse O_DIRECT"
-    );
+fn a_target_refusing_direct_io_falls_back_to_buffered_writes() {
+    // A large file is then restored with ordinary writes, exactly.
     let work = workdir();
     let data = work.path().join("data");
     write_random(&data.join("large.bin"), 9_000_001, 12);
     let site = init_site(work.path(), "a");
     backup(&site, &data);
-    let target = tempfile::tempdir_in("/dev/shm").unwrap();
-    let restored = target.path().join("restored");
+    let target = work.path().join("target");
+    std::fs::create_dir(&target).unwrap();
+    let _fs = refusing_direct_io(&target);
+    let restored = target.join("restored");
     let job = restore(&site, "latest", &restored);
     assert_eq!(job["direct_io"], false, "{job}");
     assert_same_tree(&data, &restored);
 }
 
 #[test]
-#[ignore = "needs /dev/shm to refuse O_DIRECT: tmpfs accepts it since Linux 6.6, as here and on CI"]
-fn a_tmpfs_source_falls_back_to_buffered_reads() {
-    // tmpfs refuses O_DIRECT: the backup must still work, and say it read buffered.
-    let shm = Path::new("/dev/shm");
-    assert!(
-        refuses_direct_io("/dev/shm"),
-        "this test needs /dev/shm to refuse O_DIRECT"
-    );
-    let data = tempfile::tempdir_in(shm).unwrap();
-    write_random(&data.path().join("in-memory.bin"), 3_000_000, 11);
+fn a_source_refusing_direct_io_falls_back_to_buffered_reads() {
+    // The backup must still work, and say it read buffered.
     let work = workdir();
+    let data = work.path().join("data");
+    write_random(&data.join("large.bin"), 9_000_001, 11);
+    write_random(&data.join("small.bin"), 3_000_000, 13);
+    let fs = refusing_direct_io(&data);
     let site = init_site(work.path(), "a");
-    let job = backup(&site, data.path());
+    let job = backup(&site, &data);
     assert_eq!(job["direct_io"], false, "{job}");
+    fs.set("");
     let restored = work.path().join("restored");
     restore(&site, "latest", &restored);
-    assert_same_tree(data.path(), &restored);
+    assert_same_tree(&data, &restored);
 }
 
 /// Backs up two files several chunk windows long with `engine` settings (and the backup's

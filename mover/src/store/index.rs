@@ -108,10 +108,8 @@ impl Index {
         let missing = {
             use redb::TableHandle;
             let txn = db.begin_read()?;
-            let present: std::collections::HashSet<String> = txn
-                .list_tables()?
-                .map(|t| t.name().to_string())
-                .collect();
+            let present: std::collections::HashSet<String> =
+                txn.list_tables()?.map(|t| t.name().to_string()).collect();
             [
                 CHUNKS.name(),
                 PACKS.name(),

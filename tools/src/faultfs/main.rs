@@ -7,9 +7,10 @@
 //! ```
 //!
 //! Every operation goes to the same path under BACKING. FILE holds the faults, one per line,
-//! `OP SUFFIX ERRNO`: OP is `write`, `fsync`, `read`, `create`, `fallocate` or `rename`;
+//! `OP SUFFIX ERRNO`: OP is `write`, `fsync`, `read`, `create`, `fallocate`, `rename` or
+//! `direct` (an open or create asking for O_DIRECT, as tmpfs before Linux 6.6 refused it);
 //! SUFFIX matches the end of the file's name (`.pack`, `index.redb`, `*` for any); ERRNO is
-//! `EIO`, `ENOSPC` or `EROFS`. It is read again whenever it changes (write it to a temporary
+//! `EIO`, `ENOSPC`, `EROFS` or `EINVAL`. It is read again whenever it changes (write it to a temporary
 //! name and rename it into place), so a test turns faults on and off while mover runs; an
 //! empty or missing file means no faults. `umount MOUNTPOINT` ends it (killed instead, it
 //! leaves a dead mount that `umount -l` clears).
@@ -61,6 +62,8 @@ enum Op {
     Create,
     Fallocate,
     Rename,
+    /// An open or create asking for O_DIRECT (a file system that refuses direct I/O).
+    Direct,
 }
 
 #[derive(Clone, Debug)]
@@ -93,9 +96,10 @@ fn parse_faults(text: &str) -> Result<Vec<Fault>, String> {
             "create" => Op::Create,
             "fallocate" => Op::Fallocate,
             "rename" => Op::Rename,
+            "direct" => Op::Direct,
             other => {
                 return Err(format!(
-                    "line {}: operation {other:?}: expected write, fsync, read, create, fallocate or rename",
+                    "line {}: operation {other:?}: expected write, fsync, read, create, fallocate, rename or direct",
                     n + 1
                 ))
             }
@@ -104,9 +108,10 @@ fn parse_faults(text: &str) -> Result<Vec<Fault>, String> {
             "EIO" => libc::EIO,
             "ENOSPC" => libc::ENOSPC,
             "EROFS" => libc::EROFS,
+            "EINVAL" => libc::EINVAL,
             other => {
                 return Err(format!(
-                    "line {}: errno {other:?}: expected EIO, ENOSPC or EROFS",
+                    "line {}: errno {other:?}: expected EIO, ENOSPC, EROFS or EINVAL",
                     n + 1
                 ))
             }
@@ -529,10 +534,13 @@ impl Filesystem for FaultFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self
-            .relative(ino)
-            .and_then(|p| self.open_backing(&p, flags.0))
-        {
+        let opened = self.relative(ino).and_then(|p| {
+            if flags.0 & libc::O_DIRECT != 0 {
+                self.fault(Op::Direct, &p)?;
+            }
+            self.open_backing(&p, flags.0)
+        });
+        match opened {
             Ok(file) => reply.opened(self.keep(file), FopenFlags::empty()),
             Err(e) => reply.error(e),
         }
@@ -551,6 +559,9 @@ impl Filesystem for FaultFs {
         let result = (|| {
             let relative = self.child(parent, name)?;
             self.fault(Op::Create, &relative)?;
+            if flags & libc::O_DIRECT != 0 {
+                self.fault(Op::Direct, &relative)?;
+            }
             let access = flags & libc::O_ACCMODE;
             let extra = flags
                 & !(libc::O_ACCMODE
