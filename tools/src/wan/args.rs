@@ -1,37 +1,65 @@
-//! Command line of `mover-wan`: a hand-written parser so that every mistake is reported as one
-//! line naming the flag and what was expected (clap's usage errors span several lines).
+//! Command line of `mover-wan`, parsed by clap; every mistake is still reported as one line
+//! naming the flag and what was expected (clap's own rendering spans several lines).
 
 use std::ffi::OsString;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::Parser;
 
 /// Longest one-way delay, jitter or queue accepted: a minute is already far beyond any WAN.
 const MAX_MS: f64 = 60_000.0;
 
-pub const USAGE: &str = "\
-usage: mover-wan --to ADDR [--listen ADDR] [--delay-ms MS] [--jitter-ms MS] [--loss P]
-                 [--rate RATE] [--queue-ms MS] [--buffer-mib MIB] [--seed N] [--json-stats]
-                 [--stats-every-ms MS]
-
-UDP relay that makes two local processes (QUIC endpoints) look far apart. Datagrams sent to
---listen go to --to from one upstream socket per client address; replies come back. Each
-direction has its own delay, jitter, loss and rate cap, so the round trip is 2 x --delay-ms.
-
-  --to ADDR         where client datagrams go (host:port), required
-  --listen ADDR     address clients send to (default 127.0.0.1:0; port 0 picks one)
-  --delay-ms MS     one-way delay per direction (default 0; fractions allowed)
-  --jitter-ms MS    extra uniform delay in [0, MS] per datagram; never reorders (default 0)
-  --loss P          independent drop probability per datagram in [0, 1] (default 0)
-  --rate RATE       link rate per direction, read as mover.toml's bandwidth: 100mbit, 1gbit,
-                    2Gbps, 50Mb/s (bits), 125MB/s, 1GiB/s (bytes) (default unlimited);
-                    counts UDP payload bytes
-  --queue-ms MS     bottleneck queue in time at --rate; drop-tail beyond it (default 100)
-  --buffer-mib MIB  relay buffer per direction (default sized from rate, delay and queue)
-  --seed N          seed of the loss and jitter generators (default 1)
-  --json-stats      on SIGTERM/SIGINT print one JSON object of per-direction counters
-  --stats-every-ms MS  also print the counters as one JSON line (with \"t_s\", seconds since
-                    start) every MS milliseconds, for a time series of the link's use
-
-Prints `listening on ADDR` once started; exits 0 on SIGTERM or SIGINT, 2 on bad arguments.";
+#[derive(Parser, Debug)]
+#[command(
+    name = "mover-wan",
+    version,
+    allow_negative_numbers = true,
+    about = "UDP relay that makes two local processes (QUIC endpoints) look far apart",
+    long_about = "UDP relay that makes two local processes (QUIC endpoints) look far apart. \
+Datagrams sent to --listen go to --to from one upstream socket per client address; replies \
+come back. Each direction has its own delay, jitter, loss and rate cap, so the round trip is \
+2 x --delay-ms.",
+    after_help = "Prints `listening on ADDR` once started; exits 0 on SIGTERM or SIGINT, 2 on bad arguments."
+)]
+struct Cli {
+    /// Where client datagrams go (host:port).
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    to: SocketAddr,
+    /// Address clients send to (port 0 picks one).
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// One-way delay per direction, in milliseconds (fractions allowed).
+    #[arg(long = "delay-ms", value_name = "MS", value_parser = parse_ms, default_value = "0")]
+    delay_ns: u64,
+    /// Extra uniform delay in [0, MS] per datagram; never reorders.
+    #[arg(long = "jitter-ms", value_name = "MS", value_parser = parse_ms, default_value = "0")]
+    jitter_ns: u64,
+    /// Independent drop probability per datagram in [0, 1].
+    #[arg(long, value_name = "P", value_parser = parse_probability, default_value = "0")]
+    loss: f64,
+    /// Link rate per direction, read as mover.toml's bandwidth: 100mbit, 1gbit, 2Gbps, 50Mb/s
+    /// (bits), 125MB/s, 1GiB/s (bytes); counts UDP payload bytes [default: unlimited].
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    rate: Option<u64>,
+    /// Bottleneck queue in time at --rate; drop-tail beyond it.
+    #[arg(long = "queue-ms", value_name = "MS", value_parser = parse_ms, default_value = "100")]
+    queue_ns: u64,
+    /// Relay buffer per direction in MiB [default: sized from rate, delay and queue].
+    #[arg(long = "buffer-mib", value_name = "MIB", value_parser = parse_buffer_mib)]
+    buffer_bytes: Option<usize>,
+    /// Seed of the loss and jitter generators.
+    #[arg(long, value_name = "N", value_parser = parse_seed, default_value = "1")]
+    seed: u64,
+    /// On SIGTERM/SIGINT print one JSON object of per-direction counters.
+    #[arg(long = "json-stats")]
+    json_stats: bool,
+    /// Also print the counters as one JSON line (with "t_s", seconds since start) every MS
+    /// milliseconds, for a time series of the link's use.
+    #[arg(long = "stats-every-ms", value_name = "MS", value_parser = parse_stats_every)]
+    stats_every: Option<Duration>,
+}
 
 /// Everything the relay needs, in the units it computes with.
 #[derive(Clone, Debug, PartialEq)]
@@ -43,7 +71,7 @@ pub struct Config {
     pub seed: u64,
     pub json_stats: bool,
     /// Print the counters every this often (a time series), if set.
-    pub stats_every: Option<std::time::Duration>,
+    pub stats_every: Option<Duration>,
 }
 
 /// The emulated link of one direction.
@@ -73,114 +101,78 @@ impl Default for LinkParams {
 #[derive(Debug, PartialEq)]
 pub enum Parsed {
     Run(Box<Config>),
-    Help,
-    Version,
+    /// `--help` or `--version`: the text to print on stdout, exit 0.
+    Print(String),
 }
 
 /// Parses the arguments after the program name.
 pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, String> {
-    let mut listen: Option<SocketAddr> = None;
-    let mut to: Option<SocketAddr> = None;
-    let mut link = LinkParams::default();
-    let mut buffer_bytes = None;
-    let mut seed = 1u64;
-    let mut json_stats = false;
-    let mut stats_every = None;
-
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        let arg = arg
-            .into_string()
-            .map_err(|a| format!("argument {a:?} is not UTF-8"))?;
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg, None),
-        };
-        match flag.as_str() {
-            "-h" | "--help" => return Ok(Parsed::Help),
-            "-V" | "--version" => return Ok(Parsed::Version),
-            "--json-stats" => {
-                if inline.is_some() {
-                    return Err("--json-stats: takes no value".into());
-                }
-                json_stats = true;
-                continue;
-            }
-            _ => {}
+    let argv = std::iter::once(OsString::from("mover-wan")).chain(args);
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            return Ok(Parsed::Print(e.render().to_string()));
         }
-        let mut value = || -> Result<String, String> {
-            match inline.clone() {
-                Some(v) => Ok(v),
-                None => match args.next() {
-                    Some(v) => v
-                        .into_string()
-                        .map_err(|v| format!("{flag}: value {v:?} is not UTF-8")),
-                    None => Err(format!("{flag}: missing value")),
-                },
-            }
-        };
-        match flag.as_str() {
-            "--listen" => listen = Some(parse_addr(&flag, &value()?)?),
-            "--to" => to = Some(parse_addr(&flag, &value()?)?),
-            "--delay-ms" => link.delay_ns = parse_ms(&flag, &value()?)?,
-            "--jitter-ms" => link.jitter_ns = parse_ms(&flag, &value()?)?,
-            "--queue-ms" => link.queue_ns = parse_ms(&flag, &value()?)?,
-            "--loss" => link.loss = parse_probability(&flag, &value()?)?,
-            "--rate" => {
-                let rate: units::Rate = value()?
-                    .parse()
-                    .map_err(|e: units::ParseError| format!("--rate {e}"))?;
-                link.rate_bits_per_s = Some(rate.bits_per_second());
-            }
-            "--buffer-mib" => {
-                let v = value()?;
-                let mib: usize = v
-                    .parse()
-                    .ok()
-                    .filter(|m| (1..=16_384).contains(m))
-                    .ok_or_else(|| {
-                        format!("--buffer-mib {v:?}: expected a whole number of MiB in 1..=16384")
-                    })?;
-                buffer_bytes = Some(mib << 20);
-            }
-            "--stats-every-ms" => {
-                let v = value()?;
-                let ms: u64 = v
-                    .parse()
-                    .ok()
-                    .filter(|m| (10..=60_000).contains(m))
-                    .ok_or_else(|| {
-                        format!("--stats-every-ms {v:?}: expected a whole number of milliseconds in 10..=60000")
-                    })?;
-                stats_every = Some(std::time::Duration::from_millis(ms));
-            }
-            "--seed" => {
-                let v = value()?;
-                seed = v
-                    .parse()
-                    .map_err(|_| format!("--seed {v:?}: expected a whole number in 0..2^64"))?;
-            }
-            other => {
-                return Err(format!(
-                    "unknown argument {other:?} (see --help for the flags)"
-                ))
-            }
-        }
-    }
-    let to = to.ok_or("--to: required, the address to relay to, e.g. --to 127.0.0.1:4433")?;
-    let listen = listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+        Err(e) => return Err(one_line(&e)),
+    };
     Ok(Parsed::Run(Box::new(Config {
-        listen,
-        to,
-        link,
-        buffer_bytes,
-        seed,
-        json_stats,
-        stats_every,
+        listen: cli.listen,
+        to: cli.to,
+        link: LinkParams {
+            delay_ns: cli.delay_ns,
+            jitter_ns: cli.jitter_ns,
+            loss: cli.loss,
+            rate_bits_per_s: cli.rate,
+            queue_ns: cli.queue_ns,
+        },
+        buffer_bytes: cli.buffer_bytes,
+        seed: cli.seed,
+        json_stats: cli.json_stats,
+        stats_every: cli.stats_every,
     })))
 }
 
-fn parse_addr(flag: &str, text: &str) -> Result<SocketAddr, String> {
+/// A clap error as one line: the flag (without its value name), the value, what was expected.
+fn one_line(e: &clap::Error) -> String {
+    let context = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        Some(ContextValue::Strings(v)) => Some(v.join(", ")),
+        _ => None,
+    };
+    // "--delay-ms <MS>" -> "--delay-ms"
+    let flag = context(ContextKind::InvalidArg)
+        .map(|a| a.split(' ').next().unwrap_or_default().to_string())
+        .unwrap_or_default();
+    match e.kind() {
+        ErrorKind::InvalidValue
+            if context(ContextKind::InvalidValue).is_none_or(|v| v.is_empty()) =>
+        {
+            format!("{flag}: missing value")
+        }
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue => {
+            let value = context(ContextKind::InvalidValue).unwrap_or_default();
+            let why = std::error::Error::source(e)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "not a valid value".to_string());
+            format!("{flag} {value:?}: {why}")
+        }
+        ErrorKind::MissingRequiredArgument => format!(
+            "{}: required, the address to relay to, e.g. --to 127.0.0.1:4433",
+            flag.trim_end_matches(',')
+        ),
+        ErrorKind::UnknownArgument => format!(
+            "unknown argument {:?} (see --help for the flags)",
+            context(ContextKind::InvalidArg).unwrap_or_default()
+        ),
+        ErrorKind::TooManyValues | ErrorKind::NoEquals => format!("{flag}: takes no value"),
+        ErrorKind::ArgumentConflict => format!("{flag}: given more than once"),
+        ErrorKind::InvalidUtf8 => "an argument is not UTF-8".to_string(),
+        _ if !flag.is_empty() => format!("{flag}: {}", e.kind()),
+        _ => format!("bad arguments: {} (see --help)", e.kind()),
+    }
+}
+
+fn parse_addr(text: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = text.parse() {
         return Ok(addr);
     }
@@ -189,27 +181,53 @@ fn parse_addr(flag: &str, text: &str) -> Result<SocketAddr, String> {
     match text.to_socket_addrs() {
         Ok(mut addrs) => addrs
             .next()
-            .ok_or_else(|| format!("{flag} {text:?}: resolves to no address; {expected}")),
-        Err(_) => Err(format!("{flag} {text:?}: {expected}")),
+            .ok_or_else(|| format!("resolves to no address; {expected}")),
+        Err(_) => Err(expected.to_string()),
     }
 }
 
-fn parse_ms(flag: &str, text: &str) -> Result<u64, String> {
+/// Milliseconds (fractions allowed) to nanoseconds.
+fn parse_ms(text: &str) -> Result<u64, String> {
     match text.trim().parse::<f64>() {
         Ok(ms) if ms.is_finite() && (0.0..=MAX_MS).contains(&ms) => Ok((ms * 1e6).round() as u64),
-        _ => Err(format!(
-            "{flag} {text:?}: expected milliseconds, a number in 0..=60000 such as 25 or 0.5"
-        )),
+        _ => Err("expected milliseconds, a number in 0..=60000 such as 25 or 0.5".to_string()),
     }
 }
 
-fn parse_probability(flag: &str, text: &str) -> Result<f64, String> {
+fn parse_probability(text: &str) -> Result<f64, String> {
     match text.trim().parse::<f64>() {
         Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
-        _ => Err(format!(
-            "{flag} {text:?}: expected a probability in [0, 1] such as 0.005"
-        )),
+        _ => Err("expected a probability in [0, 1] such as 0.005".to_string()),
     }
+}
+
+/// A rate through mover's one units parser, in bits per second.
+fn parse_rate(text: &str) -> Result<u64, String> {
+    let rate: units::Rate = text
+        .parse()
+        .map_err(|e: units::ParseError| format!("{}; expected {}", e.reason, e.kind.expected()))?;
+    Ok(rate.bits_per_second())
+}
+
+fn parse_buffer_mib(text: &str) -> Result<usize, String> {
+    text.parse::<usize>()
+        .ok()
+        .filter(|m| (1..=16_384).contains(m))
+        .map(|mib| mib << 20)
+        .ok_or_else(|| "expected a whole number of MiB in 1..=16384".to_string())
+}
+
+fn parse_stats_every(text: &str) -> Result<Duration, String> {
+    text.parse::<u64>()
+        .ok()
+        .filter(|m| (10..=60_000).contains(m))
+        .map(Duration::from_millis)
+        .ok_or_else(|| "expected a whole number of milliseconds in 10..=60000".to_string())
+}
+
+fn parse_seed(text: &str) -> Result<u64, String> {
+    text.parse()
+        .map_err(|_| "expected a whole number in 0..2^64".to_string())
 }
 
 #[cfg(test)]
@@ -347,6 +365,24 @@ mod tests {
                 let _ = parse([format!("{flag}={value}")].map(OsString::from));
             }
         }
+    }
+
+    #[test]
+    fn help_and_version_are_printed_not_errors() {
+        let Ok(Parsed::Print(help)) = parse([OsString::from("--help")]) else {
+            panic!("--help is not printed")
+        };
+        assert!(
+            help.contains("--delay-ms <MS>") && help.contains("listening on ADDR"),
+            "{help}"
+        );
+        let Ok(Parsed::Print(version)) = parse([OsString::from("-V")]) else {
+            panic!("-V is not printed")
+        };
+        assert_eq!(
+            version.trim(),
+            format!("mover-wan {}", env!("CARGO_PKG_VERSION"))
+        );
     }
 
     #[test]

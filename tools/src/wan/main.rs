@@ -28,12 +28,8 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let config = match args::parse(std::env::args_os().skip(1)) {
         Ok(args::Parsed::Run(config)) => config,
-        Ok(args::Parsed::Help) => {
-            println!("{}", args::USAGE);
-            return ExitCode::SUCCESS;
-        }
-        Ok(args::Parsed::Version) => {
-            println!("mover-wan {}", env!("CARGO_PKG_VERSION"));
+        Ok(args::Parsed::Print(text)) => {
+            print!("{text}");
             return ExitCode::SUCCESS;
         }
         Err(e) => {
