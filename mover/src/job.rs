@@ -316,29 +316,21 @@ pub fn now_unix_ms() -> u64 {
 
 /// UTC time as RFC 3339 with milliseconds (`2026-11-21T00:00:00.123Z`).
 pub fn rfc3339_ms(unix_ms: u64) -> String {
-    let base = rfc3339((unix_ms / 1000) as i64);
-    format!("{}.{:03}Z", base.trim_end_matches('Z'), unix_ms % 1000)
+    let ms = i64::try_from(unix_ms).unwrap_or(i64::MAX);
+    match jiff::Timestamp::from_millisecond(ms) {
+        Ok(t) => t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+        // Beyond jiff's range (year 9999): clamp rather than print nonsense.
+        Err(_) => "9999-12-31T23:59:59.999Z".to_string(),
+    }
 }
 
-/// UTC time as RFC 3339 (civil-from-days, Howard Hinnant's algorithm).
+/// UTC time as RFC 3339 (`2026-11-21T00:00:00Z`).
 pub fn rfc3339(unix_s: i64) -> String {
-    let days = unix_s.div_euclid(86_400);
-    let secs = unix_s.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + if month <= 2 { 1 } else { 0 };
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
+    match jiff::Timestamp::from_second(unix_s) {
+        Ok(t) => t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        Err(_) if unix_s < 0 => "-009999-01-01T00:00:00Z".to_string(),
+        Err(_) => "9999-12-31T23:59:59Z".to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -360,5 +352,9 @@ mod tests {
             super::rfc3339_ms(1_795_219_200_123),
             "2026-11-21T00:00:00.123Z"
         );
+        assert_eq!(super::rfc3339_ms(1_000), "1970-01-01T00:00:01.000Z");
+        // Out of range never panics.
+        assert_eq!(super::rfc3339(i64::MAX), "9999-12-31T23:59:59Z");
+        assert_eq!(super::rfc3339_ms(u64::MAX), "9999-12-31T23:59:59.999Z");
     }
 }
