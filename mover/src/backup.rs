@@ -402,10 +402,12 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
         warnings: job.warnings.len() as u64,
     })?;
     job.snapshot = Some(id_hex);
-    // After the snapshot is visible: a merge neither delays it nor can fail it.
-    job.packs_merged = site.merge_small_packs(&tier);
-    job.state = JobState::Done;
     job.elapsed_s = started.elapsed().as_secs_f64();
+    // After the snapshot is visible, so a merge cannot fail it; not in elapsed_s (it is
+    // housekeeping, not the backup); a cancel or a drain ends it within one small pack.
+    job.packs_merged =
+        site.merge_small_packs(&tier, &|| control.is_some_and(JobControl::stop_requested));
+    job.state = JobState::Done;
     record_job(site, &job);
     Ok(job)
 }

@@ -189,17 +189,24 @@ impl Site {
 
     /// Merges the small packs of `tier` once there are enough of them (`store::repack`);
     /// returns how many packs were merged away. Housekeeping: a failure is logged, never
-    /// fatal (the packs stay as they are, all of them readable).
-    pub fn merge_small_packs(&self, tier: &str) -> u64 {
+    /// fatal (the packs stay as they are, all of them readable). `stop` ends it early
+    /// (`repack::merge_small_packs`).
+    pub fn merge_small_packs(&self, tier: &str, stop: &dyn Fn() -> bool) -> u64 {
         let Some(backend) = self.tiers.get(tier) else {
             return 0;
         };
-        repack::merge_small_packs(&self.index, tier, backend, self.config.pack_target_bytes())
-            .map(|merged| merged.packs)
-            .unwrap_or_else(|e| {
-                tracing::warn!(tier, error = %e, "could not merge small packs");
-                0
-            })
+        repack::merge_small_packs(
+            &self.index,
+            tier,
+            backend,
+            self.config.pack_target_bytes(),
+            stop,
+        )
+        .map(|merged| merged.packs)
+        .unwrap_or_else(|e| {
+            tracing::warn!(tier, error = %e, "could not merge small packs");
+            0
+        })
     }
 
     /// A copy of the current peers (reloads replace them).

@@ -36,13 +36,28 @@ impl TokenBucket {
         self.bytes_per_second
     }
 
-    /// Takes `bytes` and returns how long the caller must wait before sending them. Debt is
-    /// allowed (tokens go negative) so a frame larger than the burst still goes out, later.
-    pub fn take(&mut self, bytes: u64, now: Instant) -> Duration {
+    /// Changes the rate from `now` on (a reloaded cap): what accrued until `now` accrued at
+    /// the old rate, a debt stays owed, and the burst becomes the new rate's (`for_link`).
+    pub fn set_link_rate(&mut self, bytes_per_second: u64, now: Instant) {
+        assert!(bytes_per_second > 0);
+        self.refill(now);
+        self.bytes_per_second = bytes_per_second;
+        self.burst_bytes =
+            (bytes_per_second / 100).max(crate::frame::FRAME_PAYLOAD_BYTES_MAX as u64);
+        self.tokens = self.tokens.min(self.burst_bytes as f64);
+    }
+
+    fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = self.last.max(now);
         self.tokens =
             (self.tokens + elapsed * self.bytes_per_second as f64).min(self.burst_bytes as f64);
+    }
+
+    /// Takes `bytes` and returns how long the caller must wait before sending them. Debt is
+    /// allowed (tokens go negative) so a frame larger than the burst still goes out, later.
+    pub fn take(&mut self, bytes: u64, now: Instant) -> Duration {
+        self.refill(now);
         self.tokens -= bytes as f64;
         if self.tokens >= 0.0 {
             Duration::ZERO
@@ -55,6 +70,22 @@ impl TokenBucket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_rate_applies_from_now_and_keeps_the_debt() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::for_link(1_000_000, start);
+        // 5 MB owed beyond the burst at 1 MB/s...
+        let burst = crate::frame::FRAME_PAYLOAD_BYTES_MAX as f64;
+        let wait = bucket.take(5_000_000 + burst as u64, start);
+        assert!((wait.as_secs_f64() - 5.0).abs() < 1e-9, "{wait:?}");
+        // ...one second later 1 MB is paid; the rest is paid at the new 4 MB/s: 1 s more.
+        let later = start + Duration::from_secs(1);
+        bucket.set_link_rate(4_000_000, later);
+        assert_eq!(bucket.bytes_per_second(), 4_000_000);
+        let wait = bucket.take(0, later);
+        assert!((wait.as_secs_f64() - 1.0).abs() < 1e-9, "{wait:?}");
+    }
 
     #[test]
     fn bucket_paces_to_its_rate() {

@@ -5,9 +5,11 @@
 //!
 //! The registry lives on the opened `Site`, of which a process has one per site directory
 //! (redb's lock refuses a second open): the daemon's jobs and peer streams share it, an
-//! in-process command builds its own. A reload keeps the bucket of a peer whose cap did not
-//! change (so a SIGHUP does not hand out a fresh burst) and swaps the entry of one whose cap
-//! did; a job already running keeps the handle it took.
+//! in-process command builds its own. A reload keeps each capped peer's one bucket (so a
+//! SIGHUP hands out no fresh burst) and sets a changed cap on it, so jobs already running
+//! and restores being served follow the new cap at once: old and new jobs never add up to
+//! two caps. A peer that was uncapped and gets a cap gets a new bucket: jobs running
+//! uncapped stay so until they end; one whose cap is removed drops its bucket for new jobs.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -35,6 +37,11 @@ impl SharedBucket {
 
     pub fn bytes_per_second(&self) -> u64 {
         self.lock().bytes_per_second()
+    }
+
+    /// A reloaded cap, from `now` on, for every holder of this bucket.
+    fn set_rate(&self, bytes_per_second: u64, now: Instant) {
+        self.lock().set_link_rate(bytes_per_second, now);
     }
 
     /// Charges one chunk frame carrying `payload_bytes` (its header and fields included,
@@ -129,7 +136,8 @@ impl LinkRegistry {
     }
 }
 
-/// The entries of `peers`, reusing the bucket of each peer of `old` whose cap is the same.
+/// The entries of `peers`, reusing the bucket of each capped peer of `old` (set to its new
+/// cap if that changed).
 fn build(
     peers: &BTreeMap<String, PeerSection>,
     old: &BTreeMap<String, Arc<Entry>>,
@@ -138,9 +146,16 @@ fn build(
     let mut entries = BTreeMap::new();
     for (name, section) in peers {
         let rate = section.bandwidth.map(|rate| rate.bytes_per_second());
-        let bucket = match old.get(name) {
-            Some(previous) if previous.rate == rate => previous.bucket.clone(),
-            _ => rate.map(|rate| Arc::new(SharedBucket::new(rate, now))),
+        let previous = old.get(name).and_then(|entry| entry.bucket.clone());
+        let bucket = match (previous, rate) {
+            (Some(bucket), Some(rate)) => {
+                if bucket.bytes_per_second() != rate {
+                    bucket.set_rate(rate, now);
+                }
+                Some(bucket)
+            }
+            (None, Some(rate)) => Some(Arc::new(SharedBucket::new(rate, now))),
+            (_, None) => None,
         };
         let entry = Entry {
             section: section.clone(),
@@ -210,7 +225,7 @@ mod tests {
     }
 
     #[test]
-    fn a_reload_keeps_an_unchanged_cap_and_swaps_a_changed_one() {
+    fn a_reload_keeps_each_bucket_and_sets_a_changed_cap_on_it() {
         let registry = LinkRegistry::new(&peers(&[
             ("b", peer("127.0.0.1:7401", Some("8MB/s"))),
             ("c", peer("127.0.0.1:7402", Some("1gbit"))),
@@ -225,9 +240,9 @@ mod tests {
         ]));
         assert!(Arc::ptr_eq(&b, &registry.bucket("b").unwrap()));
         assert_eq!(registry.link("b").unwrap().address.port(), 7404);
-        let new_c = registry.bucket("c").unwrap();
-        assert!(!Arc::ptr_eq(&c, &new_c));
-        assert_eq!(new_c.bytes_per_second(), 250_000_000);
+        // A job running to c holds `c`: it follows the new cap, as new jobs do.
+        assert!(Arc::ptr_eq(&c, &registry.bucket("c").unwrap()));
+        assert_eq!(c.bytes_per_second(), 250_000_000);
         assert!(registry.link("d").is_err());
         assert_eq!(registry.sections().len(), 2);
     }

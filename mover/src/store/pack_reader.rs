@@ -270,7 +270,7 @@ mod tests {
         // ... and one that did not.
         let mut cold = ChunkReader::new(&t.index, &t.tiers);
 
-        let merged = merge(&t.index, "hot", &t.backend, &old, 1 << 20).unwrap();
+        let merged = merge(&t.index, "hot", &t.backend, &old, 1 << 20, &|| false).unwrap();
         assert_eq!(merged.packs, 3);
         assert!(!t.root.join(pack_key(looked_up.pack_id)).exists());
 

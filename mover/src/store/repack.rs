@@ -43,12 +43,14 @@ pub struct Merged {
 /// Merges the small packs of `tier` when it holds at least [`SMALL_PACKS_MERGE_AT`] sealed,
 /// committed packs smaller than `target_bytes` / [`SMALL_PACK_SHARE_OF_TARGET`]: the smallest
 /// first, up to `target_bytes` in all, into one new pack. Nothing to merge costs one read of
-/// the index's pack tables.
+/// the index's pack tables. `stop` is asked before each pack is taken: a job being cancelled
+/// or a daemon draining ends the merge within one small pack, keeping nothing of it.
 pub fn merge_small_packs(
     index: &Index,
     tier: &str,
     backend: &Arc<dyn Backend>,
     target_bytes: u64,
+    stop: &dyn Fn() -> bool,
 ) -> Result<Merged> {
     let small_below = target_bytes / SMALL_PACK_SHARE_OF_TARGET;
     let mut small = Vec::new();
@@ -87,21 +89,23 @@ pub fn merge_small_packs(
         total += bytes;
         chosen.push(pack_id);
     }
-    merge(index, tier, backend, &chosen, total)
+    merge(index, tier, backend, &chosen, total, stop)
 }
 
 /// Merges the live records of `packs` (of `tier`) into one new pack of about `expected_bytes`.
 /// Packs that cannot be taken (locked, gone, no longer committed, a bad record) are left out;
-/// with fewer than two taken nothing is kept. Holds one old pack's live records in memory at a
-/// time.
+/// with fewer than two taken nothing is kept, as when `stop` answers true before the commit.
+/// Holds one old pack's live records in memory at a time.
 pub fn merge(
     index: &Index,
     tier: &str,
     backend: &Arc<dyn Backend>,
     packs: &[u64],
     expected_bytes: u64,
+    stop: &dyn Fn() -> bool,
 ) -> Result<Merged> {
-    let Some(committed) = merge_and_commit(index, tier, backend, packs, expected_bytes)? else {
+    let Some(committed) = merge_and_commit(index, tier, backend, packs, expected_bytes, stop)?
+    else {
         return Ok(Merged::default());
     };
     // Deleted while still locked: a repack that opened one of these files before the
@@ -136,6 +140,7 @@ fn merge_and_commit(
     backend: &Arc<dyn Backend>,
     packs: &[u64],
     expected_bytes: u64,
+    stop: &dyn Fn() -> bool,
 ) -> Result<Option<Committed>> {
     let mut held = Vec::new();
     let mut old = Vec::new();
@@ -143,6 +148,10 @@ fn merge_and_commit(
     let mut writer = None;
     let mut merged = Merged::default();
     for &pack_id in packs {
+        if stop() {
+            // The writer, dropped unsealed, removes its file: nothing of this merge stays.
+            return Ok(None);
+        }
         let key = pack_key(pack_id);
         let pack = match backend.hold(&key) {
             Ok(Some(pack)) => pack,
@@ -192,7 +201,20 @@ fn merge_and_commit(
             to: *to,
         })
         .collect();
-    let condemned = index.commit_repack(&sealed, &moves, &old)?;
+    let condemned = match index.commit_repack(&sealed, &moves, &old) {
+        Ok(condemned) => condemned,
+        Err(e) => {
+            // A sealed pack the index does not list is never reclaimed (a crash between seal
+            // and commit leaves one, which is GC's); here we know the commit failed, so remove
+            // it unless the index lists it after all (a commit whose outcome was misreported).
+            if index.pack_tier(sealed.pack_id).ok().flatten().is_none() {
+                if let Err(remove) = backend.remove(&pack_key(sealed.pack_id)) {
+                    tracing::warn!(tier, pack = %pack_key(sealed.pack_id), error = %remove, "could not remove the merged pack of a failed commit");
+                }
+            }
+            return Err(e);
+        }
+    };
     merged.packs = condemned.len() as u64;
     Ok(Some(Committed {
         merged,
@@ -231,8 +253,9 @@ fn record_len(e: &FooterEntry) -> u64 {
 }
 
 /// Reads and checks the records of pack `pack_id` that the index points at. `None`: the pack
-/// is left out (unreadable footer, a chunk known damaged, or a bad record, which is marked
-/// damaged so that the next backup holding its bytes stores them again).
+/// is left out (unreadable footer, a chunk known damaged, a read error, or a bad record,
+/// which alone is marked damaged, so that the next backup holding its bytes stores them
+/// again: a device error says nothing about the bytes).
 fn read_live(index: &Index, pack_id: u64, key: &str, held: &dyn Held) -> Result<Option<Live>> {
     let entries = match read_footer(key, held.len(), |offset, len, buf| {
         held.read_range(offset, len, buf)
@@ -263,11 +286,18 @@ fn read_live(index: &Index, pack_id: u64, key: &str, held: &dyn Held) -> Result<
         let checked = held
             .read_range(e.offset, len, &mut record)
             .and_then(|()| check_record(&record, e));
-        if let Err(e2) = checked {
-            let reason = format!("chunk {} in {key}: {e2}", e.id);
-            tracing::warn!(pack = %key, chunk = %e.id, error = %e2, "a bad record found while merging small packs; the pack is left out");
-            index.mark_damaged(&e.id, &at, &reason)?;
-            return Ok(None);
+        match checked {
+            Ok(()) => {}
+            Err(bad @ Error::Corrupt { .. }) => {
+                let reason = format!("chunk {} in {key}: {bad}", e.id);
+                tracing::warn!(pack = %key, chunk = %e.id, error = %bad, "a bad record found while merging small packs; the pack is left out");
+                index.mark_damaged(&e.id, &at, &reason)?;
+                return Ok(None);
+            }
+            Err(failed) => {
+                tracing::warn!(pack = %key, chunk = %e.id, error = %failed, "a small pack could not be read; not merged");
+                return Ok(None);
+            }
         }
         let start = live.bytes.len();
         live.bytes.extend_from_slice(&record);
@@ -375,13 +405,13 @@ pub(crate) mod tests {
             packs.push(committed_pack(&t, &[i]));
         }
         // Below the threshold: nothing happens.
-        let merged = merge_small_packs(&t.index, "hot", &t.backend, 8 << 20).unwrap();
+        let merged = merge_small_packs(&t.index, "hot", &t.backend, 8 << 20, &|| false).unwrap();
         assert_eq!(merged, Merged::default());
         assert_eq!(pack_files(&t.root), SMALL_PACKS_MERGE_AT - 1);
 
         // A chunk stored twice (racing writers): the second copy is dead and not carried over.
         let twice = committed_pack(&t, &[0, 100]);
-        let merged = merge_small_packs(&t.index, "hot", &t.backend, 8 << 20).unwrap();
+        let merged = merge_small_packs(&t.index, "hot", &t.backend, 8 << 20, &|| false).unwrap();
         assert_eq!(merged.packs, SMALL_PACKS_MERGE_AT as u64);
         assert_eq!(merged.dead_records, 1);
         assert_eq!(pack_files(&t.root), 1);
@@ -409,7 +439,7 @@ pub(crate) mod tests {
         std::fs::write(&path, bytes).unwrap();
 
         let ids = [good.pack_id, bad.pack_id, other.pack_id];
-        let merged = merge(&t.index, "hot", &t.backend, &ids, 1 << 20).unwrap();
+        let merged = merge(&t.index, "hot", &t.backend, &ids, 1 << 20, &|| false).unwrap();
         assert_eq!(merged.packs, 2);
         assert!(path.exists(), "the damaged pack was merged away");
         assert_eq!(location(&t, 2).pack_id, bad.pack_id);
@@ -421,11 +451,33 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_stop_during_a_merge_keeps_nothing_of_it() {
+        let t = tier();
+        let packs: Vec<u64> = (0..4).map(|i| committed_pack(&t, &[i]).pack_id).collect();
+        let files = || std::fs::read_dir(&t.root).unwrap().count();
+        let before = files();
+        // Asked once per pack: the third time (two packs copied) the job is being cancelled.
+        let asked = std::cell::Cell::new(0);
+        let stop = || {
+            asked.set(asked.get() + 1);
+            asked.get() > 2
+        };
+        let merged = merge(&t.index, "hot", &t.backend, &packs, 1 << 20, &stop).unwrap();
+        assert_eq!(merged, Merged::default());
+        assert_eq!(asked.get(), 3);
+        assert_eq!(files(), before, "the unsealed merge pack was left behind");
+        for (i, &pack) in (0u32..).zip(&packs) {
+            assert_eq!(location(&t, i).pack_id, pack);
+            assert_eq!(read(&t, i), payload(i));
+        }
+    }
+
+    #[test]
     fn a_pack_another_repack_holds_is_not_taken() {
         let t = tier();
         let packs: Vec<u64> = (0..3).map(|i| committed_pack(&t, &[i]).pack_id).collect();
         let held = t.backend.hold(&pack_key(packs[0])).unwrap().unwrap();
-        let merged = merge(&t.index, "hot", &t.backend, &packs, 1 << 20).unwrap();
+        let merged = merge(&t.index, "hot", &t.backend, &packs, 1 << 20, &|| false).unwrap();
         assert_eq!(merged.packs, 2);
         assert_eq!(location(&t, 0).pack_id, packs[0]);
         assert!(t.root.join(pack_key(packs[0])).exists());
@@ -437,7 +489,7 @@ pub(crate) mod tests {
         let t = tier();
         let packs: Vec<u64> = (0..4).map(|i| committed_pack(&t, &[i]).pack_id).collect();
         // The merge up to its index commit, then a crash: the old files stay.
-        let committed = merge_and_commit(&t.index, "hot", &t.backend, &packs, 1 << 20)
+        let committed = merge_and_commit(&t.index, "hot", &t.backend, &packs, 1 << 20, &|| false)
             .unwrap()
             .unwrap();
         assert_eq!(committed.condemned.len(), 4);
@@ -463,7 +515,7 @@ pub(crate) mod tests {
     fn reclaim_never_deletes_a_pack_that_packs_still_lists() {
         let t = tier();
         let packs: Vec<u64> = (0..2).map(|i| committed_pack(&t, &[i]).pack_id).collect();
-        let committed = merge_and_commit(&t.index, "hot", &t.backend, &packs, 1 << 20)
+        let committed = merge_and_commit(&t.index, "hot", &t.backend, &packs, 1 << 20, &|| false)
             .unwrap()
             .unwrap();
         drop(committed);
@@ -508,7 +560,7 @@ pub(crate) mod tests {
             .iter()
             .all(|(_, bytes)| bytes.is_none()));
 
-        let merged = merge_small_packs(&t.index, "hot", &t.backend, 8 << 20).unwrap();
+        let merged = merge_small_packs(&t.index, "hot", &t.backend, 8 << 20, &|| false).unwrap();
         assert_eq!(merged.packs, SMALL_PACKS_MERGE_AT as u64);
         assert_eq!(pack_files(&t.root), 1);
         for seed in 0..SMALL_PACKS_MERGE_AT as u32 {
