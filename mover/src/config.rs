@@ -192,7 +192,15 @@ pub struct TierSection {
 impl Config {
     pub fn load(path: &Path) -> Result<Config, Error> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io("read config", path, e))?;
-        Self::parse(&text, path)
+        let config = Self::parse(&text, path)?;
+        for (peer, spelling, stem) in rates_read_differently_before(&text) {
+            let (line, column) = position(&text, &["peers", &peer, "bandwidth"]);
+            tracing::warn!(
+                "{}:{line}:{column}: peers.{peer}.bandwidth = {spelling:?} is read as bits per second; builds before mover-units read it as bytes per second: write \"{stem}B/s\" for bytes or \"{stem}bit\" for bits",
+                path.display(),
+            );
+        }
+        Ok(config)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
@@ -383,6 +391,36 @@ impl Config {
 
 /// Refuses two tiers whose directories are the same or one inside the other: each tier's
 /// packs, capacity and reclaim must be its own.
+/// The peers whose `bandwidth` is spelled with a lower-case `b` per second (`"125mb/s"`,
+/// `"1Gbps"`): bits now, as everywhere in mover, but bytes to the parser before mover-units,
+/// which ignored case; a config written then would silently get an eighth of its cap.
+/// Returns (peer, spelling, the spelling without `b/s` or `bps`).
+fn rates_read_differently_before(text: &str) -> Vec<(String, String, String)> {
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return Vec::new();
+    };
+    let Some(peers) = table.get("peers").and_then(toml::Value::as_table) else {
+        return Vec::new();
+    };
+    peers
+        .iter()
+        .filter_map(|(name, peer)| {
+            let spelling = peer.get("bandwidth")?.as_str()?.trim();
+            let stem = spelling
+                .strip_suffix("b/s")
+                .or_else(|| spelling.strip_suffix("bps"))?;
+            // "125m" -> "125M" (a lower-case m reads as milli to people), "1k" stays.
+            let stem = match stem.chars().last() {
+                Some(prefix) if prefix.is_ascii_alphabetic() && prefix != 'k' => {
+                    format!("{}{}", &stem[..stem.len() - 1], prefix.to_ascii_uppercase())
+                }
+                _ => stem.to_string(),
+            };
+            Some((name.clone(), spelling.to_string(), stem))
+        })
+        .collect()
+}
+
 pub fn check_tier_dirs(dirs: &[(&str, PathBuf)]) -> Result<(), String> {
     for (i, (a, dir_a)) in dirs.iter().enumerate() {
         for (b, dir_b) in &dirs[i + 1..] {
@@ -532,6 +570,19 @@ default = true
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates_whose_meaning_changed_are_found() {
+        let text = "[peers.a]\nbandwidth = \"125mb/s\"\n[peers.b]\nbandwidth = \"1Gbps\"\n[peers.c]\nbandwidth = \"1gbit\"\n[peers.d]\nbandwidth = \"50MB/s\"\n[peers.e]\n";
+        let found = rates_read_differently_before(text);
+        assert_eq!(
+            found,
+            vec![
+                ("a".into(), "125mb/s".into(), "125M".into()),
+                ("b".into(), "1Gbps".into(), "1G".into()),
+            ]
+        );
+    }
 
     #[test]
     fn template_parses() {
