@@ -59,10 +59,11 @@ impl JobState {
         JobState::Cancelled,
     ];
 
-    /// How a job that stopped with `e` ended: cancelled (asked to stop) or failed.
+    /// How a job that stopped with `e` ended: cancelled (asked to stop) or failed. A
+    /// transient failure the daemon retries does not end the job (see `jobs::board`).
     pub fn after(e: &crate::Error) -> JobState {
-        match e {
-            crate::Error::Cancelled(_) => JobState::Cancelled,
+        match e.kind() {
+            crate::error::ErrorKind::Cancelled => JobState::Cancelled,
             _ => JobState::Failed,
         }
     }

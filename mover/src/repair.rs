@@ -80,7 +80,7 @@ pub fn repair_index(dir: &Path) -> Result<RepairReport> {
         ..RepairReport::default()
     };
     {
-        let index = Index::open(&building)?;
+        let index = Index::open(&building).map_err(|e| e.in_index(&building))?;
         let mut names: Vec<&String> = tiers.keys().collect();
         names.sort();
         let mut copies = Copies::default();

@@ -158,7 +158,7 @@ impl Site {
         if !index_path.exists() {
             crate::repair::refuse_lost_index(&index_path, &tiers, &metadata)?;
         }
-        let index = Index::open(&index_path)?;
+        let index = Index::open(&index_path).map_err(|e| e.in_index(&index_path))?;
         let site = Site {
             links: crate::peers::LinkRegistry::new(&config.peers),
             metadata,
@@ -227,6 +227,11 @@ impl Site {
                 known.join(", ")
             ))
         })
+    }
+
+    /// The index database's file, which index errors name ([`Error::in_index`]).
+    pub fn index_path(&self) -> PathBuf {
+        self.dir.join(INDEX_FILE_NAME)
     }
 
     pub fn chunk_reader(&self) -> ChunkReader<'_> {

@@ -20,7 +20,7 @@ use transport::tls::TrustStore;
 
 use super::attempts::{Attempts, Superseded};
 use crate::constants::{MANIFEST_BYTES_MAX, PEER_CONNECTIONS_MAX, RECEIVE_UNACKED_BYTES_MAX};
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::format::manifest;
 use crate::format::pack::RECORD_HEADER_BYTES;
 use crate::format::{hex, ChunkId};
@@ -45,14 +45,18 @@ impl Failure {
 
 impl From<Error> for Failure {
     fn from(e: Error) -> Failure {
-        let code = match &e {
-            Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
-                ErrorCode::NoSpace
-            }
-            Error::NotFound(_) => ErrorCode::NotFound,
-            Error::Refused(_) => ErrorCode::Refused,
-            Error::Corrupt { .. } => ErrorCode::Corrupt,
-            _ => ErrorCode::Internal,
+        let code = match e.kind() {
+            ErrorKind::NoSpace => ErrorCode::NoSpace,
+            ErrorKind::NotFound => ErrorCode::NotFound,
+            ErrorKind::Refused => ErrorCode::Refused,
+            ErrorKind::Corrupt => ErrorCode::Corrupt,
+            ErrorKind::Io
+            | ErrorKind::Config
+            | ErrorKind::Site
+            | ErrorKind::Index
+            | ErrorKind::Resource
+            | ErrorKind::Cancelled
+            | ErrorKind::Peer => ErrorCode::Internal,
         };
         Failure {
             code,
@@ -395,16 +399,8 @@ async fn fetch(
         for id in ids {
             let mut record = spare.take();
             let (header, capacity, record) = tokio::task::block_in_place(|| {
-                chunks
-                    .read_stored_into(&ChunkId(id), &mut record)
+                read_for_peer(&mut chunks, &ChunkId(id), &mut record)
                     .map(|header| (header, record.capacity(), Bytes::from(record)))
-            })
-            .map_err(|e| match e {
-                Error::Corrupt { detail, what } if detail.contains("not in the index") => Failure {
-                    code: ErrorCode::NotFound,
-                    reason: format!("{what}: {detail}"),
-                },
-                other => other.into(),
             })?;
             // quinn keeps the slice until the peer acknowledges it; the record is reused after.
             let payload = record.slice(RECORD_HEADER_BYTES..);
@@ -417,6 +413,16 @@ async fn fetch(
                 .await?;
         }
     }
+}
+
+/// A record a peer fetches, as stored; a chunk this site does not hold answers `NotFound` (its
+/// error's kind), so the peer can look elsewhere, rather than a failure of ours.
+fn read_for_peer(
+    chunks: &mut crate::store::pack_reader::ChunkReader<'_>,
+    id: &ChunkId,
+    record: &mut Vec<u8>,
+) -> Result<crate::format::pack::RecordHeader, Failure> {
+    Ok(chunks.read_stored_into(id, record)?)
 }
 
 /// Records sent on a Fetch stream, kept for reuse once quinn lets go of them, so the hot path
@@ -463,6 +469,33 @@ impl RecordBuffers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chunk_this_site_does_not_hold_answers_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = crate::store::Index::open(&dir.path().join("index.redb")).unwrap();
+        let tiers = std::collections::HashMap::new();
+        let mut chunks = crate::store::pack_reader::ChunkReader::new(&index, &tiers);
+        let id = ChunkId([7; 32]);
+        let failure = read_for_peer(&mut chunks, &id, &mut Vec::new()).unwrap_err();
+        assert_eq!(failure.code, ErrorCode::NotFound, "{}", failure.reason);
+        assert!(
+            failure.reason.contains(&id.to_string()),
+            "{}",
+            failure.reason
+        );
+    }
+
+    #[test]
+    fn errors_answer_peers_by_kind() {
+        let code = |e: Error| Failure::from(e).code;
+        let enospc = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        assert_eq!(code(Error::io("append", "/p", enospc)), ErrorCode::NoSpace);
+        assert_eq!(code(Error::corrupt("pack 1", "bad")), ErrorCode::Corrupt);
+        assert_eq!(code(Error::Refused("x".into())), ErrorCode::Refused);
+        assert_eq!(code(Error::NotFound("x".into())), ErrorCode::NotFound);
+        assert_eq!(code(Error::Resource("x".into())), ErrorCode::Internal);
+    }
 
     #[test]
     fn a_record_is_reused_only_once_nothing_else_holds_it() {

@@ -100,7 +100,7 @@ impl Index {
                 "{} is in use by another mover process (a running daemon or backup)",
                 path.display()
             )),
-            other => Error::Index(format!("{}: {other}", path.display())),
+            other => Error::index(path, other),
         })?;
         // Tables are created only when one is missing (a new site, or one made by an older
         // build): a site that has them all opens without writing, so read-only commands

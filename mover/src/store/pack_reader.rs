@@ -38,11 +38,8 @@ impl<'a> ChunkReader<'a> {
     }
 
     pub fn locate(&self, id: &ChunkId) -> Result<Location> {
-        self.index.lookup(id)?.ok_or_else(|| {
-            Error::corrupt(
-                format!("chunk {id}"),
-                "not in the index (missing from the store)",
-            )
+        self.index.lookup(id)?.ok_or_else(|| Error::ChunkMissing {
+            chunk: id.to_string(),
         })
     }
 
