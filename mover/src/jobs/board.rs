@@ -25,12 +25,12 @@ use crate::audit::{AuditLog, Who};
 use crate::constants::{
     ENDED_JOBS_IN_MEMORY_MAX, PEER_RETRIES_MAX, PEER_RETRY_DELAY_FIRST, PEER_RETRY_DELAY_MAX,
 };
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::job::{JobControl, JobKind, JobState};
 use crate::metrics::{self, names};
 use crate::site::Site;
 
-use super::{JobRecord, JobRequest};
+use super::{JobRecord, JobReport, JobRequest};
 use crate::job::{now_unix_ms, rfc3339_ms as time_text};
 
 /// Why a submit was not queued.
@@ -219,8 +219,8 @@ impl Board {
         let mut audited = None;
         let make = |seq: u64| {
             let record = JobRecord {
-                id: format!("{}-{seq}", request.kind.letter()),
-                kind: request.kind,
+                id: format!("{}-{seq}", request.kind().letter()),
+                kind: request.kind(),
                 state: JobState::Queued,
                 priority: request.priority,
                 seq,
@@ -242,6 +242,7 @@ impl Board {
                 cancel_requested: false,
                 retries: 0,
                 retry_at_unix_ms: None,
+                error_kind: None,
                 result: None,
             };
             let json = serde_json::to_string(&record).expect("record serialises");
@@ -566,6 +567,7 @@ impl Board {
         });
         let now = now_unix_ms();
         let order = lock(&self.persist_lock);
+        let mut report = None;
         let final_record = {
             let mut state = lock(&self.state);
             state.running.remove(&record.id);
@@ -578,12 +580,12 @@ impl Board {
                     r.state = done.state;
                     r.snapshot = done.snapshot;
                     r.error = done.error;
-                    r.result = Some(done.result);
-                    if let Some((total, done, sent)) = done.bytes {
-                        (r.bytes_total, r.bytes_done, r.bytes_sent) = (total, done, sent);
-                    }
+                    r.error_kind = None;
+                    r.result = Some(serde_json::to_value(&done.report).unwrap_or_default());
+                    (r.bytes_total, r.bytes_done, r.bytes_sent) = done.bytes;
+                    report = Some(done.report);
                 }
-                Err(Error::Cancelled(_)) if control.is_draining() => {
+                Err(e) if e.kind() == ErrorKind::Cancelled && control.is_draining() => {
                     // Checkpointed: what it committed stays; it runs again at the next start.
                     r.state = JobState::Queued;
                 }
@@ -596,6 +598,7 @@ impl Board {
                     let delay = retry_delay(r.retries);
                     r.state = JobState::Queued;
                     r.retry_at_unix_ms = Some(now + delay.as_millis() as u64);
+                    r.error_kind = Some(e.kind());
                     r.error = Some(format!(
                         "{e}; retry {} of {PEER_RETRIES_MAX} in {} s",
                         r.retries,
@@ -605,6 +608,7 @@ impl Board {
                 Err(e) => {
                     r.state = JobState::after(&e);
                     r.error = Some(e.to_string());
+                    r.error_kind = Some(e.kind());
                 }
             }
             if r.state.is_terminal() {
@@ -642,7 +646,12 @@ impl Board {
             ),
         }
         if final_record.state.is_terminal() {
-            record_metrics(&self.site, &final_record);
+            record_metrics(
+                &self.site,
+                final_record.kind,
+                final_record.state,
+                report.as_ref(),
+            );
             self.audit_event(
                 Who::this_process(),
                 "job.end",
@@ -804,122 +813,61 @@ struct Outcome {
     state: JobState,
     snapshot: Option<String>,
     error: Option<String>,
-    result: serde_json::Value,
-    bytes: Option<(u64, u64, u64)>,
-}
-
-fn from_job(job: crate::job::Job) -> Outcome {
-    Outcome {
-        state: job.state,
-        snapshot: job.snapshot.clone(),
-        error: job.error.clone(),
-        bytes: Some((job.bytes_total, job.bytes_done, job.bytes_sent)),
-        result: serde_json::to_value(&job).unwrap_or_default(),
-    }
+    report: JobReport,
+    bytes: (u64, u64, u64),
 }
 
 fn execute(site: &Site, record: &JobRecord, control: &JobControl) -> Result<Outcome> {
-    let r = &record.request;
-    let text = |v: &Option<String>| v.clone().unwrap_or_default();
-    match r.kind {
-        JobKind::Backup => {
-            let path = text(&r.path);
-            crate::backup::run(
-                site,
-                &crate::backup::BackupOptions {
-                    source: std::path::Path::new(&path),
-                    tier: r.tier.as_deref(),
-                    to: r.to.as_deref(),
-                    control: Some(control),
-                },
-            )
-            .map(from_job)
-        }
-        JobKind::Restore => {
-            let (spec, target) = (text(&r.snapshot), text(&r.to));
-            crate::restore::run(
-                site,
-                &crate::restore::RestoreOptions {
-                    spec: &spec,
-                    target: std::path::Path::new(&target),
-                    from: r.from.as_deref(),
-                    control: Some(control),
-                    resume: record.attempts > 1,
-                },
-            )
-            .map(from_job)
-        }
-        JobKind::Replicate => {
-            let (spec, to) = (text(&r.snapshot), text(&r.to));
-            crate::replicate::run(
-                site,
-                &crate::replicate::ReplicateOptions {
-                    spec: &spec,
-                    to: &to,
-                    control: Some(control),
-                },
-            )
-            .map(from_job)
-        }
-        JobKind::Verify => {
-            let report = crate::verify::run_with(site, r.snapshot.as_deref(), Some(control))?;
-            let error = report.damage.first().map(|d| {
-                format!(
-                    "{} damaged chunk(s); first: snapshot {} file {:?}: {}",
-                    report.damage.len(),
-                    &d.snapshot[..12.min(d.snapshot.len())],
-                    d.path,
-                    d.reason
-                )
-            });
-            Ok(Outcome {
-                state: if error.is_some() {
-                    JobState::Failed
-                } else {
-                    JobState::Done
-                },
-                snapshot: r.snapshot.clone(),
-                error,
-                bytes: Some((
-                    control.bytes_total.load(Ordering::Relaxed),
-                    report.bytes_checked,
-                    0,
-                )),
-                result: serde_json::to_value(&report).unwrap_or_default(),
-            })
-        }
-    }
+    let spec = &record.request.spec;
+    let report = super::run(site, spec, Some(control), record.attempts > 1)?;
+    let (snapshot, bytes) = match (&report, report.job()) {
+        (_, Some(job)) => (
+            job.snapshot.clone(),
+            (job.bytes_total, job.bytes_done, job.bytes_sent),
+        ),
+        (JobReport::Verify(verify), None) => (
+            spec.snapshot().map(|s| s.as_str().to_string()),
+            (
+                control.bytes_total.load(Ordering::Relaxed),
+                verify.bytes_checked,
+                0,
+            ),
+        ),
+        (_, None) => (None, (0, 0, 0)),
+    };
+    Ok(Outcome {
+        state: report.state(),
+        error: report.error(),
+        snapshot,
+        bytes,
+        report,
+    })
 }
 
-/// Adds a finished job's bytes to the per-site, tier and link counters.
-fn record_metrics(site: &Site, record: &JobRecord) {
+/// Adds a finished job's bytes to the per-site, tier and link counters, from its report.
+fn record_metrics(site: &Site, kind: JobKind, state: JobState, report: Option<&JobReport>) {
     let m = metrics::global();
     let name = site.name();
     m.add(
         names::JOBS_FINISHED,
-        &[("kind", record.kind.name()), ("state", record.state.name())],
+        &[("kind", kind.name()), ("state", state.name())],
         1,
     );
-    let Some(result) = &record.result else {
+    let Some(job) = report.and_then(JobReport::job) else {
         return;
     };
-    let get = |k: &str| result.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-    match record.kind {
+    match kind {
         JobKind::Backup | JobKind::Replicate => {
-            m.add(names::BYTES_READ, &[("site", name)], get("bytes_read"));
-            let tier = result.get("tier").and_then(|v| v.as_str()).unwrap_or("");
-            let dedup = get("bytes_total").saturating_sub(get("bytes_new"));
-            match result.get("destination").and_then(|v| v.as_str()) {
+            m.add(names::BYTES_READ, &[("site", name)], job.bytes_read);
+            let tier = job.tier.as_deref().unwrap_or("");
+            let dedup = job.bytes_total.saturating_sub(job.bytes_new);
+            match &job.destination {
                 Some(peer) => {
                     let link = format!("{name}->{peer}");
                     let labels = [("site", name), ("link", link.as_str())];
-                    m.add(names::BYTES_SENT, &labels, get("bytes_sent"));
-                    m.add(names::WIRE_BYTES_SENT, &labels, get("wire_bytes_sent"));
-                    m.add(
-                        names::WIRE_BYTES_RECEIVED,
-                        &labels,
-                        get("wire_bytes_received"),
-                    );
+                    m.add(names::BYTES_SENT, &labels, job.bytes_sent);
+                    m.add(names::WIRE_BYTES_SENT, &labels, job.wire_bytes_sent);
+                    m.add(names::WIRE_BYTES_RECEIVED, &labels, job.wire_bytes_received);
                     let dest_tier = format!("{peer}:{tier}");
                     m.add(
                         names::BYTES_DEDUPLICATED,
@@ -929,22 +877,18 @@ fn record_metrics(site: &Site, record: &JobRecord) {
                 }
                 None => {
                     let labels = [("site", name), ("tier", tier)];
-                    m.add(names::BYTES_STORED, &labels, get("bytes_sent"));
+                    m.add(names::BYTES_STORED, &labels, job.bytes_sent);
                     m.add(names::BYTES_DEDUPLICATED, &labels, dedup);
                 }
             }
         }
         JobKind::Restore => {
-            m.add(names::BYTES_RESTORED, &[("site", name)], get("bytes_done"));
-            if let Some(peer) = result.get("destination").and_then(|v| v.as_str()) {
+            m.add(names::BYTES_RESTORED, &[("site", name)], job.bytes_done);
+            if let Some(peer) = &job.destination {
                 let link = format!("{peer}->{name}");
                 let labels = [("site", name), ("link", link.as_str())];
-                m.add(names::WIRE_BYTES_SENT, &labels, get("wire_bytes_sent"));
-                m.add(
-                    names::WIRE_BYTES_RECEIVED,
-                    &labels,
-                    get("wire_bytes_received"),
-                );
+                m.add(names::WIRE_BYTES_SENT, &labels, job.wire_bytes_sent);
+                m.add(names::WIRE_BYTES_RECEIVED, &labels, job.wire_bytes_received);
             }
         }
         JobKind::Verify => {}
@@ -1005,12 +949,5 @@ mod tests {
         assert_eq!(secs, [2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
         assert_eq!(retry_delay(PEER_RETRIES_MAX), PEER_RETRY_DELAY_MAX);
         assert_eq!(retry_delay(u32::MAX), PEER_RETRY_DELAY_MAX);
-    }
-
-    #[test]
-    fn only_transient_peer_errors_are_retried() {
-        assert!(Error::peer_transient("b", "is shutting down").is_transient());
-        assert!(!Error::peer("b", "refused: tier full").is_transient());
-        assert!(!Error::Resource("x".into()).is_transient());
     }
 }

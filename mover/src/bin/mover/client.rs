@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use hyper::Method;
 use mover::api::client::{Client, ClientError};
-use serde_json::{json, Value};
+use mover::jobs::JobRequest;
+use serde_json::Value;
 
 use crate::exit;
 
@@ -41,10 +42,12 @@ pub struct Session {
 
 impl Session {
     /// Submits a job; with `wait`, follows it to the end.
-    pub fn submit(&self, request: Value, wait: bool) -> Outcome {
-        let (status, record) = self
-            .client
-            .request(Method::POST, "/v1/jobs", Some(&request))?;
+    pub fn submit(&self, request: &JobRequest, wait: bool) -> Outcome {
+        let body = serde_json::to_value(request).map_err(|e| Failed {
+            code: exit::FAILED,
+            message: format!("job request: {e}"),
+        })?;
+        let (status, record) = self.client.request(Method::POST, "/v1/jobs", Some(&body))?;
         let id = record["id"].as_str().unwrap_or("").to_string();
         if !wait {
             if self.json {
@@ -303,27 +306,4 @@ pub fn human(bytes: u64) -> String {
     } else {
         format!("{bytes} B")
     }
-}
-
-/// A job request with the CLI's flags as fields (absent flags left out).
-pub fn request(
-    kind: &str,
-    fields: &[(&str, Option<String>)],
-    priority: i32,
-    key: Option<&str>,
-) -> Value {
-    let mut map = serde_json::Map::new();
-    map.insert("kind".into(), json!(kind));
-    for (name, value) in fields {
-        if let Some(v) = value {
-            map.insert((*name).into(), json!(v));
-        }
-    }
-    if priority != 0 {
-        map.insert("priority".into(), json!(priority));
-    }
-    if let Some(key) = key {
-        map.insert("idempotency_key".into(), json!(key));
-    }
-    Value::Object(map)
 }

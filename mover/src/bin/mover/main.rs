@@ -34,6 +34,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
+use mover::job::JobKind;
+use mover::jobs::{JobReport, JobRequest, JobSpec, RequestBody};
 use mover::site::{self, Site};
 
 pub mod exit {
@@ -423,70 +425,99 @@ fn absolute(path: &Path) -> anyhow::Result<String> {
         .ok_or_else(|| anyhow::anyhow!("{}: the API takes UTF-8 paths", path.display()))
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let local = local_site(&cli.site_dir);
-    match &cli.command {
+/// The job a job command asks for, checked as the daemon checks a submit (one
+/// [`JobRequest`] for both); `None` for the other commands.
+fn job_request(command: &Command) -> anyhow::Result<Option<Result<JobRequest, String>>> {
+    let (body, submit) = match command {
         Command::Backup {
             path,
             tier,
             to,
             submit,
-        } if local.is_none() => {
-            let request = client::request(
-                "backup",
-                &[
-                    ("path", Some(absolute(path)?)),
-                    ("tier", tier.clone()),
-                    ("to", to.clone()),
-                ],
-                submit.priority,
-                submit.idempotency_key.as_deref(),
-            );
-            return Ok(outcome(session(&cli)?.submit(request, submit.wait)));
-        }
+        } => (
+            RequestBody {
+                kind: Some(JobKind::Backup),
+                path: Some(absolute(path)?),
+                tier: tier.clone(),
+                to: to.clone(),
+                ..RequestBody::default()
+            },
+            submit,
+        ),
         Command::Restore {
             spec,
             to,
             from,
             submit,
-        } if local.is_none() => {
-            let request = client::request(
-                "restore",
-                &[
-                    ("snapshot", Some(spec.clone())),
-                    ("to", Some(absolute(to)?)),
-                    ("from", from.clone()),
-                ],
-                submit.priority,
-                submit.idempotency_key.as_deref(),
-            );
-            return Ok(outcome(session(&cli)?.submit(request, submit.wait)));
-        }
+        } => (
+            RequestBody {
+                kind: Some(JobKind::Restore),
+                snapshot: Some(spec.clone()),
+                to: Some(absolute(to)?),
+                from: from.clone(),
+                ..RequestBody::default()
+            },
+            submit,
+        ),
         Command::Replicate {
             snapshot,
             to,
             submit,
-        } if local.is_none() => {
-            let request = client::request(
-                "replicate",
-                &[
-                    ("snapshot", Some(snapshot.clone())),
-                    ("to", Some(to.clone())),
-                ],
-                submit.priority,
-                submit.idempotency_key.as_deref(),
-            );
-            return Ok(outcome(session(&cli)?.submit(request, submit.wait)));
+        } => (
+            RequestBody {
+                kind: Some(JobKind::Replicate),
+                snapshot: Some(snapshot.clone()),
+                to: Some(to.clone()),
+                ..RequestBody::default()
+            },
+            submit,
+        ),
+        Command::Verify { snapshot, submit } => (
+            RequestBody {
+                kind: Some(JobKind::Verify),
+                snapshot: snapshot.clone(),
+                ..RequestBody::default()
+            },
+            submit,
+        ),
+        _ => return Ok(None),
+    };
+    let body = RequestBody {
+        priority: submit.priority,
+        idempotency_key: submit.idempotency_key.clone(),
+        ..body
+    };
+    Ok(Some(JobRequest::try_from(body)))
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let local = local_site(&cli.site_dir);
+    let request = job_request(&cli.command)?;
+    match (&cli.command, request) {
+        (
+            Command::Backup { submit, .. }
+            | Command::Restore { submit, .. }
+            | Command::Replicate { submit, .. }
+            | Command::Verify { submit, .. },
+            Some(request),
+        ) if local.is_none() => {
+            let request = match request {
+                Ok(request) => request,
+                // Refused here as the daemon would refuse it (exit 5), without a round trip.
+                Err(message) => {
+                    let code = exit::REFUSED;
+                    return Ok(outcome(Err(client::Failed { code, message })));
+                }
+            };
+            return Ok(outcome(session(&cli)?.submit(&request, submit.wait)));
         }
-        Command::Verify { snapshot, submit } if local.is_none() => {
-            let request = client::request(
-                "verify",
-                &[("snapshot", snapshot.clone())],
-                submit.priority,
-                submit.idempotency_key.as_deref(),
-            );
-            return Ok(outcome(session(&cli)?.submit(request, submit.wait)));
+        (_, Some(request)) => {
+            let request = request.map_err(anyhow::Error::msg)?;
+            return run_job(&cli, &request.spec);
         }
+        _ => {}
+    }
+    match &cli.command {
         Command::Jobs { state, limit } => {
             return Ok(outcome(session(&cli)?.jobs(state.as_deref(), *limit)));
         }
@@ -548,75 +579,6 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             } else {
                 outln!("{} {fingerprint}", config.site.name);
-            }
-        }
-        Command::Backup { path, tier, to, .. } => {
-            let kind = mover::job::JobKind::Backup;
-            let job = in_process(&cli, kind, path.display().to_string(), |site| {
-                mover::backup::run(
-                    site,
-                    &mover::backup::BackupOptions {
-                        control: None,
-                        source: path,
-                        tier: tier.as_deref(),
-                        to: to.as_deref(),
-                    },
-                )
-            })?;
-            print_warnings(&job.warnings);
-            if cli.json {
-                print_json(&job);
-            } else {
-                outln!(
-                    "snapshot {}  {} files, {:.3} GB in {:.2} s ({:.2} GB/s); read {:.3} GB, new {:.3} GB, {} {:.3} GB",
-                    job.snapshot.as_deref().unwrap_or("-"),
-                    job.files,
-                    job.bytes_total as f64 / 1e9,
-                    job.elapsed_s,
-                    job.gb_per_s(),
-                    job.bytes_read as f64 / 1e9,
-                    job.bytes_new as f64 / 1e9,
-                    if job.destination.is_some() { "shipped" } else { "stored" },
-                    job.bytes_sent as f64 / 1e9,
-                );
-                if let Some(peer) = &job.destination {
-                    outln!(
-                        "to {peer}: {:.3} GB on the wire ({:.3} GB back)",
-                        job.wire_bytes_sent as f64 / 1e9,
-                        job.wire_bytes_received as f64 / 1e9
-                    );
-                }
-            }
-        }
-        Command::Restore { spec, to, from, .. } => {
-            let kind = mover::job::JobKind::Restore;
-            let to = &resolve(to)?;
-            let job = in_process(&cli, kind, to.display().to_string(), |site| {
-                mover::restore::run(
-                    site,
-                    &mover::restore::RestoreOptions {
-                        control: None,
-                        resume: false,
-                        spec,
-                        target: to,
-                        from: from.as_deref(),
-                    },
-                )
-            })?;
-            if cli.json {
-                print_json(&job);
-            } else {
-                // Holes are not written: the rate is over the bytes written.
-                outln!(
-                    "restored {} to {}: {} files, {:.3} GB ({:.3} GB written) in {:.2} s ({:.2} GB/s written)",
-                    job.snapshot.as_deref().unwrap_or("-"),
-                    to.display(),
-                    job.files,
-                    job.bytes_total as f64 / 1e9,
-                    job.bytes_written as f64 / 1e9,
-                    job.elapsed_s,
-                    job.bytes_written as f64 / job.elapsed_s.max(1e-6) / 1e9
-                );
             }
         }
         Command::Peer { action } => match action {
@@ -730,30 +692,6 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
                 report::sites(&sites);
             }
         }
-        Command::Replicate { snapshot, to, .. } => {
-            let kind = mover::job::JobKind::Replicate;
-            let job = in_process(&cli, kind, snapshot.clone(), |site| {
-                mover::replicate::run(
-                    site,
-                    &mover::replicate::ReplicateOptions {
-                        spec: snapshot,
-                        to,
-                        control: None,
-                    },
-                )
-            })?;
-            if cli.json {
-                print_json(&job);
-            } else {
-                outln!(
-                    "replicated {} to {to}: {} chunks ({:.3} GB) sent, {:.3} GB on the wire",
-                    job.snapshot.as_deref().unwrap_or("-"),
-                    job.chunks_new,
-                    job.bytes_sent as f64 / 1e9,
-                    job.wire_bytes_sent as f64 / 1e9
-                );
-            }
-        }
         Command::Audit {
             verify,
             last,
@@ -763,48 +701,6 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
             let dir = path.parent().unwrap_or(Path::new("."));
             let log = dir.join(mover::daemon::AUDIT_FILE_NAME);
             return report::audit(&log, *verify, *last, cli.json);
-        }
-        Command::Verify { snapshot, .. } => {
-            let kind = mover::job::JobKind::Verify;
-            let subject = snapshot.clone().unwrap_or_default();
-            let report = in_process(&cli, kind, subject, |site| {
-                mover::verify::run(site, snapshot.as_deref())
-            })?;
-            if cli.json {
-                print_json(&report);
-            } else {
-                for d in &report.damage {
-                    errln!(
-                        "damaged: snapshot {} file {:?} chunk {}: {}",
-                        &d.snapshot[..12],
-                        d.path,
-                        d.chunk.as_deref().unwrap_or("-"),
-                        d.reason
-                    );
-                }
-                outln!(
-                    "verified {} snapshot(s): {} chunks, {:.3} GB in {:.2} s; damaged: {} snapshot(s), {} file(s), {} chunk(s)",
-                    report.snapshots.len(),
-                    report.chunks_checked,
-                    report.bytes_checked as f64 / 1e9,
-                    report.elapsed_s,
-                    report.snapshots_damaged,
-                    report.files_damaged,
-                    report.chunks_damaged
-                );
-            }
-            if let Some(d) = report.damage.first() {
-                if cli.json {
-                    errln!(
-                        "mover: snapshot {} is damaged: file {:?}, chunk {}: {}",
-                        &d.snapshot[..12],
-                        d.path,
-                        d.chunk.as_deref().unwrap_or("-"),
-                        d.reason
-                    );
-                }
-                return Ok(ExitCode::from(exit::DAMAGE));
-            }
         }
         Command::Bench { what } => {
             let report = match what {
@@ -848,6 +744,127 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
         | Command::Status { .. }
         | Command::Wait { .. }
         | Command::Cancel { .. } => unreachable!("handled by run() through the daemon"),
+        Command::Backup { .. }
+        | Command::Restore { .. }
+        | Command::Replicate { .. }
+        | Command::Verify { .. } => unreachable!("handled by run() as jobs"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs a job in-process through the daemon's runner and prints its report.
+fn run_job(cli: &Cli, spec: &JobSpec) -> anyhow::Result<ExitCode> {
+    let subject = match spec {
+        JobSpec::Backup { path, .. } => path.as_str().to_string(),
+        JobSpec::Restore { to, .. } => to.as_str().to_string(),
+        JobSpec::Replicate { snapshot, .. } => snapshot.as_str().to_string(),
+        JobSpec::Verify { snapshot } => snapshot
+            .as_ref()
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_default(),
+    };
+    let report = in_process(cli, spec.kind(), subject, |site| {
+        mover::jobs::run(site, spec, None, false)
+    })?;
+    match (spec, report) {
+        (JobSpec::Backup { .. }, JobReport::Backup(job)) => {
+            print_warnings(&job.warnings);
+            if cli.json {
+                print_json(&job);
+            } else {
+                outln!(
+                    "snapshot {}  {} files, {:.3} GB in {:.2} s ({:.2} GB/s); read {:.3} GB, new {:.3} GB, {} {:.3} GB",
+                    job.snapshot.as_deref().unwrap_or("-"),
+                    job.files,
+                    job.bytes_total as f64 / 1e9,
+                    job.elapsed_s,
+                    job.gb_per_s(),
+                    job.bytes_read as f64 / 1e9,
+                    job.bytes_new as f64 / 1e9,
+                    if job.destination.is_some() { "shipped" } else { "stored" },
+                    job.bytes_sent as f64 / 1e9,
+                );
+                if let Some(peer) = &job.destination {
+                    outln!(
+                        "to {peer}: {:.3} GB on the wire ({:.3} GB back)",
+                        job.wire_bytes_sent as f64 / 1e9,
+                        job.wire_bytes_received as f64 / 1e9
+                    );
+                }
+            }
+        }
+        (JobSpec::Restore { to, .. }, JobReport::Restore(job)) => {
+            if cli.json {
+                print_json(&job);
+            } else {
+                // Holes are not written: the rate is over the bytes written.
+                outln!(
+                    "restored {} to {}: {} files, {:.3} GB ({:.3} GB written) in {:.2} s ({:.2} GB/s written)",
+                    job.snapshot.as_deref().unwrap_or("-"),
+                    to.as_str(),
+                    job.files,
+                    job.bytes_total as f64 / 1e9,
+                    job.bytes_written as f64 / 1e9,
+                    job.elapsed_s,
+                    job.bytes_written as f64 / job.elapsed_s.max(1e-6) / 1e9
+                );
+            }
+        }
+        (JobSpec::Replicate { to, .. }, JobReport::Replicate(job)) => {
+            if cli.json {
+                print_json(&job);
+            } else {
+                outln!(
+                    "replicated {} to {to}: {} chunks ({:.3} GB) sent, {:.3} GB on the wire",
+                    job.snapshot.as_deref().unwrap_or("-"),
+                    job.chunks_new,
+                    job.bytes_sent as f64 / 1e9,
+                    job.wire_bytes_sent as f64 / 1e9
+                );
+            }
+        }
+        (JobSpec::Verify { .. }, JobReport::Verify(report)) => {
+            if cli.json {
+                print_json(&report);
+            } else {
+                for d in &report.damage {
+                    errln!(
+                        "damaged: snapshot {} file {:?} chunk {}: {}",
+                        &d.snapshot[..12],
+                        d.path,
+                        d.chunk.as_deref().unwrap_or("-"),
+                        d.reason
+                    );
+                }
+                outln!(
+                    "verified {} snapshot(s): {} chunks, {:.3} GB in {:.2} s; damaged: {} snapshot(s), {} file(s), {} chunk(s)",
+                    report.snapshots.len(),
+                    report.chunks_checked,
+                    report.bytes_checked as f64 / 1e9,
+                    report.elapsed_s,
+                    report.snapshots_damaged,
+                    report.files_damaged,
+                    report.chunks_damaged
+                );
+            }
+            if let Some(d) = report.damage.first() {
+                if cli.json {
+                    errln!(
+                        "mover: snapshot {} is damaged: file {:?}, chunk {}: {}",
+                        &d.snapshot[..12],
+                        d.path,
+                        d.chunk.as_deref().unwrap_or("-"),
+                        d.reason
+                    );
+                }
+                return Ok(ExitCode::from(exit::DAMAGE));
+            }
+        }
+        (spec, report) => bail!(
+            "a {} job reported as a {} (a bug)",
+            spec.kind().name(),
+            report.kind().name()
+        ),
     }
     Ok(ExitCode::SUCCESS)
 }
