@@ -432,6 +432,58 @@ fn bad_requests_get_a_reason_and_the_daemon_keeps_serving() {
 }
 
 #[test]
+fn a_job_body_with_an_unknown_field_or_a_missing_argument_names_it() {
+    let d = Daemon::new("");
+    for (body, named) in [
+        (json!({"path": "/x"}), "`kind` is required"),
+        (
+            json!({"kind": "backup", "paht": "/x"}),
+            "unknown field `paht`",
+        ),
+        (json!({"kind": "backup", "to": "b"}), "`path` is required"),
+        (
+            json!({"kind": "restore", "to": "/r"}),
+            "`snapshot` is required",
+        ),
+        (
+            json!({"kind": "restore", "snapshot": "latest"}),
+            "`to` is required",
+        ),
+        (
+            json!({"kind": "replicate", "to": "b"}),
+            "`snapshot` is required",
+        ),
+        (
+            json!({"kind": "replicate", "snapshot": "abcd"}),
+            "`to` is required",
+        ),
+        (
+            json!({"kind": "verify", "tier": "t"}),
+            "`tier` does not apply",
+        ),
+    ] {
+        let (status, reply) = d.http("POST", "/v1/jobs", Some(&body));
+        assert_eq!(status, 400, "{body}: {reply}");
+        let reason = reply["error"].as_str().unwrap_or_default();
+        assert!(reason.contains(named), "{body}: {reason}");
+        assert_eq!(reason.lines().count(), 1, "{reason}");
+    }
+    // A job that fails says what kind of failure it was, beside the line.
+    let target = d.root.join("restored");
+    let body = json!({"kind": "restore", "snapshot": "latest", "to": target});
+    let (status, job) = d.http("POST", "/v1/jobs", Some(&body));
+    assert_eq!(status, 201, "{job}");
+    let id = job["id"].as_str().unwrap();
+    let (_, end) = d.http("GET", &format!("/v1/jobs/{id}/wait?timeout=60"), None);
+    assert_eq!(end["state"], "failed", "{end}");
+    assert_eq!(end["error_kind"], "not_found", "{end}");
+    assert!(
+        end["error"].as_str().unwrap().contains("no snapshots"),
+        "{end}"
+    );
+}
+
+#[test]
 fn a_caller_not_allowed_is_refused_and_audited() {
     assert!(
         is_root(),
