@@ -345,6 +345,22 @@ mod tests {
     }
 
     #[test]
+    fn a_job_ends_cancelled_only_when_asked_to_stop() {
+        use super::JobState;
+        use crate::Error;
+        let stop = Error::Cancelled("cancelled on request".into());
+        assert_eq!(JobState::after(&stop), JobState::Cancelled);
+        let enospc = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        for failed in [
+            Error::io("append", "/p", enospc),
+            Error::peer_transient("b", "restarting"),
+            Error::Refused("cancelled is only a word here".into()),
+        ] {
+            assert_eq!(JobState::after(&failed), JobState::Failed, "{failed}");
+        }
+    }
+
+    #[test]
     fn rfc3339_known_dates() {
         assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(super::rfc3339(1_795_219_200), "2026-11-21T00:00:00Z");
