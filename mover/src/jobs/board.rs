@@ -277,7 +277,7 @@ impl Board {
                     let detail = serde_json::json!({ "error": e.to_string() });
                     self.audit_event(caller, "job.submit", &id, "failed", detail);
                 }
-                return Err(SubmitError::Internal(e.to_string()));
+                return Err(SubmitError::Internal(self.named(e).to_string()));
             }
         };
         let stored: JobRecord = serde_json::from_str(&json)
@@ -313,7 +313,12 @@ impl Board {
     }
 
     fn stored(&self, id: &str) -> Result<Option<JobRecord>> {
-        match self.site.index.queue_record(id)? {
+        match self
+            .site
+            .index
+            .queue_record(id)
+            .map_err(|e| self.named(e))?
+        {
             Some(text) => serde_json::from_str(&text)
                 .map(Some)
                 .map_err(|e| Error::corrupt(format!("job queue row {id}"), e.to_string())),
@@ -426,7 +431,7 @@ impl Board {
                 return Err(match self.stored(id) {
                     Ok(Some(record)) => CancelError::Finished(record.state),
                     Ok(None) => CancelError::NotFound,
-                    Err(e) => CancelError::Internal(e.to_string()),
+                    Err(e) => CancelError::Internal(self.named(e).to_string()),
                 });
             }
         }
@@ -440,7 +445,7 @@ impl Board {
         match self.get(id) {
             Ok(Some(record)) => Ok(record),
             Ok(None) => Err(CancelError::NotFound),
-            Err(e) => Err(CancelError::Internal(e.to_string())),
+            Err(e) => Err(CancelError::Internal(self.named(e).to_string())),
         }
     }
 
@@ -774,6 +779,11 @@ impl Board {
                 "UNAUDITED: this event is missing from the audit log"
             );
         }
+    }
+
+    /// An index error naming this site's database.
+    fn named(&self, e: Error) -> Error {
+        e.in_index(&self.site.index_path())
     }
 
     pub fn site(&self) -> &Arc<Site> {

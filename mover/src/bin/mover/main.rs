@@ -664,7 +664,10 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Snapshots => {
             let site = Site::open(&site_dir(&cli.site_dir)?)?;
-            let snapshots = site.index.snapshots()?;
+            let snapshots = site
+                .index
+                .snapshots()
+                .map_err(|e| e.in_index(&site.index_path()))?;
             if cli.json {
                 print_json(&snapshots);
             } else {
