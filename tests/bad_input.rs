@@ -135,6 +135,7 @@ fn plant_manifest(site_dir: &Path, entries: Vec<Entry>) -> String {
             directories: 0,
             bytes: 0,
             warnings: 0,
+            held_since_unix_ns: 1,
         })
         .unwrap();
     hex

@@ -400,6 +400,7 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
             })
             .sum(),
         warnings: job.warnings.len() as u64,
+        held_since_unix_ns: now_ns,
     })?;
     job.snapshot = Some(id_hex);
     job.elapsed_s = started.elapsed().as_secs_f64();

@@ -247,7 +247,11 @@ impl<'a> Worker<'a> {
                     // The job stops: no snapshot will name the chunk.
                     return Ok(());
                 }
-                let stored = self.shared.index.reader()?.contains(&id)?;
+                let stored = self
+                    .shared
+                    .index
+                    .reader_in(&self.shared.tier)?
+                    .contains(&id)?;
                 let queued = again
                     .iter()
                     .any(|i| i.entry == item.entry && i.extent == item.extent);
@@ -376,7 +380,11 @@ impl<'a> Worker<'a> {
     ) -> Result<ExtentDone, ExtentError> {
         let buffer_bytes = self.shared.plan.read_bytes as u64;
         let end = item.offset + item.len;
-        let index = self.shared.index.reader().map_err(ExtentError::Fatal)?;
+        let index = self
+            .shared
+            .index
+            .reader_in(&self.shared.tier)
+            .map_err(ExtentError::Fatal)?;
         let mut in_flight = VecDeque::new();
         let mut next_read = item.offset;
         let mut received = item.offset;
@@ -502,7 +510,12 @@ impl<'a> Worker<'a> {
                 Claim::New => {
                     // `index` is as of the extent's start; a claim that ended since was
                     // committed before it ended, and a fresh look finds it.
-                    if self.shared.index.reader()?.contains(&id)? {
+                    if self
+                        .shared
+                        .index
+                        .reader_in(&self.shared.tier)?
+                        .contains(&id)?
+                    {
                         self.shared.claims.release([&id]);
                         return Ok(chunk_ref);
                     }

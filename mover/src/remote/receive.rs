@@ -179,7 +179,7 @@ pub(super) async fn store(
                     else {
                         unreachable!("a Query frame is handed back as a query");
                     };
-                    let index = site.index.reader()?;
+                    let index = site.index.reader_in(&tier)?;
                     let mut wanted = Vec::with_capacity(ids.len());
                     for id in ids.iter() {
                         wanted.push(!index.contains(&ChunkId(id))?);
@@ -415,7 +415,7 @@ impl PackStore<'_> {
             Claim::New => {
                 // Committed by another writer since the sender asked (a claim ends only
                 // after its commit).
-                if self.site.index.reader()?.contains(&id)? {
+                if self.site.index.reader_in(self.tier)?.contains(&id)? {
                     self.claims.release([&id]);
                     return Ok(false);
                 }
@@ -523,7 +523,7 @@ impl PackStore<'_> {
                 return Err(superseded.into());
             }
             self.deferred_bytes = 0;
-            let index = self.site.index.reader()?;
+            let index = self.site.index.reader_in(self.tier)?;
             for chunk in std::mem::take(&mut self.deferred) {
                 let id = ChunkId(chunk.id);
                 if index.contains(&id)? {

@@ -20,7 +20,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use super::backend::{Backend, Held};
-use super::index::{Index, Move, OldPack};
+use super::index::{Index, Move, OldPack, PackState, Repoint};
 use super::pack_key;
 use super::pack_reader::read_footer;
 use super::pack_writer::PackWriter;
@@ -161,8 +161,11 @@ fn merge_and_commit(
                 continue;
             }
         };
-        // Condemned by another repack between our scan and our lock.
-        if index.pack_tier(pack_id)?.as_deref() != Some(tier) {
+        // Condemned by another repack between our scan and our lock, or being migrated.
+        if !index
+            .pack(pack_id)?
+            .is_some_and(|p| p.tier == tier && p.state == PackState::Sealed)
+        {
             continue;
         }
         // One pack's records in memory at a time (under a quarter of a pack target).
@@ -198,11 +201,17 @@ fn merge_and_commit(
         .map(|((from_pack, from_offset), to)| Move {
             from_pack,
             from_offset,
+            to_pack: sealed.pack_id,
             to: *to,
         })
         .collect();
-    let condemned = match index.commit_repack(&sealed, &moves, &old) {
-        Ok(condemned) => condemned,
+    let repointed = index.repoint(&Repoint {
+        new_pack: Some(&sealed),
+        moves: &moves,
+        retire: &old,
+    });
+    let condemned = match repointed {
+        Ok(done) => done.condemned,
         Err(e) => {
             // A sealed pack the index does not list is never reclaimed (a crash between seal
             // and commit leaves one, which is GC's); here we know the commit failed, so remove
@@ -273,13 +282,14 @@ fn read_live(index: &Index, pack_id: u64, key: &str, held: &dyn Held) -> Result<
     };
     let mut record = Vec::new();
     for e in &live.entries {
-        let Some(at) = index.lookup(&e.id)? else {
+        let Some(copy) = index.copy_in(&e.id, pack_id)? else {
             continue;
         };
-        if at.pack_id != pack_id || at.offset != e.offset {
+        let at = copy.location;
+        if at.offset != e.offset {
             continue;
         }
-        if index.is_damaged(&e.id)? {
+        if copy.damaged {
             return Ok(None);
         }
         let len = record_len(e) as usize;
@@ -537,21 +547,12 @@ pub(crate) mod tests {
     #[test]
     fn a_site_from_before_the_pack_bytes_table_opens_and_merges() {
         let mut t = tier();
-        for i in 0..SMALL_PACKS_MERGE_AT as u32 {
-            committed_pack(&t, &[i]);
-        }
-        // The index as the previous build left it: neither `pack_bytes` nor `condemned`.
-        let path = t._dir.path().join("index.redb");
-        t.index = Index::open(&t._dir.path().join("other.redb")).unwrap();
-        {
-            let db = redb::Database::create(&path).unwrap();
-            let txn = db.begin_write().unwrap();
-            txn.delete_table(redb::TableDefinition::<u64, u64>::new("pack_bytes"))
-                .unwrap();
-            txn.delete_table(redb::TableDefinition::<u64, &str>::new("condemned"))
-                .unwrap();
-            txn.commit().unwrap();
-        }
+        let packs: Vec<SealedPack> = (0..SMALL_PACKS_MERGE_AT as u32)
+            .map(|i| committed_pack(&t, &[i]))
+            .collect();
+        // The same packs in an index as builds before `pack_bytes` and `condemned` left it.
+        let path = t._dir.path().join("v1.redb");
+        crate::store::index::tests::write_v1(&path, &packs, true);
         t.index = Index::open(&path).unwrap();
         assert!(t
             .index
