@@ -23,6 +23,8 @@ use crate::error::{Error, Result};
 use crate::format::manifest;
 use crate::format::{hex, parse_hex32};
 use crate::site::INDEX_FILE_NAME;
+use crate::store::index::{Move, Repoint};
+use crate::store::pack_reader::ChunkReader;
 use crate::store::{Backend, Index, LocalDir, SealedPack};
 
 /// The `job` of a catalog row rebuilt from its manifest: the job that made it is not known.
@@ -139,29 +141,44 @@ fn index_packs(
     Ok(())
 }
 
-/// The first copy of a chunk wins the index, as in a backup; but a chunk stored again because
-/// its first copy was found bad (healing) has a good later copy. So every chunk with more than
-/// one copy is read back through the new index, and a bad first copy is replaced by the first
-/// later copy that reads back good.
+/// The first copy of a chunk wins the index, as in a backup (a later record in the same tier
+/// is a dead duplicate); but a chunk stored again because its first copy was found bad
+/// (healing) has a good later copy. So every chunk with more than one record is read back
+/// through the new index, and a bad first copy is repointed (`Index::repoint`, as healing and
+/// repack do) to the first later record that reads back good.
 fn keep_good_copies(
     index: &Index,
     tiers: &std::collections::HashMap<String, Arc<dyn Backend>>,
     copies: Copies,
     report: &mut RepairReport,
 ) -> Result<()> {
-    let mut reader = crate::store::pack_reader::ChunkReader::new(index, tiers);
     let mut buffer = Vec::new();
     for (tier, pack_id, entry) in copies.more {
-        // A bad record is marked damaged by the reader, so the commit below repoints it.
-        if reader.read(&entry.id, &mut buffer).is_ok() {
+        // The copy of the later record's tier; reading it marks it damaged if it is bad.
+        let Some(first) = index.locate(&entry.id, Some(&tier))? else {
+            continue;
+        };
+        if first.tier != tier || first.location.pack_id == pack_id {
             continue;
         }
-        index.commit_pack(&SealedPack {
-            pack_id,
-            tier,
-            entries: vec![entry],
-            bytes: 0,
+        let mut reader = ChunkReader::new(index, tiers).preferring(&tier);
+        let _ = reader.read(&entry.id, &mut buffer);
+        let bad = index
+            .copy_in(&entry.id, first.location.pack_id)?
+            .is_some_and(|c| c.damaged);
+        if !bad {
+            continue;
+        }
+        index.repoint(&Repoint {
+            moves: &[Move {
+                from_pack: first.location.pack_id,
+                from_offset: first.location.offset,
+                to_pack: pack_id,
+                to: entry,
+            }],
+            ..Repoint::default()
         })?;
+        let mut reader = ChunkReader::new(index, tiers).preferring(&tier);
         if reader.read(&entry.id, &mut buffer).is_ok() {
             report.copies_replaced += 1;
         }

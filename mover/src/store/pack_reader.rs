@@ -25,6 +25,8 @@ pub struct ChunkReader<'a> {
     tiers: &'a HashMap<String, Arc<dyn Backend>>,
     pack_tiers: HashMap<u64, Arc<dyn Backend>>,
     record: Vec<u8>,
+    /// The tier whose copies are read first.
+    prefer: Option<String>,
 }
 
 impl<'a> ChunkReader<'a> {
@@ -34,41 +36,120 @@ impl<'a> ChunkReader<'a> {
             tiers,
             pack_tiers: HashMap::new(),
             record: Vec::new(),
+            prefer: None,
         }
     }
 
+    /// Reads copies in `tier` first, where a chunk has one there.
+    pub fn preferring(mut self, tier: &str) -> Self {
+        self.prefer = Some(tier.to_string());
+        self
+    }
+
+    /// The copy of `id` to read first.
     pub fn locate(&self, id: &ChunkId) -> Result<Location> {
-        self.index.lookup(id)?.ok_or_else(|| Error::ChunkMissing {
+        self.copies(id)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Self::unindexed(id))
+    }
+
+    fn copies(&self, id: &ChunkId) -> Result<Vec<Location>> {
+        Ok(self
+            .index
+            .copies_preferring(id, self.prefer.as_deref())?
+            .into_iter()
+            .map(|c| c.location)
+            .collect())
+    }
+
+    fn unindexed(id: &ChunkId) -> Error {
+        Error::ChunkMissing {
             chunk: id.to_string(),
-        })
+        }
     }
 
     /// Reads chunk `id` into `out`, verifying the record's header, xxh3 and BLAKE3. A record
     /// found damaged is marked so in the index: it no longer satisfies dedup, and the next
-    /// backup or replication that has the good bytes stores them again.
+    /// backup or replication that has the good bytes stores them again. A copy that cannot
+    /// be read is passed over for the chunk's next copy, if it has one; with none left, the
+    /// first copy's error is returned.
     pub fn read(&mut self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
+        self.with_copies(id, |reader, location, record| {
+            let (header, key, location) = reader.fetch_from(id, location, record)?;
+            open_record(&header, &record[RECORD_HEADER_BYTES..], out)
+                .map_err(|e| Error::corrupt(format!("chunk {id} in {key}"), e.to_string()))
+                .map_err(|e| reader.noted(id, location, e))?;
+            Ok(header)
+        })
+        .map(|_| ())
+    }
+
+    /// Runs `read` on each copy of `id` in turn until one succeeds, with `self.record` as the
+    /// record buffer.
+    fn with_copies(
+        &mut self,
+        id: &ChunkId,
+        mut read: impl FnMut(&mut Self, Location, &mut Vec<u8>) -> Result<RecordHeader>,
+    ) -> Result<RecordHeader> {
+        let copies = self.copies(id)?;
+        if copies.is_empty() {
+            return Err(Self::unindexed(id));
+        }
         let mut record = std::mem::take(&mut self.record);
-        let fetched = self.fetch_record(id, &mut record);
+        let mut first_error = None;
+        for location in copies {
+            match read(self, location, &mut record) {
+                Ok(header) => {
+                    self.record = record;
+                    return Ok(header);
+                }
+                Err(e) => {
+                    if first_error.is_some() {
+                        tracing::warn!(chunk = %id, pack = %pack_key(location.pack_id), error = %e, "another copy is unreadable too");
+                    } else {
+                        first_error = Some(e);
+                    }
+                }
+            }
+        }
         self.record = record;
-        let (header, key, location) = fetched?;
-        open_record(&header, &self.record[RECORD_HEADER_BYTES..], out)
-            .map_err(|e| Error::corrupt(format!("chunk {id} in {key}"), e.to_string()))
-            .map_err(|e| self.noted(id, location, e))
+        Err(first_error.expect("at least one copy was tried"))
     }
 
     /// Reads chunk `id`'s record as stored (compressed or raw) with its header and payload
     /// checksum verified, for a peer that checks the plaintext itself.
     pub fn read_stored(&mut self, id: &ChunkId) -> Result<(RecordHeader, &[u8])> {
-        let mut record = std::mem::take(&mut self.record);
-        let read = self.read_stored_into(id, &mut record);
-        self.record = record;
-        Ok((read?, &self.record[RECORD_HEADER_BYTES..]))
+        let header = self.with_copies(id, |reader, location, record| {
+            reader.read_stored_at(id, location, record)
+        })?;
+        Ok((header, &self.record[RECORD_HEADER_BYTES..]))
     }
 
     /// [`read_stored`](ChunkReader::read_stored) into the caller's buffer: `record` then holds
     /// the whole record, its header's [`RECORD_HEADER_BYTES`] and the payload after them.
     pub fn read_stored_into(&mut self, id: &ChunkId, record: &mut Vec<u8>) -> Result<RecordHeader> {
-        let (header, key, location) = self.fetch_record(id, record)?;
+        let mut first_error = None;
+        let copies = self.copies(id)?;
+        for location in copies {
+            match self.read_stored_at(id, location, record) {
+                Ok(header) => return Ok(header),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.unwrap_or_else(|| Self::unindexed(id)))
+    }
+
+    /// The record of `id`'s copy at `location`, its payload checksum checked.
+    fn read_stored_at(
+        &mut self,
+        id: &ChunkId,
+        location: Location,
+        record: &mut Vec<u8>,
+    ) -> Result<RecordHeader> {
+        let (header, key, location) = self.fetch_from(id, location, record)?;
         if xxhash_rust::xxh3::xxh3_64(&record[RECORD_HEADER_BYTES..]) != header.payload_xxh3 {
             return Err(self.noted(
                 id,
@@ -92,22 +173,12 @@ impl<'a> ChunkReader<'a> {
         error
     }
 
-    /// Reads `id`'s record into `record` and checks its header against the index.
+    /// Reads `id`'s record at `location`, where the index put it when it was looked up, into
+    /// `record` and checks its header against the index.
     ///
     /// A repack (`store::repack`) may move the chunk and delete its old pack between our
     /// lookup and our read: a pack that is gone (no longer registered, or its file removed)
     /// sends us back to the index once, and a chunk that moved is read from its new home.
-    fn fetch_record(
-        &mut self,
-        id: &ChunkId,
-        record: &mut Vec<u8>,
-    ) -> Result<(RecordHeader, String, Location)> {
-        let location = self.locate(id)?;
-        self.fetch_from(id, location, record)
-    }
-
-    /// [`fetch_record`](Self::fetch_record) from `location`, where the index put `id` when
-    /// it was looked up.
     fn fetch_from(
         &mut self,
         id: &ChunkId,
@@ -249,8 +320,65 @@ pub fn read_footer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::pack_writer::PackWriter;
     use crate::store::repack::merge;
     use crate::store::repack::tests::{committed_pack, id_of, payload, tier};
+    use crate::store::LocalDir;
+
+    #[test]
+    fn a_reader_takes_the_tier_asked_for_and_fails_over_to_another_copy() {
+        let mut t = tier();
+        let hot = committed_pack(&t, &[7]);
+        let root = t.root.parent().unwrap().join("cold");
+        std::fs::create_dir(&root).unwrap();
+        let cold: Arc<dyn Backend> = Arc::new(LocalDir::new(&root));
+        t.tiers.insert("cold".into(), cold.clone());
+        let data = payload(7);
+        let id = id_of(&data);
+        let mut writer = PackWriter::create(&cold, "cold", 8 << 20).unwrap();
+        let header = RecordHeader::new(id, crate::format::Codec::Raw, data.len(), &data);
+        writer.append(&header, &data).unwrap();
+        let sealed = writer.seal().unwrap();
+        t.index.commit_pack(&sealed).unwrap();
+
+        let reader = ChunkReader::new(&t.index, &t.tiers);
+        assert_eq!(
+            reader.preferring("cold").locate(&id).unwrap().pack_id,
+            sealed.pack_id
+        );
+        let reader = ChunkReader::new(&t.index, &t.tiers);
+        assert_eq!(
+            reader.preferring("hot").locate(&id).unwrap().pack_id,
+            hot.pack_id
+        );
+
+        // The hot copy goes bad: a reader preferring it reads the cold one and marks it.
+        let path = t.root.join(pack_key(hot.pack_id));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[hot.entries[0].offset as usize + RECORD_HEADER_BYTES + 3] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let mut out = Vec::new();
+        let mut reader = ChunkReader::new(&t.index, &t.tiers).preferring("hot");
+        reader.read(&id, &mut out).unwrap();
+        assert_eq!(out, data);
+        let damaged = t.index.damaged_copies().unwrap();
+        assert_eq!(damaged.len(), 1, "{damaged:?}");
+        assert_eq!((damaged[0].0, damaged[0].1), (id, hot.pack_id));
+        let (header, stored) = reader.read_stored(&id).unwrap();
+        assert_eq!((header.id, stored), (id, data.as_slice()));
+
+        // With both copies bad, the error is the first copy's.
+        let path = root.join(pack_key(sealed.pack_id));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[sealed.entries[0].offset as usize + RECORD_HEADER_BYTES + 3] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let err = ChunkReader::new(&t.index, &t.tiers)
+            .preferring("hot")
+            .read(&id, &mut out)
+            .unwrap_err();
+        assert!(err.to_string().contains(&pack_key(sealed.pack_id)), "{err}");
+        assert_eq!(t.index.damaged_copies().unwrap().len(), 2);
+    }
 
     #[test]
     fn a_chunk_whose_pack_a_merge_deleted_after_the_lookup_is_read_from_its_new_home() {
