@@ -9,13 +9,15 @@
 //! another, and the backend removes only what it can lock (`Backend::remove_abandoned`).
 //!
 //! It also finishes repacks (`store::repack`) that committed but did not delete the packs
-//! they emptied (a crash between the two): those packs are in the `condemned` table, not in
-//! `packs`, so no index row points into them; their files are deleted and the rows dropped.
+//! they emptied (a crash between the two): those packs are condemned in the index, which
+//! condemns a pack only when no copy points into it; their files are deleted and the rows
+//! dropped. And it drops the rows of packs registered open (writers without locks) whose
+//! files it removed or never found.
 
 use std::collections::HashSet;
 
 use super::backend::Backend;
-use super::index::Index;
+use super::index::{Index, PackState};
 use super::pack_key;
 use super::repack::delete_condemned;
 use crate::error::Result;
@@ -25,7 +27,7 @@ use crate::format::pack::{decode_trailer, PACK_HEADER_BYTES, TRAILER_BYTES};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Reclaimed {
     pub packs: u64,
-    /// Packs emptied by a repack whose files are now deleted (counted apart from `packs`).
+    /// Condemned packs whose files are now deleted (counted apart from `packs`).
     pub condemned: u64,
     /// Space given back (allocated blocks, which for a preallocated pack exceed its data).
     pub bytes: u64,
@@ -49,6 +51,15 @@ pub fn reclaim_tier(index: &Index, tier: &str, backend: &dyn Backend) -> Result<
         }
     }
     let committed: HashSet<u64> = index.pack_ids()?;
+    // Packs registered open whose file is gone (removed here, or never created) lose their
+    // row; one whose writer still holds it keeps it. A writer that registers after this
+    // read is not listed in it.
+    let mut open: HashSet<u64> = index
+        .packs_of(tier)?
+        .into_iter()
+        .filter(|p| p.state == PackState::Open)
+        .map(|p| p.pack_id)
+        .collect();
     for key in backend.list("packs")? {
         let Some(pack_id) = pack_id_of(&key) else {
             continue;
@@ -61,11 +72,17 @@ pub fn reclaim_tier(index: &Index, tier: &str, backend: &dyn Backend) -> Result<
                 reclaimed.packs += 1;
                 reclaimed.bytes += bytes;
             }
-            Ok(None) => {}
+            Ok(None) => {
+                open.remove(&pack_id);
+            }
             Err(e) => {
+                open.remove(&pack_id);
                 tracing::warn!(tier, pack = %key, error = %e, "could not check an uncommitted pack; kept")
             }
         }
+    }
+    if !open.is_empty() {
+        index.forget_open(&open.into_iter().collect::<Vec<_>>())?;
     }
     if reclaimed.packs > 0 {
         tracing::info!(
@@ -217,6 +234,32 @@ mod tests {
         reclaim_tier(&t.index, "hot", &*t.backend).unwrap();
         assert!(!t.root.join(key).exists());
         assert!(stray.exists() && misplaced.exists());
+    }
+
+    #[test]
+    fn a_pack_registered_open_loses_its_row_with_its_file_unless_a_writer_holds_it() {
+        let t = tier();
+        // A writer that registered its pack and died before or after its first byte.
+        let key = leave_unsealed(&t.root, 0x77);
+        t.index.register_open(0x77, "hot").unwrap();
+        t.index.register_open(0x78, "hot").unwrap();
+        // One still writing.
+        let mut pack = PackWriter::create(&t.backend, "hot", 8 << 20).unwrap();
+        append_one(&mut pack, 6);
+        let live = pack_id_of(&packs(&t.root).into_iter().find(|k| *k != key).unwrap()).unwrap();
+        t.index.register_open(live, "hot").unwrap();
+
+        let reclaimed = reclaim_tier(&t.index, "hot", &*t.backend).unwrap();
+        assert_eq!(reclaimed.packs, 1);
+        assert!(!t.root.join(&key).exists());
+        assert!(t.index.pack(0x77).unwrap().is_none());
+        assert!(t.index.pack(0x78).unwrap().is_none());
+        let state = t.index.pack(live).unwrap().map(|p| p.state);
+        assert_eq!(state, Some(crate::store::index::PackState::Open));
+        let sealed = pack.seal().unwrap();
+        t.index.commit_pack(&sealed).unwrap();
+        let state = t.index.pack(live).unwrap().map(|p| p.state);
+        assert_eq!(state, Some(crate::store::index::PackState::Sealed));
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //!    and checked; a pack with a bad record is left as it is and the chunk marked damaged;
 //! 2. the records are appended to a new pack, which is sealed (fdatasync, directory fsync);
 //! 3. one index transaction repoints each moved chunk whose row still points at the record it
-//!    was copied from, adds the new pack and moves the old ones from `packs` to `condemned`;
-//! 4. the old files are deleted (under their lock) and their `condemned` rows dropped.
+//!    was copied from, adds the new pack and marks each old one that no copy points into any
+//!    more condemned (`Index::repoint`);
+//! 4. the old files are deleted (under their lock) and their condemned rows dropped.
 //!
 //! A crash before 3 leaves the new pack sealed but not indexed: nothing points into it, the
 //! old packs are untouched, and it is only space (as a killed backup's sealed, uncommitted
@@ -35,7 +36,7 @@ pub struct Merged {
     pub packs: u64,
     /// Record bytes copied (headers included).
     pub bytes: u64,
-    /// Records left behind because no index row pointed at them (copies of a chunk stored
+    /// Records left behind because no copy pointed at them (duplicates of a chunk stored
     /// twice, or replaced by healing).
     pub dead_records: u64,
 }
@@ -234,7 +235,7 @@ fn merge_and_commit(
 }
 
 /// Deletes the files of condemned packs; returns those deleted (or already gone). One that
-/// cannot be deleted keeps its `condemned` row, for the next reclaim.
+/// cannot be deleted keeps its condemned row, for the next reclaim.
 pub fn delete_condemned(tier: &str, backend: &dyn Backend, condemned: &[u64]) -> Vec<u64> {
     let mut deleted = Vec::new();
     for &pack_id in condemned {
