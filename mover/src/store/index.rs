@@ -1322,6 +1322,9 @@ pub(crate) mod tests {
         let names = table_names(&path);
         let err = Index::open(&path).err().expect("the upgrade succeeded");
         assert!(matches!(err, Error::Index { .. }), "{err}");
+        let line = err.to_string();
+        assert!(line.contains(&path.display().to_string()), "{line}");
+        assert_eq!(line.matches("index database").count(), 1, "{line}");
         assert_eq!(table_names(&path), names);
         let db = redb::Database::create(&path).unwrap();
         let txn = db.begin_read().unwrap();
