@@ -295,6 +295,7 @@ impl Index {
             packs,
             damaged,
             tier,
+            pack_counts: Default::default(),
         })
     }
 
@@ -893,6 +894,7 @@ pub struct IndexReader {
     damaged: Option<redb::ReadOnlyTable<CopyKey, &'static str>>,
     /// `Some`: `contains` asks about this tier only.
     tier: Option<String>,
+    pack_counts: std::cell::RefCell<std::collections::HashMap<u64, bool>>,
 }
 
 /// A catalog row for a manifest that no local backup job describes (a peer's, or one found
@@ -960,21 +962,31 @@ impl IndexReader {
     /// what dedup asks. A copy marked damaged is not, so that whoever has the chunk's bytes
     /// stores them again.
     pub fn contains(&self, id: &ChunkId) -> Result<bool> {
-        for at in copies_of(&self.copies, id)? {
-            let Some(pack) = pack_of(&self.packs, at.pack_id)? else {
-                continue;
-            };
-            if !pack.state.readable() || self.tier.as_ref().is_some_and(|t| *t != pack.tier) {
+        for row in self.copies.range((id.0, 0)..=(id.0, u64::MAX))? {
+            let pack_id = row?.0.value().1;
+            if !self.counts(pack_id)? {
                 continue;
             }
             if let Some(damaged) = &self.damaged {
-                if damaged.get((id.0, at.pack_id))?.is_some() {
+                if damaged.get((id.0, pack_id))?.is_some() {
                     continue;
                 }
             }
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// Whether copies in pack `pack_id` count for `contains` (readable, in the reader's
+    /// tier); remembered per pack, since a reader sees one snapshot of the index.
+    fn counts(&self, pack_id: u64) -> Result<bool> {
+        if let Some(&counts) = self.pack_counts.borrow().get(&pack_id) {
+            return Ok(counts);
+        }
+        let counts = pack_of(&self.packs, pack_id)?
+            .is_some_and(|p| p.state.readable() && self.tier.as_ref().is_none_or(|t| *t == p.tier));
+        self.pack_counts.borrow_mut().insert(pack_id, counts);
+        Ok(counts)
     }
 }
 
