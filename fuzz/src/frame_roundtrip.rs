@@ -64,7 +64,7 @@ pub fn check(data: &[u8]) -> usize {
     frames
 }
 
-/// The frame type numbers (1..=15) of the frames in `data`, stopping at the first error.
+/// The frame type numbers (1..=17) of the frames in `data`, stopping at the first error.
 pub fn kinds(data: &[u8]) -> Result<Vec<u8>, frame::FrameError> {
     let mut kinds = Vec::new();
     let mut encoded = Vec::new();
@@ -253,6 +253,14 @@ pub fn seed_streams() -> Vec<(&'static str, Vec<u8>)> {
             }),
         ),
         ("15-attempt", one(Frame::Attempt { attempt: 2 })),
+        ("16-bench-data", one(Frame::BenchData { data: &chunk })),
+        (
+            "17-bench-received",
+            one(Frame::BenchReceived {
+                bytes: 8 << 20,
+                micros: 41_000,
+            }),
+        ),
         (
             "stream-store",
             many(&[
@@ -322,6 +330,30 @@ pub fn seed_streams() -> Vec<(&'static str, Vec<u8>)> {
                     key: b"/data/train",
                 },
                 Frame::NoManifest,
+            ]),
+        ),
+        (
+            "stream-bench",
+            many(&[
+                Frame::Hello {
+                    version_min: 3,
+                    version_max: 3,
+                    purpose: Purpose::Bench,
+                    site: "onprem",
+                    tier: "",
+                    job: "bench",
+                },
+                Frame::Welcome {
+                    version: 3,
+                    site: "dr",
+                    unacked_bytes_max: 0,
+                },
+                Frame::BenchData { data: &chunk },
+                Frame::BenchData { data: &chunk[..1] },
+                Frame::BenchReceived {
+                    bytes: 65,
+                    micros: 12,
+                },
             ]),
         ),
     ]

@@ -24,11 +24,17 @@
 //! | 13 | NoManifest | (empty) |
 //! | 14 | Error | code u16, reason str (≤ [`REASON_BYTES_MAX`]) |
 //! | 15 | Attempt | attempt u64 (version ≥ 2, Store streams only: the sender's first frame after the Welcome) |
+//! | 16 | BenchData | data (≤ [`CHUNK_BYTES_MAX`], read and dropped; version ≥ 3, Bench streams only) |
+//! | 17 | BenchReceived | bytes u64, micros u64 (the receiver's count, first data to the end) |
 //!
 //! Versions: 1 is the table without Attempt. 2 adds Attempt: which try of its job the stream's
 //! sender is, so the receiver can stop a killed try's streams once a newer one has started.
 //! It is a frame of its own rather than a field of the Hello because the Hello goes out before
 //! the version is known and a version-1 receiver refuses a Hello with bytes after the job.
+//! 3 adds the Bench purpose (`mover bench link`): the sender streams BenchData, which the
+//! receiver counts and drops (nothing is stored), finishes its side, and reads one
+//! BenchReceived. A Bench Hello asks for version 3 at least; an older receiver refuses its
+//! purpose, which the sender reports as a peer too old to measure.
 //!
 //! Error codes (u16): 1 Protocol, 2 Refused, 3 NotFound, 4 Corrupt, 5 Internal, 6 NoSpace (the
 //! receiving tier is full), 7 Superseded (a newer attempt of the stream's job has started: this
@@ -41,9 +47,11 @@ use std::fmt;
 pub const ALPN: &[u8] = b"mover/1";
 /// Versions of the frame protocol this build speaks.
 pub const VERSION_MIN: u16 = 1;
-pub const VERSION_MAX: u16 = 2;
+pub const VERSION_MAX: u16 = 3;
 /// The first version whose Store streams carry an [`Frame::Attempt`].
 pub const ATTEMPT_VERSION: u16 = 2;
+/// The first version that serves Bench streams ([`Purpose::Bench`]).
+pub const BENCH_VERSION: u16 = 3;
 
 pub const FRAME_HEADER_BYTES: usize = 8;
 /// Largest chunk (plaintext) the protocol carries; equals the engine's FastCDC maximum.
@@ -74,6 +82,8 @@ pub enum Purpose {
     Control = 2,
     /// Reads chunks for a restore (Fetch).
     Fetch = 3,
+    /// Measures the link (BenchData in, BenchReceived out); stores nothing. Version ≥ 3.
+    Bench = 4,
 }
 
 impl Purpose {
@@ -82,6 +92,7 @@ impl Purpose {
             1 => Some(Purpose::Store),
             2 => Some(Purpose::Control),
             3 => Some(Purpose::Fetch),
+            4 => Some(Purpose::Bench),
             _ => None,
         }
     }
@@ -211,6 +222,16 @@ pub enum Frame<'a> {
     Attempt {
         attempt: u64,
     },
+    /// Filler on a Bench stream, counted and dropped by the receiver.
+    BenchData {
+        data: &'a [u8],
+    },
+    /// The receiver's count of a Bench stream's data, sent once the sender finished its side:
+    /// `bytes` of BenchData payload, `micros` from the first of it to the end.
+    BenchReceived {
+        bytes: u64,
+        micros: u64,
+    },
 }
 
 /// A frame the codec refused; the connection is closed with this reason.
@@ -259,6 +280,8 @@ impl Frame<'_> {
             Frame::NoManifest => 13,
             Frame::Error { .. } => 14,
             Frame::Attempt { .. } => 15,
+            Frame::BenchData { .. } => 16,
+            Frame::BenchReceived { .. } => 17,
         })
     }
 }
@@ -280,6 +303,8 @@ fn kind_name(kind: u8) -> &'static str {
         13 => "NoManifest",
         14 => "Error",
         15 => "Attempt",
+        16 => "BenchData",
+        17 => "BenchReceived",
         _ => "unknown",
     }
 }
@@ -300,6 +325,8 @@ fn payload_bound(kind: u8) -> Option<usize> {
         13 => 0,
         14 => 4 + REASON_BYTES_MAX,
         15 => 8,
+        16 => CHUNK_BYTES_MAX,
+        17 => 16,
         _ => return None,
     })
 }
@@ -489,6 +516,13 @@ pub fn decode(header: Header, payload: &[u8]) -> Result<Frame<'_>, FrameError> {
             reason: c.str(REASON_BYTES_MAX)?,
         },
         15 => Frame::Attempt { attempt: c.u64()? },
+        16 => Frame::BenchData {
+            data: c.take(payload.len())?,
+        },
+        17 => Frame::BenchReceived {
+            bytes: c.u64()?,
+            micros: c.u64()?,
+        },
         other => return Err(FrameError::UnknownType(other)),
     };
     c.end()?;
@@ -622,6 +656,16 @@ pub fn encode(frame: &Frame<'_>, out: &mut Vec<u8>) {
             out.extend_from_slice(&attempt.to_le_bytes());
             15
         }
+        Frame::BenchData { data } => {
+            assert!(data.len() <= CHUNK_BYTES_MAX);
+            out.extend_from_slice(data);
+            16
+        }
+        Frame::BenchReceived { bytes, micros } => {
+            out.extend_from_slice(&bytes.to_le_bytes());
+            out.extend_from_slice(&micros.to_le_bytes());
+            17
+        }
     };
     let len = out.len() - start - FRAME_HEADER_BYTES;
     out[start] = kind;
@@ -665,6 +709,16 @@ pub fn chunk_frame_prefix(id: &[u8; 32], codec: u8, raw_len: u32, payload_len: u
     out[8..40].copy_from_slice(id);
     out[40] = codec;
     out[41..45].copy_from_slice(&raw_len.to_le_bytes());
+    out
+}
+
+/// Header of a BenchData frame of `len` payload bytes, for senders that write the payload
+/// separately.
+pub fn bench_data_header(len: usize) -> [u8; FRAME_HEADER_BYTES] {
+    assert!(len <= CHUNK_BYTES_MAX);
+    let mut out = [0u8; FRAME_HEADER_BYTES];
+    out[0] = 16;
+    out[4..8].copy_from_slice(&(len as u32).to_le_bytes());
     out
 }
 
@@ -769,6 +823,49 @@ mod tests {
             reason: "no",
         });
         roundtrip(Frame::Attempt { attempt: 3 });
+        roundtrip(Frame::BenchData { data: b"filler" });
+        roundtrip(Frame::BenchReceived {
+            bytes: 1 << 30,
+            micros: 5_000_000,
+        });
+    }
+
+    #[test]
+    fn bench_frames_have_their_layout_and_bounds() {
+        let mut out = Vec::new();
+        encode(&Frame::BenchData { data: b"ab" }, &mut out);
+        assert_eq!(out, [16, 0, 0, 0, 2, 0, 0, 0, b'a', b'b']);
+        assert_eq!(bench_data_header(2), out[..8]);
+        let mut too_long = [16u8, 0, 0, 0, 0, 0, 0, 0];
+        too_long[4..].copy_from_slice(&(CHUNK_BYTES_MAX as u32 + 1).to_le_bytes());
+        assert!(matches!(
+            Header::decode(&too_long),
+            Err(FrameError::TooLong { .. })
+        ));
+        assert!(matches!(
+            Header::decode(&[17, 0, 0, 0, 17, 0, 0, 0]),
+            Err(FrameError::TooLong { .. })
+        ));
+        out.clear();
+        encode(
+            &Frame::BenchReceived {
+                bytes: 3,
+                micros: 4,
+            },
+            &mut out,
+        );
+        assert_eq!(out.len(), 24);
+        assert!(decode_all(&out[..23], |_| {}).is_err());
+        // A Bench Hello reads back; a version-2 build refused purpose 4 as unknown.
+        roundtrip(Frame::Hello {
+            version_min: BENCH_VERSION,
+            version_max: VERSION_MAX,
+            purpose: Purpose::Bench,
+            site: "a",
+            tier: "",
+            job: "bench",
+        });
+        assert_eq!(Purpose::from_u8(5), None);
     }
 
     #[test]

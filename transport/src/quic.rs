@@ -562,6 +562,18 @@ impl FrameWriter {
             .await
     }
 
+    /// Sends a BenchData frame whose payload is already a `Bytes` (no copy: one filler buffer
+    /// serves every frame of a bench).
+    pub async fn send_bench_data(
+        &mut self,
+        payload: bytes::Bytes,
+    ) -> Result<(), quinn::WriteError> {
+        let header = frame::bench_data_header(payload.len());
+        self.stream
+            .write_all_chunks(&mut [bytes::Bytes::copy_from_slice(&header), payload])
+            .await
+    }
+
     /// Closes our side after the peer read everything sent.
     pub fn finish(&mut self) {
         let _ = self.stream.finish();
