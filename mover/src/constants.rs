@@ -100,6 +100,20 @@ pub const PIECE_BYTES_FOR_HASHING_IN_PLACE: usize = 16 * 1024;
 /// Peer connections a daemon serves at once; each may buffer up to its connection window.
 pub const PEER_CONNECTIONS_MAX: usize = 64;
 
+/// A Bench stream (`mover bench link`) a daemon serves is cut after this much data or this
+/// long, whichever comes first: it stores nothing, but it takes the link and a runtime thread's
+/// time from real jobs. 64 GiB is 10 s at 50 Gbit/s; the time bound is what stops a slow peer.
+/// At most `BENCH_STREAMS_MAX` run at once per daemon; more are refused.
+pub const BENCH_BYTES_MAX: u64 = 64 << 30;
+pub const BENCH_TIME_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+pub const BENCH_STREAMS_MAX: usize = 2;
+/// What `mover bench link` sends by default (unless `--seconds` pass first): the bounds above
+/// leave it room.
+pub const BENCH_LINK_BYTES_DEFAULT: u64 = 1 << 30;
+pub const BENCH_LINK_SECONDS_DEFAULT: u64 = 10;
+const _: () = assert!(BENCH_LINK_BYTES_DEFAULT <= BENCH_BYTES_MAX);
+const _: () = assert!(BENCH_LINK_SECONDS_DEFAULT < BENCH_TIME_MAX.as_secs());
+
 /// A receiving daemon forgets the newest attempt of a peer's job (`remote::attempts`) once no
 /// stream of the job has been open for this long. An older attempt's stream can only arrive on
 /// a connection that was alive, and a connection whose sender is gone times out after 10 s

@@ -111,12 +111,17 @@ impl Link {
 
 /// This site's TLS credentials from its identity directory.
 pub fn credentials(site: &Site) -> Result<SiteCredentials> {
-    let dir = site.identity_dir();
+    credentials_in(&site.identity_dir(), site.name())
+}
+
+/// The TLS credentials of site `name` from its identity directory `dir`, for a process that
+/// dials peers without opening the site's index (`mover bench link`, beside a running daemon).
+pub fn credentials_in(dir: &Path, name: &str) -> Result<SiteCredentials> {
     let cert = std::fs::read(dir.join("cert.pem"))
         .map_err(|e| Error::io("read", dir.join("cert.pem"), e))?;
     let key = std::fs::read(dir.join("key.pem"))
         .map_err(|e| Error::io("read", dir.join("key.pem"), e))?;
-    SiteCredentials::from_pem(site.name(), &cert, &key)
+    SiteCredentials::from_pem(name, &cert, &key)
         .map_err(|e| Error::Site(format!("{}: {e}", dir.display())))
 }
 

@@ -6,13 +6,18 @@
 //! - `disk`: one worker's direct-read pattern on a scratch file, against the same reads with a
 //!   deep queue (the disk's own rate);
 //! - `backup PATH`: an end-to-end backup into a scratch site, against the slower of the
-//!   source's deep-queue direct read and the CPU pipeline times the workers.
+//!   source's deep-queue direct read and the CPU pipeline times the workers;
+//! - `link SITE`: a Bench stream to a configured peer, against the link's bandwidth cap or,
+//!   uncapped, raw QUIC on this node's loopback.
 //!
 //! Every report has one JSON shape ([`Report`]). GB/s means 1e9 bytes per second. Comparisons
-//! with other tools (rsync, restic, borg) and the peer link stay in `bench/`.
+//! with other tools (rsync, restic, borg, iperf3) stay in `bench/`.
 
 pub mod disk;
+pub mod link;
 pub mod stages;
+
+pub use link::link;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -25,7 +30,7 @@ pub use stages::{InputKind, RemoveOnDrop, Row};
 /// One bench's result: the node it ran on and its rows.
 #[derive(Debug, Serialize)]
 pub struct Report {
-    /// `stages`, `disk` or `backup`.
+    /// `stages`, `disk`, `backup` or `link`.
     pub bench: &'static str,
     pub machine: Machine,
     pub rows: Vec<Row>,

@@ -53,7 +53,14 @@ impl SharedBucket {
 
     /// Waits until one chunk frame of `payload_bytes` may go out; returns the time waited.
     pub async fn pace_chunk(&self, payload_bytes: u64) -> Duration {
-        let wait = self.take_chunk(payload_bytes, Instant::now());
+        self.pace(payload_bytes + (FRAME_HEADER_BYTES + CHUNK_FIELDS_BYTES) as u64)
+            .await
+    }
+
+    /// Waits until `frame_bytes` (a whole frame, header included) may go out; returns the
+    /// time waited.
+    pub async fn pace(&self, frame_bytes: u64) -> Duration {
+        let wait = self.lock().take(frame_bytes, Instant::now());
         if wait.is_zero() {
             return wait;
         }

@@ -1,7 +1,7 @@
 //! The daemon's peer service: accepts QUIC connections from configured peers and serves their
 //! streams: Store (have/want, verified chunks into a pack, acknowledgements once durable),
-//! Control (manifest lookup, manifest upload and snapshot commit) and Fetch (chunks for a
-//! restore).
+//! Control (manifest lookup, manifest upload and snapshot commit), Fetch (chunks for a
+//! restore) and Bench (`mover bench link`: data counted and dropped, bounded in bytes and time).
 //!
 //! Every peer frame goes through the bounded decoder and the sans-IO session; a stream that
 //! breaks the protocol is answered with an Error frame naming the reason and closed, and the
@@ -19,7 +19,10 @@ use transport::session::{negotiate, ManifestAssembly};
 use transport::tls::TrustStore;
 
 use super::attempts::{Attempts, Superseded};
-use crate::constants::{MANIFEST_BYTES_MAX, PEER_CONNECTIONS_MAX, RECEIVE_UNACKED_BYTES_MAX};
+use crate::constants::{
+    BENCH_BYTES_MAX, BENCH_STREAMS_MAX, BENCH_TIME_MAX, MANIFEST_BYTES_MAX, PEER_CONNECTIONS_MAX,
+    RECEIVE_UNACKED_BYTES_MAX,
+};
 use crate::error::{Error, ErrorKind};
 use crate::format::manifest;
 use crate::format::pack::RECORD_HEADER_BYTES;
@@ -256,6 +259,28 @@ async fn serve_stream(
             writer.send(&welcome(site, version)).await?;
             fetch(site, peer, writer, &mut reader).await
         }
+        Purpose::Bench => {
+            if version < transport::frame::BENCH_VERSION {
+                return Err(Failure {
+                    code: ErrorCode::Refused,
+                    reason: format!(
+                        "a bench stream needs protocol version {} (negotiated {version})",
+                        transport::frame::BENCH_VERSION
+                    ),
+                });
+            }
+            let Some(_slot) = BenchSlot::take() else {
+                return Err(Failure {
+                    code: ErrorCode::Refused,
+                    reason: format!(
+                        "{BENCH_STREAMS_MAX} bench streams are already running here; try again once they end"
+                    ),
+                });
+            };
+            writer.send(&welcome(site, version)).await?;
+            tracing::info!(peer = %peer, "serving a bench stream");
+            bench(writer, &mut reader).await
+        }
     };
     if let Err(failure) = &outcome {
         reader.stop(failure.code as u32);
@@ -423,6 +448,81 @@ fn read_for_peer(
     record: &mut Vec<u8>,
 ) -> Result<crate::format::pack::RecordHeader, Failure> {
     Ok(chunks.read_stored_into(id, record)?)
+}
+
+/// Bench streams running in this process (a daemon serves one site).
+static BENCH_STREAMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One of the `BENCH_STREAMS_MAX` places for a running bench stream, given back on drop.
+struct BenchSlot;
+
+impl BenchSlot {
+    fn take() -> Option<BenchSlot> {
+        use std::sync::atomic::Ordering;
+        BENCH_STREAMS
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |running| {
+                (running < BENCH_STREAMS_MAX).then_some(running + 1)
+            })
+            .ok()
+            .map(|_| BenchSlot)
+    }
+}
+
+impl Drop for BenchSlot {
+    fn drop(&mut self) {
+        BENCH_STREAMS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Counts and drops a peer's BenchData until it finishes its side, then answers with the
+/// count and the time from the first byte. Nothing is stored; the stream is cut (Refused)
+/// beyond `BENCH_BYTES_MAX` or `BENCH_TIME_MAX`, so a peer cannot hold the link or a runtime
+/// thread with it for long.
+async fn bench(writer: &mut FrameWriter, reader: &mut FrameReader) -> Result<(), Failure> {
+    let mut bytes = 0u64;
+    let mut first: Option<std::time::Instant> = None;
+    let counted = tokio::time::timeout(BENCH_TIME_MAX, async {
+        loop {
+            match reader.next().await {
+                Ok(Frame::BenchData { data }) => {
+                    first.get_or_insert_with(std::time::Instant::now);
+                    bytes += data.len() as u64;
+                    if bytes > BENCH_BYTES_MAX {
+                        return Err(Failure {
+                            code: ErrorCode::Refused,
+                            reason: format!(
+                                "bench stream over its bound of {BENCH_BYTES_MAX} bytes"
+                            ),
+                        });
+                    }
+                }
+                Ok(other) => {
+                    return Err(Failure::protocol(format!(
+                        "unexpected {} frame on a bench stream",
+                        other.name()
+                    )))
+                }
+                Err(ReadError::Finished) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    })
+    .await;
+    match counted {
+        Ok(outcome) => outcome?,
+        Err(_) => {
+            return Err(Failure {
+                code: ErrorCode::Refused,
+                reason: format!(
+                    "bench stream over its time bound of {} s",
+                    BENCH_TIME_MAX.as_secs()
+                ),
+            })
+        }
+    }
+    let micros = first.map_or(0, |first| first.elapsed().as_micros() as u64);
+    writer.send(&Frame::BenchReceived { bytes, micros }).await?;
+    Ok(())
 }
 
 /// Records sent on a Fetch stream, kept for reuse once quinn lets go of them, so the hot path

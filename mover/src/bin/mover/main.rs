@@ -191,7 +191,8 @@ enum Command {
     /// with the site's daemon stopped).
     RepairIndex,
     /// Measure this node for benchmark harnesses: the CPU stages, the disk's direct reads, an
-    /// end-to-end backup; each figure beside the limit that bounds it (one JSON shape).
+    /// end-to-end backup, the link to a peer; each figure beside the limit that bounds it (one
+    /// JSON shape).
     Bench {
         #[command(subcommand)]
         what: BenchWhat,
@@ -235,6 +236,19 @@ enum BenchWhat {
         /// Where the scratch site goes: put it on the disk a real site would use.
         #[arg(long, value_name = "DIR", default_value = ".")]
         scratch_dir: PathBuf,
+    },
+    /// Send to a configured peer's daemon, which counts the bytes and stores nothing, against
+    /// the link's bandwidth cap or, uncapped, raw QUIC on this node's loopback. Needs the
+    /// site (--site-dir or $MOVER_SITE_DIR); runs beside its daemon.
+    Link {
+        /// The peer, as named in this site's [peers.SITE].
+        site: String,
+        /// At most this much data.
+        #[arg(long, default_value_t = mover::constants::BENCH_LINK_BYTES_DEFAULT >> 20)]
+        size_mib: u64,
+        /// At most this long sending.
+        #[arg(long, default_value_t = mover::constants::BENCH_LINK_SECONDS_DEFAULT)]
+        seconds: u64,
     },
 }
 
@@ -721,6 +735,16 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
                 BenchWhat::Backup { path, scratch_dir } => {
                     mover::node_bench::backup(path, scratch_dir)?
                 }
+                BenchWhat::Link {
+                    site,
+                    size_mib,
+                    seconds,
+                } => mover::node_bench::link(
+                    &site_dir(&cli.site_dir)?,
+                    site,
+                    size_mib.saturating_mul(1 << 20),
+                    *seconds,
+                )?,
             };
             if cli.json {
                 print_json(&report);
