@@ -5,7 +5,9 @@
 //! answers EMSGSIZE, quinn takes that for a failed MTU probe and the path falls back to 1200
 //! bytes (../shared/MEASUREMENTS.md). Jumbo-frame fabrics (9000-byte MTU) are exactly where a
 //! batch matters most, so instead of turning GSO off there this wrapper tells quinn how many
-//! datagrams of the largest allowed size fit one send (7 of 8952 bytes).
+//! datagrams of the endpoint's own largest size fit one send (7 of 8952 bytes), and splits a
+//! batch that is still too large (a connection of a shared endpoint whose peer allows larger
+//! datagrams than the endpoint was made for) into sends that fit.
 
 use std::io;
 use std::net::SocketAddr;
@@ -48,7 +50,32 @@ impl AsyncUdpSocket for SegmentCap {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        self.inner.try_send(transmit)
+        let Some(segment) = transmit.segment_size else {
+            return self.inner.try_send(transmit);
+        };
+        if transmit.contents.len() <= SEND_BYTES_MAX || segment == 0 {
+            return self.inner.try_send(transmit);
+        }
+        // Whole datagrams per send; only the last send of a batch may end short.
+        let per_send = (SEND_BYTES_MAX / segment).max(1) * segment;
+        for (i, part) in transmit.contents.chunks(per_send).enumerate() {
+            let sent = self.inner.try_send(&Transmit {
+                destination: transmit.destination,
+                ecn: transmit.ecn,
+                contents: part,
+                segment_size: (part.len() > segment).then_some(segment),
+                src_ip: transmit.src_ip,
+            });
+            match sent {
+                Ok(()) => {}
+                // Nothing went out yet: quinn tries the whole batch again later.
+                Err(e) if i == 0 => return Err(e),
+                // Part of the batch went out: the rest is lost like any dropped datagram
+                // (QUIC retransmits it); sending the whole batch again would duplicate it.
+                Err(_) => return Ok(()),
+            }
+        }
+        Ok(())
     }
 
     fn poll_recv(
@@ -80,6 +107,84 @@ impl AsyncUdpSocket for SegmentCap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    /// Records what would have been sent: (bytes, segment size) per send.
+    #[derive(Debug, Default)]
+    struct Recorder {
+        sends: Mutex<Vec<(usize, Option<usize>)>>,
+    }
+
+    #[derive(Debug)]
+    struct Ready;
+
+    impl UdpPoller for Ready {
+        fn poll_writable(self: Pin<&mut Self>, _: &mut Context) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncUdpSocket for Recorder {
+        fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+            Box::pin(Ready)
+        }
+        fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+            assert!(transmit.contents.len() <= SEND_BYTES_MAX, "EMSGSIZE");
+            let segment = transmit.segment_size;
+            self.sends
+                .lock()
+                .unwrap()
+                .push((transmit.contents.len(), segment));
+            Ok(())
+        }
+        fn poll_recv(
+            &self,
+            _: &mut Context,
+            _: &mut [io::IoSliceMut<'_>],
+            _: &mut [RecvMeta],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Pending
+        }
+        fn local_addr(&self) -> io::Result<SocketAddr> {
+            Ok("127.0.0.1:1".parse().unwrap())
+        }
+        fn max_transmit_segments(&self) -> usize {
+            64
+        }
+    }
+
+    #[test]
+    fn a_batch_larger_than_one_send_is_split_into_whole_datagrams() {
+        let recorder = Arc::new(Recorder::default());
+        // Made for Ethernet datagrams; a connection on it sends jumbo ones.
+        let socket = SegmentCap::new(recorder.clone(), 1452);
+        let contents = vec![0u8; 9 * 8952 + 100];
+        socket
+            .try_send(&Transmit {
+                destination: "127.0.0.1:2".parse().unwrap(),
+                ecn: None,
+                contents: &contents,
+                segment_size: Some(8952),
+                src_ip: None,
+            })
+            .unwrap();
+        let sends = recorder.sends.lock().unwrap().clone();
+        assert_eq!(
+            sends,
+            vec![(7 * 8952, Some(8952)), (2 * 8952 + 100, Some(8952))]
+        );
+        // What fits goes out as it is.
+        socket
+            .try_send(&Transmit {
+                destination: "127.0.0.1:2".parse().unwrap(),
+                ecn: None,
+                contents: &contents[..8952 + 10],
+                segment_size: Some(8952),
+                src_ip: None,
+            })
+            .unwrap();
+        assert_eq!(recorder.sends.lock().unwrap()[2], (8962, Some(8952)));
+    }
 
     #[test]
     fn batches_fit_one_send() {

@@ -302,8 +302,9 @@ fn endpoint(
     Endpoint::new_with_abstract_socket(config, server, socket, runtime)
 }
 
-/// Connects to `site` at `address`, which must present `expected`. Creates a client endpoint
-/// of its own, so each worker thread has its own socket and connection.
+/// Connects to `site` at `address`, which must present `expected`, from a client endpoint of
+/// its own (a worker's, so each worker thread has its own socket and connection, driven on
+/// its own core). The endpoint closes with the connection ([`hang_up`]).
 pub async fn connect(
     credentials: &SiteCredentials,
     site: &str,
@@ -311,17 +312,30 @@ pub async fn connect(
     expected: crate::identity::Fingerprint,
     settings: &LinkSettings,
 ) -> Result<(Endpoint, quinn::Connection), QuicError> {
-    let crypto = tls::client_config(credentials, site, expected, settings.cipher)?;
-    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(settings.transport()));
+    let config = client_config(credentials, site, expected, settings)?;
+    let endpoint = client_endpoint(address, settings)?;
+    let connection = connect_on(&endpoint, config, site, address).await?;
+    Ok((endpoint, connection))
+}
+
+/// A client endpoint able to reach `address` (bound to any address of its family), whose
+/// send batches fit one send for `settings`' datagrams. Must run inside a tokio runtime.
+pub fn client_endpoint(
+    address: SocketAddr,
+    settings: &LinkSettings,
+) -> Result<Endpoint, QuicError> {
     let bind: SocketAddr = if address.is_ipv4() {
         "0.0.0.0:0".parse().expect("literal")
     } else {
         "[::]:0".parse().expect("literal")
     };
     let socket = udp_socket(bind, settings.socket_buffer_bytes)?;
-    let mut endpoint = endpoint(
-        endpoint_config(settings),
+    // Accept datagrams as large as any peer may send, as a server does: a shared endpoint's
+    // connections have different peers.
+    let mut accept = settings.clone();
+    accept.udp_payload_bytes_max = 65527;
+    endpoint(
+        endpoint_config(&accept),
         None,
         socket,
         settings.udp_payload_bytes_max,
@@ -329,8 +343,30 @@ pub async fn connect(
     .map_err(|source| QuicError::Socket {
         address: bind,
         source,
-    })?;
-    endpoint.set_default_client_config(client);
+    })
+}
+
+/// What a connection to `site` uses: mutual TLS pinning `expected`, and `settings`.
+pub fn client_config(
+    credentials: &SiteCredentials,
+    site: &str,
+    expected: crate::identity::Fingerprint,
+    settings: &LinkSettings,
+) -> Result<quinn::ClientConfig, QuicError> {
+    let crypto = tls::client_config(credentials, site, expected, settings.cipher)?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(Arc::new(settings.transport()));
+    Ok(client)
+}
+
+/// Connects to `site` at `address` from `endpoint` (a process's shared one, a daemon's
+/// server endpoint included: its socket sends and receives for every connection on it).
+pub async fn connect_on(
+    endpoint: &Endpoint,
+    config: quinn::ClientConfig,
+    site: &str,
+    address: SocketAddr,
+) -> Result<quinn::Connection, QuicError> {
     let fail = |detail: String, failure| QuicError::Connect {
         site: site.to_string(),
         address,
@@ -338,12 +374,11 @@ pub async fn connect(
         failure,
     };
     let connecting = endpoint
-        .connect(address, &format!("{site}.mover"))
+        .connect_with(config, address, &format!("{site}.mover"))
         .map_err(|e| fail(e.to_string(), ConnectFailure::Other))?;
-    let connection = connecting
+    connecting
         .await
-        .map_err(|e| fail(e.to_string(), ConnectFailure::of(&e)))?;
-    Ok((endpoint, connection))
+        .map_err(|e| fail(e.to_string(), ConnectFailure::of(&e)))
 }
 
 /// How long a closing side keeps its endpoint turning so the CONNECTION_CLOSE leaves the
@@ -356,8 +391,14 @@ const CLOSE_GRACE: Duration = Duration::from_millis(5);
 /// stages that was 10-25% of a loopback backup. A close lost here costs nothing but the peer's
 /// idle timeout: nothing unacknowledged is outstanding.
 pub async fn hang_up(endpoint: &Endpoint, connection: &quinn::Connection) {
-    connection.close(VarInt::from_u32(close::DONE), b"done");
+    close_done(connection);
     let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
+}
+
+/// Closes a finished connection of a shared endpoint: the endpoint's driver, which keeps
+/// running for the other connections, sends the close.
+pub fn close_done(connection: &quinn::Connection) {
+    connection.close(VarInt::from_u32(close::DONE), b"done");
 }
 
 /// Why reading a frame failed.
