@@ -985,3 +985,97 @@ fn a_peer_stopped_with_sigterm_mid_backup_requeues_the_daemon_job_which_then_suc
     sites.restore_from_b(job["snapshot"].as_str().unwrap(), &restored);
     assert_same_tree(&data, &restored);
 }
+
+/// The UDP sockets process `pid` holds: its descriptors' socket inodes that the namespace's
+/// UDP tables list.
+fn udp_sockets(pid: u32) -> std::collections::BTreeSet<u64> {
+    let mut udp = std::collections::BTreeSet::new();
+    for table in ["udp", "udp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            if let Some(inode) = line.split_whitespace().nth(9) {
+                udp.insert(inode.parse::<u64>().unwrap());
+            }
+        }
+    }
+    let mut held = std::collections::BTreeSet::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(target) = std::fs::read_link(fd.path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy().into_owned();
+        if let Some(inode) = target
+            .strip_prefix("socket:[")
+            .and_then(|t| t.strip_suffix(']'))
+        {
+            let inode: u64 = inode.parse().unwrap();
+            if udp.contains(&inode) {
+                held.insert(inode);
+            }
+        }
+    }
+    held
+}
+
+#[test]
+fn a_daemon_dials_every_restore_from_its_one_endpoint() {
+    let mut sites = Sites::new();
+    // b caps what it sends to a, so each restore's fetch lasts long enough to be seen.
+    let config = sites.b.join("mover.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let last = text.rfind("\n[").map(|at| &text[at + 1..]);
+    assert!(last.is_some_and(|l| l.starts_with("[peers.a]")), "{text}");
+    std::fs::write(&config, format!("{text}bandwidth = \"16MB/s\"\n")).unwrap();
+    sites.start_daemon();
+    let data = sites.root.join("served");
+    write_random(&data.join("f"), 16 << 20, 500);
+    let snapshot = snapshot_id(&sites.backup_to_b(&data));
+
+    let socket = sites.a.join("api.sock");
+    let (a_daemon, line) = spawn_daemon(&sites.a.join("mover.toml"), &sites.root.join("a.log"));
+    let a_daemon = KillOnDrop(a_daemon);
+    assert!(line.contains("api on"), "a's daemon said {line:?}");
+    let pid = a_daemon.0.id();
+    let endpoint = udp_sockets(pid);
+    assert_eq!(endpoint.len(), 1, "a's daemon at rest holds {endpoint:?}");
+
+    // Two restores, one after the other, each a Control and a Fetch connection to b.
+    for i in 0..2 {
+        let restored = sites.root.join(format!("restored-{i}"));
+        let job = run_json(
+            mover()
+                .args(["restore", &snapshot, "--from", "b", "--to"])
+                .arg(&restored)
+                .arg("--socket")
+                .arg(&socket),
+        );
+        let id = job["id"].as_str().expect("job id").to_string();
+        let mut wait = mover()
+            .args(["wait", &id, "--timeout", "120", "--socket"])
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut samples = 0;
+        while wait.try_wait().unwrap().is_none() {
+            let held = udp_sockets(pid);
+            assert_eq!(
+                held, endpoint,
+                "restore {i}: a's daemon holds {held:?}, not only its endpoint {endpoint:?}"
+            );
+            samples += 1;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let job = job_status(&socket, &id);
+        assert_eq!(job["state"], "done", "{job}");
+        assert!(
+            samples > 0,
+            "the restore ended before it was looked at: {job}"
+        );
+        assert_same_tree(&data, &restored);
+    }
+    assert_eq!(udp_sockets(pid), endpoint);
+}

@@ -26,6 +26,7 @@ use crate::format::manifest::{Entry, EntryKind, Manifest, MANIFEST_VERSION};
 use crate::format::{hex, ChunkId};
 use crate::job::{Job, JobControl, JobKind, JobState, Progress, Warning};
 use crate::remote::client::Control;
+use crate::remote::net::Net;
 use crate::scan::{self, ReuseMap};
 use crate::site::Site;
 use crate::store::SnapshotInfo;
@@ -40,31 +41,18 @@ pub struct BackupOptions<'a> {
     pub control: Option<&'a JobControl>,
 }
 
-/// A small runtime on the control thread for its few peer round trips (parent lookup, commit).
-/// The runtime of a cross-site job's Control connection. One thread of its own keeps the
-/// connection turning (acks, keep-alives) while the workers ship, so the connection that
-/// fetched the parent manifest also commits the snapshot: no second handshake on the job's path.
-fn control_runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("mover-control")
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Resource(format!("starting a tokio runtime: {e}")))
-}
-
 /// The Control connection a cross-site backup holds from its parent lookup to its commit.
 /// A job that stops on the way closes it here, so the peer is told at once instead of
 /// holding the connection until its idle timeout.
 struct HeldControl<'a> {
     control: Option<Control>,
-    runtime: Option<&'a tokio::runtime::Runtime>,
+    net: Option<&'a Net>,
 }
 
 impl Drop for HeldControl<'_> {
     fn drop(&mut self) {
-        if let (Some(control), Some(runtime)) = (self.control.take(), self.runtime) {
-            runtime.block_on(control.close());
+        if let (Some(control), Some(net)) = (self.control.take(), self.net) {
+            net.block_on(control.close());
         }
     }
 }
@@ -144,8 +132,10 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
     // The parent is the newest snapshot of the same source (at the destination): its
     // unchanged files are reused without being read.
     let source_bytes = source.as_os_str().as_bytes().to_vec();
-    let runtime = match &remote {
-        Some(_) => Some(control_runtime()?),
+    // The process's endpoint and runtime carry the job's Control connection (parent lookup
+    // and commit); the workers dial from their own.
+    let net = match &remote {
+        Some(_) => Some(site.net()?),
         None => None,
     };
     let shared = JobShared {
@@ -198,7 +188,7 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
             &source,
             &source_bytes,
             shared.remote.as_ref(),
-            &runtime,
+            net.as_deref(),
             &job.id,
         ) {
             Ok(prepared) => prepared,
@@ -346,19 +336,19 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
         parent: parent.as_ref().map(|(id, _)| *id),
         entries,
     };
-    if let (Some(remote), Some(runtime)) = (&shared.remote, &runtime) {
+    if let (Some(remote), Some(net)) = (&shared.remote, &net) {
         // The destination checks that it holds every chunk, stores the manifest durably, and
         // only then adds the catalog row.
         let encoded = crate::format::manifest::encode(&manifest)?;
         let mut wire = (0, 0);
-        let committed = runtime.block_on(async {
+        let committed = net.block_on(async {
             let mut control = match held_control.control.take() {
                 Some(control) if control.is_open() => control,
                 stale => {
                     if let Some(stale) = stale {
                         wire = stale.close().await;
                     }
-                    Control::open(&remote.link, &remote.credentials, &job.id).await?
+                    Control::open(net, &remote.link, &remote.credentials, &job.id).await?
                 }
             };
             control.commit(encoded.id, &encoded.bytes).await?;
@@ -425,7 +415,7 @@ struct Prepared<'a> {
     /// The parent snapshot (at the destination, for a cross-site job) and its manifest.
     parent: Option<([u8; 32], Manifest)>,
     /// A cross-site job's Control connection, kept open for the commit (closed on the
-    /// control runtime if the job stops first).
+    /// process's network runtime if the job stops first).
     control: HeldControl<'a>,
     scanned: scan::ScanResult,
 }
@@ -437,22 +427,19 @@ fn prepare<'a>(
     source: &Path,
     source_bytes: &[u8],
     remote: Option<&RemoteTarget>,
-    runtime: &'a Option<tokio::runtime::Runtime>,
+    net: Option<&'a Net>,
     job_id: &str,
 ) -> Result<Prepared<'a>> {
-    let (remote_parent, control) = match (remote, runtime) {
-        (Some(remote), Some(runtime)) => runtime.block_on(async {
-            let mut control = Control::open(&remote.link, &remote.credentials, job_id).await?;
+    let (remote_parent, control) = match (remote, net) {
+        (Some(remote), Some(net)) => net.block_on(async {
+            let mut control = Control::open(net, &remote.link, &remote.credentials, job_id).await?;
             let found = control.get_manifest(true, source_bytes).await?;
             Ok::<_, Error>((found, Some(control)))
         })?,
         _ => (None, None),
     };
-    // Closed on the control runtime if anything below fails.
-    let held = HeldControl {
-        control,
-        runtime: runtime.as_ref(),
-    };
+    // Closed on the network runtime if anything below fails.
+    let held = HeldControl { control, net };
     let parent = if let Some((id, object)) = remote_parent {
         match crate::format::manifest::decode(&object, Some(&id)) {
             Ok(manifest) => Some((id, manifest)),

@@ -3,9 +3,12 @@
 //! API socket (jobs, snapshots, sites, metrics), and runs the job queue.
 //!
 //! Threads: a multi-threaded tokio runtime with one thread per engine worker runs the QUIC
-//! endpoint, the peer streams and the API connections; the blocking parts of a stream (pack
-//! seal, fdatasync, index commit) run in `block_in_place` so other streams keep moving. Each
-//! running job has its own thread (a backup starts its pinned workers from it).
+//! endpoint (the one the peers connect to and the jobs dial from), the peer streams, the
+//! jobs' Control and Fetch connections and the API connections; the blocking parts of a
+//! stream (pack seal, fdatasync, index commit) run in `block_in_place` so other streams keep
+//! moving. Each running job has its own thread, which blocks on its network work through the
+//! runtime's handle (a backup also starts its pinned workers, each with its own ring and, for
+//! a peer, its own endpoint).
 //!
 //! Signals: SIGTERM/SIGINT drain (the socket closes, running jobs checkpoint and go back to
 //! the queue, the process exits 0); SIGHUP reloads peers and API access from the config.
@@ -239,6 +242,28 @@ where
         .map_err(|e| Error::Resource(format!("starting the daemon runtime: {e}")))?;
     let credentials = crate::peers::credentials(&site)?;
     let trust = crate::peers::trust_of(&site.config);
+    // The one endpoint of the process: peers connect to it and jobs dial from it (Control,
+    // Fetch and replication connections), on this runtime. Set on the site before the job
+    // board starts, since the board resumes interrupted jobs at once.
+    let endpoint = match listen {
+        Some(listen) => {
+            let _entered = runtime.enter();
+            let settings = transport::quic::LinkSettings::for_address(&listen);
+            Some(
+                transport::quic::server(listen, &credentials, trust.clone(), &settings)
+                    .map_err(|e| Error::Site(format!("listening on {listen}: {e}")))?,
+            )
+        }
+        None => None,
+    };
+    let dial_from = match &endpoint {
+        Some(endpoint) => endpoint.clone(),
+        None => crate::remote::net::Net::client_endpoint_for_daemon(runtime.handle())?,
+    };
+    site.set_net(Arc::new(crate::remote::net::Net::of_daemon(
+        runtime.handle().clone(),
+        dial_from,
+    )))?;
     let listener = match &socket {
         Some(path) => Some(crate::api::server::bind(path, &site.config.api)?),
         None => None,
@@ -261,16 +286,15 @@ where
     });
     let outcome = runtime.block_on(async {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // Peers are served until the jobs drained: the jobs' own connections share the
+        // endpoint, which the accept loop closes when it stops.
+        let (peers_stop_tx, peers_stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
         let mut tasks = Vec::new();
         let mut address = None;
-        if let Some(listen) = listen {
-            let settings = transport::quic::LinkSettings::for_address(&listen);
-            let endpoint =
-                transport::quic::server(listen, &credentials, trust.clone(), &settings)
-                    .map_err(|e| Error::Site(format!("listening on {listen}: {e}")))?;
+        if let Some(endpoint) = endpoint {
             address = Some(
                 endpoint
                     .local_addr()
@@ -281,7 +305,7 @@ where
                 site.clone(),
                 endpoint,
                 trust.clone(),
-                stopped(stop_rx.clone()),
+                stopped(peers_stop_rx),
             )));
         }
         if let (Some(listener), Some(api), Some(path)) = (listener, &api, &socket) {
@@ -317,6 +341,7 @@ where
         if !left.is_empty() {
             tracing::warn!(jobs = ?left, "jobs still running after the drain limit; they resume at the next start");
         }
+        let _ = peers_stop_tx.send(true);
         for task in tasks {
             let _ = task.await;
         }

@@ -85,17 +85,24 @@ pub fn run(site: &Site, options: &ReplicateOptions) -> Result<Job> {
         ));
     }
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Resource(format!("starting a tokio runtime: {e}")))?;
+    // The process's endpoint and runtime carry both connections; the shipper's tasks are
+    // local to this thread (it reads the packs between sends).
+    let net = site.net()?;
     let local = tokio::task::LocalSet::new();
     let job_id = job.id.clone();
     let attempt = JobControl::attempt_of(control);
-    let outcome = local.block_on(&runtime, async {
+    let outcome = net.block_on(local.run_until(async {
         let mut reader = site.chunk_reader();
-        let mut shipper =
-            Shipper::connect(&link, &credentials, tier.unwrap_or(""), &job_id, attempt).await?;
+        let dialed = net.dial(&link, &credentials).await?;
+        let mut shipper = Shipper::on(
+            dialed,
+            &link,
+            &credentials,
+            tier.unwrap_or(""),
+            &job_id,
+            attempt,
+        )
+        .await?;
         let mut read = 0u64;
         let mut reported = 0u64;
         for chunk in &chunks {
@@ -112,11 +119,11 @@ pub fn run(site: &Site, options: &ReplicateOptions) -> Result<Job> {
         }
         let stats = shipper.finish().await?;
         control.sent(stats.payload_bytes_sent - reported);
-        let mut commit = Control::open(&link, &credentials, &job_id).await?;
+        let mut commit = Control::open(&net, &link, &credentials, &job_id).await?;
         commit.commit(encoded.id, &encoded.bytes).await?;
         let wire = commit.close().await;
         Ok::<_, Error>((stats, wire, read))
-    });
+    }));
     job.elapsed_s = started.elapsed().as_secs_f64();
     match outcome {
         Ok((stats, wire, read)) => {

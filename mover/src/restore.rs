@@ -85,12 +85,9 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
             (id, site.load_manifest(&id)?)
         }
         Some((link, credentials)) => {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| Error::Resource(format!("starting a tokio runtime: {e}")))?;
-            let (found, wire) = runtime.block_on(async {
-                let mut control = Control::open(link, credentials, &job.id).await?;
+            let net = site.net()?;
+            let (found, wire) = net.block_on(async {
+                let mut control = Control::open(&net, link, credentials, &job.id).await?;
                 let found = control.get_manifest(false, snapshot.as_bytes()).await?;
                 Ok::<_, Error>((found, control.close().await))
             })?;
@@ -132,6 +129,7 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
     let mut chunks = match peer {
         None => ChunkSource::Local(site.chunk_reader()),
         Some((link, credentials)) => ChunkSource::Remote(RemoteChunks::start(
+            site.net()?,
             link,
             credentials,
             job.id.clone(),

@@ -38,6 +38,9 @@ pub struct Site {
     /// Chunks being stored by this site's writers (jobs, peers' streams) and not yet indexed,
     /// shared so that writers running at the same time store each chunk once.
     pub in_flight: InFlight,
+    /// The endpoint and runtime this site's jobs dial peers from: the daemon's, set when it
+    /// starts; unset, the process's own ([`crate::remote::net::Net::of_process`]).
+    net: std::sync::OnceLock<Arc<crate::remote::net::Net>>,
 }
 
 pub struct InitOptions<'a> {
@@ -167,6 +170,7 @@ impl Site {
             index,
             tiers,
             in_flight: InFlight::default(),
+            net: std::sync::OnceLock::new(),
         };
         for tier in site.tiers.keys() {
             site.reclaim_packs(tier);
@@ -216,6 +220,21 @@ impl Site {
 
     pub fn name(&self) -> &str {
         &self.config.site.name
+    }
+
+    /// Where this site's jobs dial peers from (see the field).
+    pub fn net(&self) -> Result<Arc<crate::remote::net::Net>> {
+        match self.net.get() {
+            Some(net) => Ok(net.clone()),
+            None => crate::remote::net::Net::of_process(),
+        }
+    }
+
+    /// Makes `net` (a daemon's) the one this site's jobs dial from; refused once set.
+    pub fn set_net(&self, net: Arc<crate::remote::net::Net>) -> Result<()> {
+        self.net
+            .set(net)
+            .map_err(|_| Error::Site("this site's network endpoint is already set".into()))
     }
 
     pub fn tier(&self, name: &str) -> Result<&Arc<dyn Backend>> {

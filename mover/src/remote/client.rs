@@ -1,12 +1,16 @@
 //! Client ends of the Control and Fetch streams: manifest lookup and commit for a cross-site
-//! backup, and the in-order chunk stream a cross-site restore reads from.
+//! backup, and the in-order chunk stream a cross-site restore reads from. Both dial from the
+//! process's endpoint and run on its runtime ([`super::net`]).
+
+use std::sync::Arc;
 
 use transport::frame::{self, ErrorCode, Frame, Purpose, MANIFEST_PART_BYTES_MAX};
 use transport::quic::{FrameReader, FrameWriter, Piecewise};
 use transport::session::{FetchClient, ManifestAssembly};
 use transport::tls::SiteCredentials;
 
-use super::ship::{connect, hello, open_stream, read_failure};
+use super::net::{Dialed, Net};
+use super::ship::{hello, open_stream, read_failure};
 use crate::constants::{FETCH_IDS_IN_FLIGHT, MANIFEST_BYTES_MAX, PIECE_BYTES_FOR_HASHING_IN_PLACE};
 use crate::error::{Error, Result};
 use crate::format::pack::{check_received, check_received_pieces};
@@ -19,26 +23,30 @@ const MANIFEST_OBJECT_BYTES_MAX: u64 = MANIFEST_BYTES_MAX as u64 + 32;
 /// A Control stream to a peer.
 pub struct Control {
     link: Link,
-    endpoint: quinn::Endpoint,
-    connection: quinn::Connection,
+    dialed: Dialed,
     writer: FrameWriter,
     reader: FrameReader,
 }
 
 impl Control {
-    pub async fn open(link: &Link, credentials: &SiteCredentials, job: &str) -> Result<Control> {
-        let (endpoint, connection) = connect(link, credentials).await?;
+    /// Dials `link` from `net`'s endpoint; must run on `net`'s runtime.
+    pub async fn open(
+        net: &Net,
+        link: &Link,
+        credentials: &SiteCredentials,
+        job: &str,
+    ) -> Result<Control> {
+        let dialed = net.dial(link, credentials).await?;
         let (writer, reader, _, _) = open_stream(
             link,
             credentials,
-            &connection,
+            &dialed.connection,
             &hello(Purpose::Control, &credentials.site, job),
         )
         .await?;
         Ok(Control {
             link: link.clone(),
-            endpoint,
-            connection,
+            dialed,
             writer,
             reader,
         })
@@ -72,7 +80,9 @@ impl Control {
         loop {
             let frame = match self.reader.next().await {
                 Ok(frame) => frame,
-                Err(e) => return Err(read_failure(&e, &self.connection).error(&self.link.site)),
+                Err(e) => {
+                    return Err(read_failure(&e, &self.dialed.connection).error(&self.link.site))
+                }
             };
             match frame {
                 Frame::NoManifest => return Ok(None),
@@ -124,22 +134,22 @@ impl Control {
                 let detail = format!("answered the commit with {other:?}");
                 Err(self.fail(detail))
             }
-            Err(e) => Err(read_failure(&e, &self.connection).error(&self.link.site)),
+            Err(e) => Err(read_failure(&e, &self.dialed.connection).error(&self.link.site)),
         }
     }
 
     /// Closes the connection; returns the UDP bytes it sent and received.
     pub async fn close(mut self) -> (u64, u64) {
         self.writer.finish();
-        let stats = self.connection.stats();
-        transport::quic::hang_up(&self.endpoint, &self.connection).await;
+        let stats = self.dialed.connection.stats();
+        self.dialed.hang_up().await;
         (stats.udp_tx.bytes, stats.udp_rx.bytes)
     }
 
     /// Whether the connection still stands (a Control held through a long job may have been
     /// closed by a restarted peer or an idle timeout).
     pub fn is_open(&self) -> bool {
-        self.connection.close_reason().is_none()
+        self.dialed.connection.close_reason().is_none()
     }
 }
 
@@ -176,20 +186,23 @@ const FETCHED_QUEUE: usize = 8;
 /// restore's, the one being filled), so fresh pages are not faulted in for every chunk.
 const SPARE_BUFFERS: usize = FETCHED_QUEUE + 2;
 
-/// Chunks from a peer, in the order a restore reads them. A thread of its own runs the
-/// connection; a bounded channel (8 chunks) between it and the restore is the backpressure.
+/// Chunks from a peer, in the order a restore reads them. A task on the process's network
+/// runtime runs the connection; a bounded channel (8 chunks) between it and the restore's
+/// thread is the backpressure.
 pub struct RemoteChunks {
     site: String,
+    net: Arc<Net>,
     chunks: tokio::sync::mpsc::Receiver<Result<Fetched>>,
     spare: std::sync::mpsc::SyncSender<Vec<u8>>,
     hasher: Box<PieceHasher>,
-    thread: Option<std::thread::JoinHandle<(u64, u64)>>,
+    task: Option<tokio::task::JoinHandle<(u64, u64)>>,
     pub wire_bytes: (u64, u64),
 }
 
 impl RemoteChunks {
-    /// Starts fetching `ids` (in this order) from the peer.
+    /// Starts fetching `ids` (in this order) from the peer, over a connection of `net`.
     pub fn start(
+        net: Arc<Net>,
         link: Link,
         credentials: SiteCredentials,
         job: String,
@@ -198,30 +211,22 @@ impl RemoteChunks {
         let (tx, rx) = tokio::sync::mpsc::channel(FETCHED_QUEUE);
         let (spare, spares) = std::sync::mpsc::sync_channel(SPARE_BUFFERS);
         let site = link.site.clone();
-        let thread = std::thread::Builder::new()
-            .name("mover-fetch".into())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(Error::Resource(format!(
-                            "starting the fetch runtime: {e}"
-                        ))));
-                        return (0, 0);
-                    }
-                };
-                runtime.block_on(fetch_all(link, credentials, job, ids, tx, spares))
-            })
-            .map_err(|e| Error::Resource(format!("spawning the fetch thread: {e}")))?;
+        let task = net.spawn(fetch_all(
+            net.clone(),
+            link,
+            credentials,
+            job,
+            ids,
+            tx,
+            spares,
+        ));
         Ok(RemoteChunks {
             site,
+            net,
             chunks: rx,
             spare,
             hasher: Box::new(PieceHasher::new()),
-            thread: Some(thread),
+            task: Some(task),
             wire_bytes: (0, 0),
         })
     }
@@ -274,13 +279,14 @@ impl RemoteChunks {
         Ok(Plaintext::InBuffer)
     }
 
-    /// Waits for the fetch thread; records the UDP bytes of its connection.
+    /// Waits for the fetch task; records the UDP bytes of its connection.
     pub fn finish(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            // The thread ends once every chunk was read (or on its first error).
+        if let Some(task) = self.task.take() {
+            // The task ends once every chunk was read (or on its first error), or once it
+            // sees the channel closed.
             self.chunks.close();
             while self.chunks.try_recv().is_ok() {}
-            if let Ok(bytes) = thread.join() {
+            if let Ok(bytes) = self.net.block_on(task) {
                 self.wire_bytes = bytes;
             }
         }
@@ -288,6 +294,7 @@ impl RemoteChunks {
 }
 
 async fn fetch_all(
+    net: Arc<Net>,
     link: Link,
     credentials: SiteCredentials,
     job: String,
@@ -295,19 +302,20 @@ async fn fetch_all(
     tx: tokio::sync::mpsc::Sender<Result<Fetched>>,
     spares: std::sync::mpsc::Receiver<Vec<u8>>,
 ) -> (u64, u64) {
-    let (endpoint, connection) = match connect(&link, &credentials).await {
-        Ok(pair) => pair,
+    let dialed = match net.dial(&link, &credentials).await {
+        Ok(dialed) => dialed,
         Err(e) => {
             let _ = tx.send(Err(e)).await;
             return (0, 0);
         }
     };
-    let outcome = fetch_on(&link, &connection, &credentials, &job, &ids, &tx, &spares).await;
+    let connection = &dialed.connection;
+    let outcome = fetch_on(&link, connection, &credentials, &job, &ids, &tx, spares).await;
     if let Err(e) = outcome {
         let _ = tx.send(Err(e)).await;
     }
     let stats = connection.stats();
-    transport::quic::hang_up(&endpoint, &connection).await;
+    dialed.hang_up().await;
     (stats.udp_tx.bytes, stats.udp_rx.bytes)
 }
 
@@ -318,7 +326,8 @@ async fn fetch_on(
     job: &str,
     ids: &[ChunkId],
     tx: &tokio::sync::mpsc::Sender<Result<Fetched>>,
-    spares: &std::sync::mpsc::Receiver<Vec<u8>>,
+    // Owned: a borrowed std Receiver (not Sync) would keep the task from moving threads.
+    spares: std::sync::mpsc::Receiver<Vec<u8>>,
 ) -> Result<()> {
     let (mut writer, mut reader, _, _) = open_stream(
         link,

@@ -110,8 +110,7 @@ struct Waits {
 
 pub struct Shipper {
     link: Link,
-    endpoint: quinn::Endpoint,
-    connection: quinn::Connection,
+    dialed: super::net::Dialed,
     shared: Rc<Shared>,
     reader_task: tokio::task::JoinHandle<()>,
     ship_task: Option<tokio::task::JoinHandle<Result<Waits, Stop>>>,
@@ -290,7 +289,7 @@ fn not_trusted(link: &Link, credentials: &SiteCredentials) -> Error {
 
 /// Maps a failed connection attempt to the job's error: what to do when the peer does not
 /// trust us, and transient when it is only unreachable.
-fn connect_error(link: &Link, credentials: &SiteCredentials, e: QuicError) -> Error {
+pub(crate) fn connect_error(link: &Link, credentials: &SiteCredentials, e: QuicError) -> Error {
     match e {
         QuicError::Connect {
             failure: ConnectFailure::NotTrusted,
@@ -304,6 +303,7 @@ fn connect_error(link: &Link, credentials: &SiteCredentials, e: QuicError) -> Er
     }
 }
 
+/// Dials `link` from an endpoint of its own (a worker's).
 pub async fn connect(
     link: &Link,
     credentials: &SiteCredentials,
@@ -320,8 +320,9 @@ pub async fn connect(
 }
 
 impl Shipper {
-    /// `attempt`: which try of `job` this is (grows across retries and restarts), so the
-    /// peer stops a killed try's streams once this one has begun.
+    /// A worker's Store stream, on a connection and endpoint of its own (driven on the
+    /// worker's ring). `attempt`: which try of `job` this is (grows across retries and
+    /// restarts), so the peer stops a killed try's streams once this one has begun.
     pub async fn connect(
         link: &Link,
         credentials: &SiteCredentials,
@@ -330,6 +331,21 @@ impl Shipper {
         attempt: u64,
     ) -> Result<Shipper> {
         let (endpoint, connection) = connect(link, credentials).await?;
+        let dialed = super::net::Dialed::own(endpoint, connection);
+        Shipper::on(dialed, link, credentials, tier, job, attempt).await
+    }
+
+    /// A Store stream on `dialed` (the process's endpoint, for a replication). Runs inside a
+    /// `LocalSet`: its tasks are local to the calling thread.
+    pub async fn on(
+        dialed: super::net::Dialed,
+        link: &Link,
+        credentials: &SiteCredentials,
+        tier: &str,
+        job: &str,
+        attempt: u64,
+    ) -> Result<Shipper> {
+        let connection = dialed.connection.clone();
         let mut state = StoreSender::new(SHIP_QUERIES_IN_FLIGHT);
         let hello = state.hello(&credentials.site, tier, job);
         let (writer, mut reader, version, unacked_bytes_max) =
@@ -390,8 +406,7 @@ impl Shipper {
         let ship_task = tokio::task::spawn_local(ship(shared.clone(), writer, link.clone()));
         Ok(Shipper {
             link: link.clone(),
-            endpoint,
-            connection,
+            dialed,
             shared,
             reader_task,
             ship_task: Some(ship_task),
@@ -494,7 +509,7 @@ impl Shipper {
             Ok(waits) => waits,
             Err(stop) => return Err(self.failed().unwrap_or(stop.error(&self.link.site))),
         };
-        let stats = self.connection.stats();
+        let stats = self.dialed.connection.stats();
         tracing::debug!(
             peer = %self.link.site,
             mtu = stats.path.current_mtu,
@@ -513,7 +528,7 @@ impl Shipper {
         ship.wire_bytes_sent = stats.udp_tx.bytes;
         ship.wire_bytes_received = stats.udp_rx.bytes;
         self.reader_task.abort();
-        transport::quic::hang_up(&self.endpoint, &self.connection).await;
+        self.dialed.hang_up().await;
         Ok(ship)
     }
 }
