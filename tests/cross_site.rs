@@ -1079,3 +1079,32 @@ fn a_daemon_dials_every_restore_from_its_one_endpoint() {
     }
     assert_eq!(udp_sockets(pid), endpoint);
 }
+
+/// Connections b's log shows a opening.
+fn connections_from_a(log: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("peer connected") && l.contains("peer=a"))
+        .count()
+}
+
+#[test]
+fn a_restore_looks_up_and_fetches_on_one_connection() {
+    let mut sites = Sites::new();
+    sites.start_daemon();
+    let data = sites.root.join("served");
+    write_random(&data.join("f"), 4 << 20, 501);
+    let snapshot = snapshot_id(&sites.backup_to_b(&data));
+    let before = connections_from_a(&sites.log());
+    // The manifest lookup's connection is given back and the fetch, a moment later on the
+    // same thread, takes it again (it is kept 5 s).
+    let restored = sites.root.join("restored");
+    sites.restore_from_b(&snapshot, &restored);
+    assert_same_tree(&data, &restored);
+    let opened = connections_from_a(&sites.log()) - before;
+    assert_eq!(
+        opened,
+        1,
+        "the restore opened {opened} connections: {}",
+        sites.log()
+    );
+}

@@ -138,12 +138,13 @@ impl Control {
         }
     }
 
-    /// Closes the connection; returns the UDP bytes it sent and received.
+    /// Ends the stream and gives the connection back (kept a few seconds for the next
+    /// stream to the peer, `Net`); returns the UDP bytes it sent and received for this job.
     pub async fn close(mut self) -> (u64, u64) {
         self.writer.finish();
-        let stats = self.dialed.connection.stats();
-        self.dialed.hang_up().await;
-        (stats.udp_tx.bytes, stats.udp_rx.bytes)
+        let wire = self.dialed.wire_bytes();
+        self.dialed.done().await;
+        wire
     }
 
     /// Whether the connection still stands (a Control held through a long job may have been
@@ -311,12 +312,18 @@ async fn fetch_all(
     };
     let connection = &dialed.connection;
     let outcome = fetch_on(&link, connection, &credentials, &job, &ids, &tx, spares).await;
-    if let Err(e) = outcome {
-        let _ = tx.send(Err(e)).await;
+    let wire = dialed.wire_bytes();
+    match outcome {
+        // Every chunk arrived and the stream ended; a restore that stopped reading (closed
+        // the channel) may have left chunks in flight: that connection is not kept.
+        Ok(()) if !tx.is_closed() => dialed.done().await,
+        Ok(()) => dialed.hang_up().await,
+        Err(e) => {
+            dialed.hang_up().await;
+            let _ = tx.send(Err(e)).await;
+        }
     }
-    let stats = connection.stats();
-    dialed.hang_up().await;
-    (stats.udp_tx.bytes, stats.udp_rx.bytes)
+    wire
 }
 
 async fn fetch_on(

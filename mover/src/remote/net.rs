@@ -15,6 +15,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use transport::quic::{LinkSettings, QuicError};
 use transport::tls::SiteCredentials;
@@ -22,11 +23,56 @@ use transport::tls::SiteCredentials;
 use crate::error::{Error, Result};
 use crate::peers::Link;
 
+/// How long a connection a job finished with is kept for the next job (or the next stream of
+/// the same job: a restore's Fetch after its manifest lookup) to the same peer. Short: a kept
+/// connection holds one of the peer's connection slots, and its keep-alives would hold it
+/// for ever.
+const KEPT_FOR: Duration = Duration::from_secs(5);
+
+/// A connection a job finished with, kept for [`KEPT_FOR`].
+struct Kept {
+    key: String,
+    connection: quinn::Connection,
+    since: Instant,
+}
+
+/// Connections of the shared endpoint kept between jobs.
+#[derive(Clone, Default)]
+struct Pool(Arc<Mutex<Vec<Kept>>>);
+
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Kept>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A kept, still open connection for `key`; closes the ones whose time is up.
+    fn take(&self, key: &str) -> Option<quinn::Connection> {
+        let mut kept = self.lock();
+        Self::expire(&mut kept);
+        let at = kept.iter().position(|k| k.key == key)?;
+        Some(kept.swap_remove(at).connection)
+    }
+
+    fn expire(kept: &mut Vec<Kept>) {
+        kept.retain(|k| {
+            let keep = k.since.elapsed() < KEPT_FOR && k.connection.close_reason().is_none();
+            if !keep {
+                transport::quic::close_done(&k.connection);
+            }
+            keep
+        });
+    }
+}
+
 /// A connection to a peer and, when it has an endpoint of its own, that endpoint.
 pub struct Dialed {
     pub connection: quinn::Connection,
     /// Set for a worker's connection (its endpoint goes with it); `None` on a shared endpoint.
     own_endpoint: Option<quinn::Endpoint>,
+    /// A shared endpoint's connection goes back here when the job is done with it.
+    kept: Option<(Pool, String, tokio::runtime::Handle)>,
+    /// The connection's UDP bytes (sent, received) when this job took it.
+    baseline: (u64, u64),
 }
 
 impl Dialed {
@@ -35,10 +81,42 @@ impl Dialed {
         Dialed {
             connection,
             own_endpoint: Some(endpoint),
+            kept: None,
+            baseline: (0, 0),
         }
     }
 
-    /// Closes the finished connection: its own endpoint is turned briefly so the close leaves
+    /// UDP bytes (sent, received) of the connection since this job took it.
+    pub fn wire_bytes(&self) -> (u64, u64) {
+        let stats = self.connection.stats();
+        (
+            stats.udp_tx.bytes.saturating_sub(self.baseline.0),
+            stats.udp_rx.bytes.saturating_sub(self.baseline.1),
+        )
+    }
+
+    /// The job is done with the connection and every stream it opened ended well: a shared
+    /// endpoint's connection is kept for [`KEPT_FOR`] for the next job to the same peer
+    /// (closed after), a worker's is closed with its endpoint.
+    pub async fn done(&self) {
+        match &self.kept {
+            Some((pool, key, handle)) if self.connection.close_reason().is_none() => {
+                pool.lock().push(Kept {
+                    key: key.clone(),
+                    connection: self.connection.clone(),
+                    since: Instant::now(),
+                });
+                let pool = pool.clone();
+                handle.spawn(async move {
+                    tokio::time::sleep(KEPT_FOR).await;
+                    Pool::expire(&mut pool.lock());
+                });
+            }
+            _ => self.hang_up().await,
+        }
+    }
+
+    /// Closes the connection: its own endpoint is turned briefly so the close leaves
     /// ([`transport::quic::hang_up`]); a shared endpoint's driver sends it by itself.
     pub async fn hang_up(&self) {
         match &self.own_endpoint {
@@ -56,9 +134,14 @@ pub struct Net {
     /// Client endpoints for peers `endpoint` cannot reach (by address family and loopback),
     /// made on first use.
     others: Mutex<Vec<(Reach, quinn::Endpoint)>>,
+    /// Connections jobs finished with, kept a few seconds for the next one.
+    kept: Pool,
     /// Owned by a non-daemon process's `Net` (the daemon owns its own runtime).
     _runtime: Option<tokio::runtime::Runtime>,
 }
+
+/// The `Net` of a process that is not a daemon ([`Net::of_process`]).
+static PROCESS_NET: OnceLock<Arc<Net>> = OnceLock::new();
 
 /// What kind of address an endpoint reaches.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -91,19 +174,19 @@ impl Net {
             handle,
             endpoint,
             others: Mutex::new(Vec::new()),
+            kept: Pool::default(),
             _runtime: None,
         }
     }
 
     /// This process's `Net` for processes that are not a daemon, made on first use.
     pub fn of_process() -> Result<Arc<Net>> {
-        static NET: OnceLock<Arc<Net>> = OnceLock::new();
         static MAKING: Mutex<()> = Mutex::new(());
-        if let Some(net) = NET.get() {
+        if let Some(net) = PROCESS_NET.get() {
             return Ok(net.clone());
         }
         let _making = MAKING.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(net) = NET.get() {
+        if let Some(net) = PROCESS_NET.get() {
             return Ok(net.clone());
         }
         // Multi-thread with one worker: its thread drives the connections while the caller's
@@ -123,10 +206,32 @@ impl Net {
             handle: runtime.handle().clone(),
             endpoint,
             others: Mutex::new(Vec::new()),
+            kept: Pool::default(),
             _runtime: Some(runtime),
         });
-        let _ = NET.set(net.clone());
+        let _ = PROCESS_NET.set(net.clone());
         Ok(net)
+    }
+
+    /// Closes the connections the process's `Net` keeps, if it was made: a command calls this
+    /// before it exits, so its peers free their connection slots at once, not at their idle
+    /// timeout.
+    pub fn close_process() {
+        let Some(net) = PROCESS_NET.get() else {
+            return;
+        };
+        let kept = std::mem::take(&mut *net.kept.lock());
+        if kept.is_empty() {
+            return;
+        }
+        for k in &kept {
+            transport::quic::close_done(&k.connection);
+        }
+        // One turn of the endpoint's driver sends the closes (as `quic::hang_up`).
+        let endpoint = net.endpoint.clone();
+        net.block_on(async move {
+            let _ = tokio::time::timeout(Duration::from_millis(5), endpoint.wait_idle()).await;
+        });
     }
 
     /// A client endpoint for a daemon without `site.listen`, on its runtime.
@@ -158,8 +263,24 @@ impl Net {
         addrs
     }
 
-    /// Dials `link` from the process's endpoint. Must run on this `Net`'s runtime.
+    /// A connection to `link` from the process's endpoint: one a job finished with in the
+    /// last seconds (same peer, address, pin and settings), else a new one. Must run on this
+    /// `Net`'s runtime.
     pub async fn dial(&self, link: &Link, credentials: &SiteCredentials) -> Result<Dialed> {
+        let key = format!(
+            "{}|{}|{:?}|{:?}",
+            link.site, link.address, link.fingerprint, link.settings
+        );
+        let kept = Some((self.kept.clone(), key.clone(), self.handle.clone()));
+        if let Some(connection) = self.kept.take(&key) {
+            let stats = connection.stats();
+            return Ok(Dialed {
+                connection,
+                own_endpoint: None,
+                kept,
+                baseline: (stats.udp_tx.bytes, stats.udp_rx.bytes),
+            });
+        }
         let endpoint = self.endpoint_for(&link.address)?;
         let config = transport::quic::client_config(
             credentials,
@@ -174,6 +295,8 @@ impl Net {
         Ok(Dialed {
             connection,
             own_endpoint: None,
+            kept,
+            baseline: (0, 0),
         })
     }
 

@@ -525,10 +525,9 @@ impl Shipper {
             "worker connection done"
         );
         let mut ship = self.shared.stats.borrow().clone();
-        ship.wire_bytes_sent = stats.udp_tx.bytes;
-        ship.wire_bytes_received = stats.udp_rx.bytes;
+        (ship.wire_bytes_sent, ship.wire_bytes_received) = self.dialed.wire_bytes();
         self.reader_task.abort();
-        self.dialed.hang_up().await;
+        self.dialed.done().await;
         Ok(ship)
     }
 }

@@ -295,13 +295,16 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| default_filter.into()),
         )
         .init();
-    match run(cli) {
+    let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
             errln!("mover: {}", mover::error::escaped(&one_line(&e)));
             ExitCode::from(1)
         }
-    }
+    };
+    // Connections kept for a next job that will not come in this process.
+    mover::remote::net::Net::close_process();
+    code
 }
 
 /// A failed command in one line: its contexts, outermost first, down to the first engine
