@@ -96,7 +96,8 @@ pub enum Op {
     /// The sender sends the next owed chunk if its credit allows; see [`chunk_size`]. Odd
     /// `codec`: an lz4 frame whose raw_len is larger than the payload.
     SendChunk { size: u8, codec: u8 },
-    /// The (welcomed) sender flushes.
+    /// The (welcomed) sender flushes, once every query is answered and every chunk asked
+    /// for is sent.
     Flush,
     /// The receiver makes everything durable and sends the Ack (after its Welcome).
     Durable,
@@ -545,7 +546,10 @@ impl World {
             Op::Answer { pattern } => self.answer(pattern),
             Op::SendChunk { size, codec } => self.send_chunk(chunk_size(size), codec & 1),
             Op::Flush => {
-                if self.sender_credit.is_some() {
+                // A Flush follows every chunk asked for (the receiver refuses it otherwise).
+                let shipped =
+                    self.sender.queries_outstanding() == 0 && self.sender.chunks_owed() == 0;
+                if self.sender_credit.is_some() && shipped {
                     let seq = self.sender.flush();
                     self.to_receiver.push_back(Wire::of(&Frame::Flush { seq }));
                 }

@@ -27,13 +27,58 @@ use std::collections::VecDeque;
 
 use crate::frame::{self, Frame, IdList, Purpose, IDS_PER_FRAME_MAX};
 
-/// A peer broke the protocol; the stream is closed with this reason.
+/// A peer broke the protocol; the stream is closed with this reason. `rule` says which rule
+/// (for code and tests), `detail` says it for people.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct SessionError(pub String);
+#[error("{detail}")]
+pub struct SessionError {
+    pub rule: Rule,
+    pub detail: String,
+}
 
-fn violation(message: impl Into<String>) -> SessionError {
-    SessionError(message.into())
+/// The session rules a peer can break, one per check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// A frame this side of this stream does not take now (before the handshake, or a type
+    /// the stream never carries).
+    UnexpectedFrame,
+    /// The Welcome names a version this build does not speak.
+    Version,
+    /// The Welcome grants less credit than one chunk frame.
+    CreditBelowOneChunk,
+    /// A Missing that does not answer the oldest open query (sequence, count or bitmap).
+    AnswerMismatch,
+    /// An Ack that goes backwards or above what was sent or flushed.
+    AckMismatch,
+    /// A Query whose sequence number is not the next one.
+    QueryOrder,
+    /// More than [`QUERIES_OPEN_MAX`] queries unanswered.
+    QueriesOpen,
+    /// More than [`WANTED_IDS_MAX`] ids asked for and not sent.
+    WantedIds,
+    /// A Chunk that is not the next one asked for.
+    ChunkOrder,
+    /// A Chunk nobody asked for.
+    ChunkNotAsked,
+    /// More chunk bytes than the credit allows.
+    Credit,
+    /// A Flush whose sequence number is not the next one.
+    FlushOrder,
+    /// A Flush while chunks asked for are still owed.
+    FlushOwed,
+    /// A manifest larger than the bound, or empty.
+    ManifestSize,
+    /// A manifest part that does not continue the manifest being sent.
+    ManifestOrder,
+    /// A Commit (or end) before every part of the manifest arrived.
+    ManifestIncomplete,
+}
+
+fn violation(rule: Rule, detail: impl Into<String>) -> SessionError {
+    SessionError {
+        rule,
+        detail: detail.into(),
+    }
 }
 
 /// Picks the highest version both ranges contain.
@@ -178,7 +223,9 @@ impl StoreSender {
         self.sent_bytes += payload_bytes;
     }
 
-    /// Asks the receiver to make everything durable; returns the Flush sequence number.
+    /// Asks the receiver to make everything durable; returns the Flush sequence number. Only
+    /// once every query is answered and every chunk asked for sent: the receiver refuses a
+    /// Flush while it still waits for chunks ([`Rule::FlushOwed`]).
     pub fn flush(&mut self) -> u64 {
         self.flush_seq += 1;
         self.flush_seq
@@ -194,16 +241,22 @@ impl StoreSender {
                 unacked_bytes_max,
             } if !self.welcomed => {
                 if negotiate(version, version) != Some(version) {
-                    return Err(violation(format!(
-                        "peer chose protocol version {version}, we speak {}..={}",
-                        frame::VERSION_MIN,
-                        frame::VERSION_MAX
-                    )));
+                    return Err(violation(
+                        Rule::Version,
+                        format!(
+                            "peer chose protocol version {version}, we speak {}..={}",
+                            frame::VERSION_MIN,
+                            frame::VERSION_MAX
+                        ),
+                    ));
                 }
                 if unacked_bytes_max < frame::FRAME_PAYLOAD_BYTES_MAX as u64 {
-                    return Err(violation(format!(
-                        "peer grants {unacked_bytes_max} bytes of credit, less than one chunk"
-                    )));
+                    return Err(violation(
+                        Rule::CreditBelowOneChunk,
+                        format!(
+                            "peer grants {unacked_bytes_max} bytes of credit, less than one chunk"
+                        ),
+                    ));
                 }
                 self.welcomed = true;
                 self.version = version;
@@ -215,15 +268,21 @@ impl StoreSender {
             }
             Frame::Missing { seq, count, bitmap } if self.welcomed => {
                 let Some(&(expected, sent_count)) = self.outstanding.front() else {
-                    return Err(violation(format!("answer to query {seq}, none is open")));
+                    return Err(violation(
+                        Rule::AnswerMismatch,
+                        format!("answer to query {seq}, none is open"),
+                    ));
                 };
                 if seq != expected || count != sent_count {
-                    return Err(violation(format!(
+                    return Err(violation(Rule::AnswerMismatch, format!(
                         "answer to query {seq} with {count} ids, expected query {expected} with {sent_count}"
                     )));
                 }
                 if bitmap.len() != (count as usize).div_ceil(8) {
-                    return Err(violation("answer bitmap does not match its id count"));
+                    return Err(violation(
+                        Rule::AnswerMismatch,
+                        "answer bitmap does not match its id count",
+                    ));
                 }
                 self.outstanding.pop_front();
                 let wanted: Vec<bool> = (0..count as usize)
@@ -244,7 +303,7 @@ impl StoreSender {
                     || flush_seq < self.flush_acked
                     || flush_seq > self.flush_seq
                 {
-                    return Err(violation(format!(
+                    return Err(violation(Rule::AckMismatch, format!(
                         "acknowledgement of {chunks} chunks / {bytes} bytes / flush {flush_seq} does not match {} sent / {} bytes / flush {}",
                         self.sent_chunks, self.sent_bytes, self.flush_seq
                     )));
@@ -261,11 +320,14 @@ impl StoreSender {
 
 fn unexpected(frame: &Frame<'_>, ready: bool) -> SessionError {
     let name = frame.name();
-    violation(if ready {
-        format!("unexpected {name} frame")
-    } else {
-        format!("unexpected {name} frame before the handshake")
-    })
+    violation(
+        Rule::UnexpectedFrame,
+        if ready {
+            format!("unexpected {name} frame")
+        } else {
+            format!("unexpected {name} frame before the handshake")
+        },
+    )
 }
 
 /// What the receiving side must do after a frame.
@@ -345,20 +407,22 @@ impl StoreReceiver {
         match *frame {
             Frame::Query { seq, ids } => {
                 if seq != self.next_query {
-                    return Err(violation(format!(
-                        "query {seq} out of order, expected {}",
-                        self.next_query
-                    )));
+                    return Err(violation(
+                        Rule::QueryOrder,
+                        format!("query {seq} out of order, expected {}", self.next_query),
+                    ));
                 }
                 if self.queries_open >= QUERIES_OPEN_MAX {
-                    return Err(violation(format!(
-                        "more than {QUERIES_OPEN_MAX} queries without reading the answers"
-                    )));
+                    return Err(violation(
+                        Rule::QueriesOpen,
+                        format!("more than {QUERIES_OPEN_MAX} queries without reading the answers"),
+                    ));
                 }
                 if self.wanted.len() + ids.len() > WANTED_IDS_MAX {
-                    return Err(violation(format!(
-                        "more than {WANTED_IDS_MAX} chunks asked for and not sent"
-                    )));
+                    return Err(violation(
+                        Rule::WantedIds,
+                        format!("more than {WANTED_IDS_MAX} chunks asked for and not sent"),
+                    ));
                 }
                 self.next_query += 1;
                 self.queries_open += 1;
@@ -379,11 +443,22 @@ impl StoreReceiver {
                 })
             }
             Frame::Flush { seq } => {
+                // An honest sender flushes only after shipping everything it was asked for;
+                // taking this Flush would ack less than was sent and leave both ends waiting.
+                if !self.wanted.is_empty() {
+                    return Err(violation(
+                        Rule::FlushOwed,
+                        format!(
+                            "flush {seq} while {} chunks asked for were not sent",
+                            self.wanted.len()
+                        ),
+                    ));
+                }
                 if seq != self.last_flush + 1 {
-                    return Err(violation(format!(
-                        "flush {seq} out of order, expected {}",
-                        self.last_flush + 1
-                    )));
+                    return Err(violation(
+                        Rule::FlushOrder,
+                        format!("flush {seq} out of order, expected {}", self.last_flush + 1),
+                    ));
                 }
                 self.last_flush = seq;
                 Ok(ReceiverInput::Flush { seq })
@@ -397,15 +472,28 @@ impl StoreReceiver {
     pub fn chunk_arrived(&mut self, id: &[u8; 32], payload_len: usize) -> Result<(), SessionError> {
         match self.wanted.front() {
             Some(next) if next == id => {}
-            Some(_) => return Err(violation("chunk out of order: not the next one asked for")),
-            None => return Err(violation("chunk that was not asked for")),
+            Some(_) => {
+                return Err(violation(
+                    Rule::ChunkOrder,
+                    "chunk out of order: not the next one asked for",
+                ))
+            }
+            None => {
+                return Err(violation(
+                    Rule::ChunkNotAsked,
+                    "chunk that was not asked for",
+                ))
+            }
         }
         let payload_bytes = payload_len as u64;
         if self.pending_bytes() + payload_bytes > self.unacked_bytes_max {
-            return Err(violation(format!(
-                "sender exceeded its credit of {} unacknowledged bytes",
-                self.unacked_bytes_max
-            )));
+            return Err(violation(
+                Rule::Credit,
+                format!(
+                    "sender exceeded its credit of {} unacknowledged bytes",
+                    self.unacked_bytes_max
+                ),
+            ));
         }
         self.wanted.pop_front();
         self.received_chunks += 1;
@@ -499,8 +587,14 @@ impl FetchClient {
                 self.expected.pop_front();
                 Ok(*id)
             }
-            Some(_) => Err(violation("peer sent a chunk out of order")),
-            None => Err(violation("peer sent a chunk that was not asked for")),
+            Some(_) => Err(violation(
+                Rule::ChunkOrder,
+                "peer sent a chunk out of order",
+            )),
+            None => Err(violation(
+                Rule::ChunkNotAsked,
+                "peer sent a chunk that was not asked for",
+            )),
         }
     }
 }
@@ -537,10 +631,13 @@ impl ManifestAssembly {
         };
         if offset == 0 && self.bytes.is_empty() {
             if total == 0 || total > self.bytes_max {
-                return Err(violation(format!(
-                    "manifest of {total} bytes: expected 1..={} bytes",
-                    self.bytes_max
-                )));
+                return Err(violation(
+                    Rule::ManifestSize,
+                    format!(
+                        "manifest of {total} bytes: expected 1..={} bytes",
+                        self.bytes_max
+                    ),
+                ));
             }
             self.id = id;
             self.total = total;
@@ -548,16 +645,18 @@ impl ManifestAssembly {
             self.bytes.reserve(data.len());
         } else if id != self.id || total != self.total || offset != self.bytes.len() as u64 {
             return Err(violation(
+                Rule::ManifestOrder,
                 "manifest part does not continue the manifest being sent",
             ));
         }
         if offset.saturating_add(data.len() as u64) > self.total {
             return Err(violation(
+                Rule::ManifestOrder,
                 "manifest part extends beyond the manifest's total",
             ));
         }
         if data.is_empty() && total > 0 {
-            return Err(violation("empty manifest part"));
+            return Err(violation(Rule::ManifestOrder, "empty manifest part"));
         }
         self.bytes.extend_from_slice(data);
         Ok(self.bytes.len() as u64 == self.total)
@@ -569,6 +668,28 @@ impl ManifestAssembly {
 
     pub fn into_bytes(self) -> Vec<u8> {
         self.bytes
+    }
+
+    /// The whole manifest, for a Commit of `id`: refused unless every part of the manifest
+    /// `id` arrived (a Commit after a lost part would otherwise hand on a prefix).
+    pub fn finish(self, id: &[u8; 32]) -> Result<Vec<u8>, SessionError> {
+        if self.total == 0 || self.id != *id {
+            return Err(violation(
+                Rule::ManifestIncomplete,
+                "commit of a manifest that was not sent",
+            ));
+        }
+        if self.bytes.len() as u64 != self.total {
+            return Err(violation(
+                Rule::ManifestIncomplete,
+                format!(
+                    "commit of a manifest of {} bytes after {} arrived",
+                    self.total,
+                    self.bytes.len()
+                ),
+            ));
+        }
+        Ok(self.bytes)
     }
 }
 
@@ -729,7 +850,7 @@ mod tests {
         let big: &'static [u8] = big.leak();
         receiver.handle(&chunk(ids[0], big)).unwrap();
         let err = receiver.handle(&chunk(ids[1], &[0; 40])).unwrap_err();
-        assert!(err.0.contains("credit"), "{err}");
+        assert_eq!(err.rule, Rule::Credit, "{err}");
     }
 
     #[test]
@@ -771,7 +892,8 @@ mod tests {
                 flush_seq: 0,
             })
             .unwrap_err();
-        assert!(err.0.contains("before the handshake"), "{err}");
+        assert_eq!(err.rule, Rule::UnexpectedFrame, "{err}");
+        assert!(err.detail.contains("before the handshake"), "{err}");
         assert!(sender
             .handle(&Frame::Welcome {
                 version: 1,

@@ -354,10 +354,7 @@ async fn control(
                     &mut assembly,
                     ManifestAssembly::new(MANIFEST_BYTES_MAX as u64 + 32),
                 );
-                if done.id() != id {
-                    return Err(Failure::protocol("commit of a manifest that was not sent"));
-                }
-                let object = done.into_bytes();
+                let object = done.finish(&id).map_err(Failure::protocol)?;
                 tokio::task::block_in_place(|| commit(site, peer, job, &id, &object))?;
                 writer.send(&Frame::Committed { id }).await?;
             }
