@@ -21,3 +21,6 @@ pub mod quic;
 pub mod rate;
 pub mod session;
 pub mod tls;
+
+#[cfg(test)]
+mod tests;
