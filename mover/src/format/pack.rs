@@ -46,6 +46,9 @@ pub fn check_pack_header(bytes: &[u8]) -> Result<(), Error> {
             format!("version {version}, expected {PACK_VERSION}"),
         ));
     }
+    if read_u32(bytes, 12) != 0 {
+        return Err(Error::corrupt("pack header", "reserved bytes are not zero"));
+    }
     Ok(())
 }
 
@@ -277,6 +280,9 @@ pub fn decode_trailer(trailer: &[u8], pack_len: u64) -> Result<(u32, u64, u64), 
         return Err(bad("expected magic MVPKEND1 (pack not sealed?)".into()));
     }
     let entries = read_u32(trailer, 0);
+    if read_u32(trailer, 4) != 0 {
+        return Err(bad("reserved bytes are not zero".into()));
+    }
     let footer_offset = read_u64(trailer, 8);
     let checksum = read_u64(trailer, 16);
     let footer_len = entries as u64 * FOOTER_ENTRY_BYTES as u64;
@@ -286,6 +292,15 @@ pub fn decode_trailer(trailer: &[u8], pack_len: u64) -> Result<(u32, u64, u64), 
     {
         return Err(bad(format!(
             "footer of {entries} entries at {footer_offset} does not end where the trailer starts"
+        )));
+    }
+    // Each entry names a record of at least a header before the footer: a count past that is
+    // refused before a reader sizes a buffer for the footer by it.
+    let records_bytes = footer_offset - PACK_HEADER_BYTES as u64;
+    if entries as u64 > records_bytes / RECORD_HEADER_BYTES as u64 {
+        return Err(bad(format!(
+            "{entries} entries, but {records_bytes} bytes of records hold at most {}",
+            records_bytes / RECORD_HEADER_BYTES as u64
         )));
     }
     Ok((entries, footer_offset, checksum))
@@ -402,7 +417,95 @@ mod tests {
         assert!(decode_trailer(trailer, pack_len + 1).is_err());
     }
 
+    fn footer_entry(id: [u8; 32], offset: u64, stored_len: u32, lz4: bool) -> FooterEntry {
+        FooterEntry {
+            id: ChunkId(id),
+            offset,
+            stored_len,
+            raw_len: stored_len.saturating_add(lz4 as u32 * 7),
+            codec: if lz4 { Codec::Lz4 } else { Codec::Raw },
+        }
+    }
+
+    /// The footer and trailer of `entries` placed right after `records_bytes` of records, and
+    /// the pack's length.
+    fn sealed_tail(entries: &[FooterEntry], records_bytes: u64) -> (Vec<u8>, u64) {
+        let footer_offset = PACK_HEADER_BYTES as u64 + records_bytes;
+        let tail = encode_footer(entries, footer_offset);
+        let pack_len = footer_offset + tail.len() as u64;
+        (tail, pack_len)
+    }
+
+    /// What a reader of a sealed pack's end does: the trailer, then the footer it points at.
+    fn decode_tail(tail: &[u8], pack_len: u64) -> Result<Vec<FooterEntry>, Error> {
+        let trailer = &tail[tail.len() - TRAILER_BYTES..];
+        let (entries, footer_offset, checksum) = decode_trailer(trailer, pack_len)?;
+        let footer_start = tail.len() as u64 - (pack_len - footer_offset);
+        let footer = &tail[footer_start as usize..tail.len() - TRAILER_BYTES];
+        assert_eq!(footer.len(), entries as usize * FOOTER_ENTRY_BYTES);
+        decode_footer(footer, checksum)
+    }
+
+    #[test]
+    fn a_trailer_with_reserved_bytes_set_is_refused() {
+        let entries = [footer_entry([1; 32], 16, 10, false)];
+        let (mut tail, pack_len) = sealed_tail(&entries, 74);
+        assert_eq!(decode_tail(&tail, pack_len).unwrap(), entries);
+        let at = tail.len() - TRAILER_BYTES + 4;
+        tail[at] = 1;
+        assert!(decode_tail(&tail, pack_len).is_err());
+    }
+
+    #[test]
+    fn an_entry_count_past_what_the_records_can_hold_is_refused() {
+        // 3 entries need at least 3 record headers before the footer; 2 fit in 128 bytes.
+        let entries: Vec<FooterEntry> = (0..3u8)
+            .map(|i| footer_entry([i; 32], 16 + i as u64 * 40, 0, false))
+            .collect();
+        let (tail, pack_len) = sealed_tail(&entries, 3 * RECORD_HEADER_BYTES as u64 - 1);
+        let err = decode_tail(&tail, pack_len).unwrap_err();
+        assert!(err.to_string().contains("hold at most 2"), "{err}");
+        let (tail, pack_len) = sealed_tail(&entries, 3 * RECORD_HEADER_BYTES as u64);
+        assert_eq!(decode_tail(&tail, pack_len).unwrap(), entries);
+        // The largest count a trailer can state, at the place where it would fit by length
+        // alone: refused from the trailer, nothing read by it.
+        let mut trailer = tail[tail.len() - TRAILER_BYTES..].to_vec();
+        trailer[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        let footer_offset = 1u64 << 20;
+        trailer[8..16].copy_from_slice(&footer_offset.to_le_bytes());
+        let pack_len = footer_offset + u32::MAX as u64 * FOOTER_ENTRY_BYTES as u64 + 32;
+        assert!(decode_trailer(&trailer, pack_len).is_err());
+    }
+
     proptest! {
+        /// Footers round trip, and no single damaged byte of a footer or its trailer goes
+        /// unnoticed.
+        #[test]
+        fn footers_round_trip_and_any_damaged_byte_is_refused(
+            raw in proptest::collection::vec(
+                (any::<[u8; 32]>(), 0u32..5000, any::<bool>()), 0..24),
+            slack in 0u64..10_000,
+            at in any::<proptest::sample::Index>(),
+            mask in 1u8..=255,
+        ) {
+            let mut offset = PACK_HEADER_BYTES as u64;
+            let entries: Vec<FooterEntry> = raw
+                .iter()
+                .map(|&(id, stored_len, lz4)| {
+                    let entry = footer_entry(id, offset, stored_len, lz4);
+                    offset += RECORD_HEADER_BYTES as u64 + stored_len as u64;
+                    entry
+                })
+                .collect();
+            let records_bytes = offset - PACK_HEADER_BYTES as u64 + slack;
+            let (mut tail, pack_len) = sealed_tail(&entries, records_bytes);
+            prop_assert_eq!(tail.len(), entries.len() * FOOTER_ENTRY_BYTES + TRAILER_BYTES);
+            prop_assert_eq!(&decode_tail(&tail, pack_len).unwrap(), &entries);
+            let at = at.index(tail.len());
+            tail[at] ^= mask;
+            prop_assert!(decode_tail(&tail, pack_len).is_err(), "byte {} of {}", at, tail.len());
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic_the_decoders(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = RecordHeader::decode(&bytes);
