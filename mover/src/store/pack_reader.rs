@@ -320,6 +320,7 @@ pub fn read_footer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::pack::encode_footer;
     use crate::store::pack_writer::PackWriter;
     use crate::store::repack::merge;
     use crate::store::repack::tests::{committed_pack, id_of, payload, tier};
@@ -409,6 +410,194 @@ mod tests {
             assert_eq!(out, payload(0));
         }
         assert!(t.index.damaged().unwrap().is_empty());
+    }
+
+    /// A sealed, committed pack of three records and its bytes.
+    fn sealed_bytes(t: &crate::store::repack::tests::Tier) -> (SealedPackBytes, Vec<u8>) {
+        let pack = committed_pack(t, &[1, 2, 3]);
+        let key = pack_key(pack.pack_id);
+        let bytes = std::fs::read(t.root.join(&key)).unwrap();
+        assert_eq!(bytes.len() as u64, pack.bytes);
+        (SealedPackBytes { key, pack }, bytes)
+    }
+
+    struct SealedPackBytes {
+        key: String,
+        pack: crate::store::SealedPack,
+    }
+
+    /// [`read_footer`] over `bytes`; also returns the largest read it asked for.
+    fn footer_of(key: &str, bytes: &[u8]) -> (Result<Vec<FooterEntry>>, usize) {
+        let mut largest = 0;
+        let footer = read_footer(key, bytes.len() as u64, |offset, len, buf| {
+            largest = largest.max(len);
+            let end = offset as usize + len;
+            assert!(end <= bytes.len(), "read past the end: {offset}+{len}");
+            buf.clear();
+            buf.extend_from_slice(&bytes[offset as usize..end]);
+            Ok(())
+        });
+        (footer, largest)
+    }
+
+    fn is_corrupt<T: std::fmt::Debug>(result: &Result<T>) -> bool {
+        matches!(result, Err(Error::Corrupt { .. }))
+    }
+
+    #[test]
+    fn a_sealed_pack_cut_at_any_length_is_refused_as_corrupt() {
+        let t = tier();
+        let (sealed, bytes) = sealed_bytes(&t);
+        assert_eq!(
+            footer_of(&sealed.key, &bytes).0.unwrap(),
+            sealed.pack.entries
+        );
+        for len in 0..bytes.len() {
+            let (footer, _) = footer_of(&sealed.key, &bytes[..len]);
+            assert!(
+                is_corrupt(&footer),
+                "cut at {len} of {}: {footer:?}",
+                bytes.len()
+            );
+        }
+    }
+
+    #[test]
+    fn any_damaged_bit_in_the_footer_or_trailer_is_refused() {
+        let t = tier();
+        let (sealed, bytes) = sealed_bytes(&t);
+        let footer_offset =
+            bytes.len() - sealed.pack.entries.len() * FOOTER_ENTRY_BYTES - TRAILER_BYTES;
+        for bit in footer_offset * 8..bytes.len() * 8 {
+            let mut damaged = bytes.clone();
+            damaged[bit / 8] ^= 1 << (bit % 8);
+            let (footer, _) = footer_of(&sealed.key, &damaged);
+            assert!(is_corrupt(&footer), "bit {bit} of {}", bytes.len() * 8);
+        }
+        // The pack header too: a footer is only trusted in a pack of this format.
+        for bit in 0..PACK_HEADER_BYTES * 8 {
+            let mut damaged = bytes.clone();
+            damaged[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                is_corrupt(&footer_of(&sealed.key, &damaged).0),
+                "header bit {bit}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_footer_entry_pointing_outside_the_records_is_refused() {
+        let t = tier();
+        let (sealed, bytes) = sealed_bytes(&t);
+        let footer_offset =
+            (bytes.len() - sealed.pack.entries.len() * FOOTER_ENTRY_BYTES - TRAILER_BYTES) as u64;
+        let records = &bytes[..footer_offset as usize];
+        let last = *sealed.pack.entries.last().unwrap();
+        for bad in [
+            // Into the pack header.
+            FooterEntry { offset: 8, ..last },
+            // One byte past the records.
+            FooterEntry {
+                stored_len: last.stored_len + 1,
+                ..last
+            },
+            // An offset that overflows with its length.
+            FooterEntry {
+                offset: u64::MAX - 10,
+                ..last
+            },
+        ] {
+            let mut entries = sealed.pack.entries.clone();
+            *entries.last_mut().unwrap() = bad;
+            let mut pack = records.to_vec();
+            pack.extend(encode_footer(&entries, footer_offset));
+            let (footer, _) = footer_of(&sealed.key, &pack);
+            let err = footer.unwrap_err();
+            assert!(
+                err.to_string().contains("runs outside the records"),
+                "{bad:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_entry_count_past_what_the_records_hold_is_refused_before_the_footer_is_read() {
+        // A pack of 100 bytes of records whose trailer claims 1000 entries, with a footer of
+        // zeros (and its right checksum) to make the length add up.
+        let footer_offset = (PACK_HEADER_BYTES + 100) as u64;
+        let footer = vec![0u8; 1000 * FOOTER_ENTRY_BYTES];
+        let mut pack = crate::format::pack::pack_header().to_vec();
+        pack.resize(footer_offset as usize, 0);
+        pack.extend(&footer);
+        pack.extend(1000u32.to_le_bytes());
+        pack.extend(0u32.to_le_bytes());
+        pack.extend(footer_offset.to_le_bytes());
+        pack.extend(xxhash_rust::xxh3::xxh3_64(&footer).to_le_bytes());
+        pack.extend(b"MVPKEND1");
+        let (footer, largest) = footer_of("packs/00/0000000000000000.pack", &pack);
+        assert!(is_corrupt(&footer), "{footer:?}");
+        assert!(
+            largest <= TRAILER_BYTES,
+            "read {largest} bytes on the trailer's word"
+        );
+    }
+
+    #[test]
+    fn a_damaged_record_on_disk_is_refused_and_marked_damaged() {
+        let t = tier();
+        let (sealed, bytes) = sealed_bytes(&t);
+        let path = t.root.join(&sealed.key);
+        let second = sealed.pack.entries[1];
+        let third = sealed.pack.entries[2];
+        // A flipped payload byte of the second record, a flipped header byte of the third.
+        let mut damaged = bytes.clone();
+        damaged[second.offset as usize + RECORD_HEADER_BYTES + 100] ^= 0x20;
+        damaged[third.offset as usize + 9] ^= 0x01;
+        std::fs::write(&path, &damaged).unwrap();
+        let mut reader = ChunkReader::new(&t.index, &t.tiers);
+        let mut out = Vec::new();
+        reader.read(&id_of(&payload(1)), &mut out).unwrap();
+        assert_eq!(out, payload(1));
+        let err = reader.read(&id_of(&payload(2)), &mut out).unwrap_err();
+        assert!(err.to_string().contains("xxh3"), "{err}");
+        let err = reader.read_stored(&id_of(&payload(2))).unwrap_err();
+        assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+        let err = reader.read(&id_of(&payload(3)), &mut out).unwrap_err();
+        assert!(err.to_string().contains("header checksum"), "{err}");
+        let mut marked: Vec<ChunkId> = t
+            .index
+            .damaged()
+            .unwrap()
+            .into_iter()
+            .map(|d| d.0)
+            .collect();
+        marked.sort_by_key(|id| id.0);
+        let mut expected = vec![id_of(&payload(2)), id_of(&payload(3))];
+        expected.sort_by_key(|id| id.0);
+        assert_eq!(marked, expected);
+    }
+
+    #[test]
+    fn a_pack_cut_inside_a_record_is_refused_for_that_record_only() {
+        let t = tier();
+        let (sealed, bytes) = sealed_bytes(&t);
+        let last = sealed.pack.entries[2];
+        let cut = last.offset as usize + RECORD_HEADER_BYTES + last.stored_len as usize / 2;
+        std::fs::write(t.root.join(&sealed.key), &bytes[..cut]).unwrap();
+        let mut reader = ChunkReader::new(&t.index, &t.tiers);
+        let mut out = Vec::new();
+        reader.read(&id_of(&payload(1)), &mut out).unwrap();
+        let err = reader.read(&id_of(&payload(3)), &mut out).unwrap_err();
+        assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("runs past the end"), "{err}");
+        let marked: Vec<ChunkId> = t
+            .index
+            .damaged()
+            .unwrap()
+            .into_iter()
+            .map(|d| d.0)
+            .collect();
+        assert_eq!(marked, vec![id_of(&payload(3))]);
     }
 
     #[test]
