@@ -971,7 +971,129 @@ mod tests {
         assert_eq!(&out[..45], &chunk_frame_prefix(&[4; 32], 1, 10, 5));
     }
 
+    /// Field values for any frame type; [`frame_of`] builds a valid frame from them.
+    #[derive(Debug, Clone)]
+    struct Fields {
+        kind: u8,
+        numbers: [u64; 3],
+        id: [u8; 32],
+        bytes: Vec<u8>,
+        text: String,
+        count: usize,
+    }
+
+    fn fields() -> impl Strategy<Value = Fields> {
+        (
+            1u8..=15,
+            any::<[u64; 3]>(),
+            any::<[u8; 32]>(),
+            proptest::collection::vec(any::<u8>(), 1..300),
+            "[a-z0-9.-]{0,40}",
+            1usize..=40,
+        )
+            .prop_map(|(kind, numbers, id, bytes, text, count)| Fields {
+                kind,
+                numbers,
+                id,
+                bytes,
+                text,
+                count,
+            })
+    }
+
+    /// A valid frame of type `f.kind` borrowing from `f` (and `ids`, `bitmap`).
+    fn frame_of<'a>(f: &'a Fields, ids: &'a [[u8; 32]], bitmap: &'a [u8]) -> Frame<'a> {
+        let [a, b, c] = f.numbers;
+        match f.kind {
+            1 => Frame::Hello {
+                version_min: a as u16,
+                version_max: b as u16,
+                purpose: [Purpose::Store, Purpose::Control, Purpose::Fetch][c as usize % 3],
+                site: &f.text,
+                tier: &f.text[..f.text.len() / 2],
+                job: "",
+            },
+            2 => Frame::Welcome {
+                version: a as u16,
+                site: &f.text,
+                unacked_bytes_max: b,
+            },
+            3 => Frame::Query {
+                seq: a,
+                ids: id_list(ids),
+            },
+            4 => Frame::Missing {
+                seq: a,
+                count: f.count as u32,
+                bitmap,
+            },
+            5 => {
+                let lz4 = b % 2 == 1;
+                Frame::Chunk {
+                    id: f.id,
+                    codec: lz4 as u8,
+                    raw_len: f.bytes.len() as u32 + if lz4 { (c % 1000) as u32 } else { 0 },
+                    payload: &f.bytes,
+                }
+            }
+            6 => Frame::Flush { seq: a },
+            7 => Frame::Ack {
+                chunks: a,
+                bytes: b,
+                flush_seq: c,
+            },
+            8 => {
+                let offset = a % (1 << 40);
+                Frame::ManifestPart {
+                    id: f.id,
+                    total: offset + f.bytes.len() as u64 + b % 1000,
+                    offset,
+                    data: &f.bytes,
+                }
+            }
+            9 => Frame::Commit { id: f.id },
+            10 => Frame::Committed { id: f.id },
+            11 => Frame::Fetch {
+                seq: a,
+                ids: id_list(ids),
+            },
+            12 => Frame::GetManifest {
+                by_source: a % 2 == 1,
+                key: &f.bytes,
+            },
+            13 => Frame::NoManifest,
+            14 => Frame::Error {
+                code: ErrorCode::from_u16(a as u16 % 8),
+                reason: &f.text,
+            },
+            _ => Frame::Attempt { attempt: a },
+        }
+    }
+
     proptest! {
+        /// Any valid frame decodes to itself, its header states its length, and every strict
+        /// prefix of its encoding is refused.
+        #[test]
+        fn frames_round_trip_and_no_prefix_decodes(f in fields()) {
+            let ids: Vec<[u8; 32]> = (0..f.count).map(|i| { let mut id = f.id; id[0] ^= i as u8; id }).collect();
+            let mut bitmap = vec![0u8; f.count.div_ceil(8)];
+            for i in 0..f.count {
+                if f.bytes[i % f.bytes.len()] % 2 == 1 {
+                    bitmap[i / 8] |= 1 << (i % 8);
+                }
+            }
+            let frame = frame_of(&f, &ids, &bitmap);
+            let mut out = Vec::new();
+            encode(&frame, &mut out);
+            let header = Header::decode(out[..FRAME_HEADER_BYTES].try_into().unwrap()).unwrap();
+            prop_assert_eq!(header.kind, f.kind);
+            prop_assert_eq!(header.len + FRAME_HEADER_BYTES, out.len());
+            prop_assert_eq!(decode(header, &out[FRAME_HEADER_BYTES..]), Ok(frame));
+            for cut in 1..out.len() {
+                prop_assert!(decode_all(&out[..cut], |_| ()).is_err(), "prefix of {} bytes", cut);
+            }
+        }
+
         #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode_all(&bytes, |_| {});

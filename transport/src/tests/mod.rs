@@ -365,11 +365,17 @@ fn ended(status: &Status) -> bool {
 }
 
 #[test]
-fn a_store_stream_cut_at_every_frame_boundary_loses_nothing_it_acknowledged() {
+fn a_store_stream_cut_or_its_receiver_killed_at_every_frame_loses_nothing_acknowledged() {
     let frames = clean_transcript(&store);
     assert_eq!(frames.len(), 18);
-    for k in 0..frames.len() {
-        let pair = store().cut_after(k).drive();
+    // A cut link (the receiver keeps what it verified) and a killed receiver (it keeps only
+    // what it sealed), after every frame.
+    for (k, crash) in (0..frames.len()).flat_map(|k| [(k, false), (k, true)]) {
+        let pair = if crash {
+            store().server_crashes_on_cut().cut_after(k).drive()
+        } else {
+            store().cut_after(k).drive()
+        };
         let (client, server) = pair.status();
         assert!(
             ended(client) && ended(server),

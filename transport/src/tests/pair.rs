@@ -125,6 +125,8 @@ pub(super) trait End {
     /// The end stops (failed, cut off or peer gone): keep what is durable, as the real
     /// receiver seals what it verified before the stream broke.
     fn stopped(&mut self) {}
+    /// The end's process died with the connection: what it had not made durable is gone.
+    fn crashed(&mut self) {}
     /// Whether a failure is answered with an Error frame (the daemon's side does; a sender
     /// just stops its stream).
     fn answers_failures(&self) -> bool {
@@ -227,6 +229,8 @@ pub(super) struct Pair<C, S> {
     cut_after: Option<usize>,
     /// The connection is cut when this many bytes of the next frame were delivered.
     cut_inside: Option<(usize, usize)>,
+    /// The cut is the server's process dying (kill -9, power loss), not only the link.
+    server_crashes: bool,
     /// Every frame that went on the wire: (from, type, length with header).
     pub(super) transcript: Vec<(Who, u8, usize)>,
 }
@@ -246,6 +250,7 @@ impl<C: End, S: End> Pair<C, S> {
             delivered: 0,
             cut_after: None,
             cut_inside: None,
+            server_crashes: false,
             transcript: Vec::new(),
         }
     }
@@ -265,6 +270,12 @@ impl<C: End, S: End> Pair<C, S> {
     /// it went out.
     pub(super) fn cut_inside(mut self, frame: usize, bytes: usize) -> Self {
         self.cut_inside = Some((frame, bytes));
+        self
+    }
+
+    /// A cut kills the server's process: it keeps only what it had made durable.
+    pub(super) fn server_crashes_on_cut(mut self) -> Self {
+        self.server_crashes = true;
         self
     }
 
@@ -463,7 +474,11 @@ impl<C: End, S: End> Pair<C, S> {
                 self.client.status = Status::Failed(failure);
             }
             Who::Server => {
-                self.server.end.stopped();
+                if self.server_crashes && failure == Failure::Lost {
+                    self.server.end.crashed();
+                } else {
+                    self.server.end.stopped();
+                }
                 self.server.status = Status::Failed(failure);
             }
         }
@@ -892,6 +907,10 @@ impl End for StoreServer {
 
     fn stopped(&mut self) {
         self.seal();
+    }
+
+    fn crashed(&mut self) {
+        self.pending.clear();
     }
 
     fn answers_failures(&self) -> bool {
