@@ -63,9 +63,29 @@ pub const COMPRESSION_SAVING_DIVISOR: usize = 32;
 /// 100 B + 36 B per MiB of data; 1 GiB covers roughly ten million files.
 pub const MANIFEST_BYTES_MAX: usize = 1024 * 1024 * 1024;
 
+/// A version-2 manifest is written in blocks of about this many raw (postcard) bytes, each
+/// compressed and checked on its own, so writer and reader hold one block at a time.
+pub const MANIFEST_BLOCK_BYTES: usize = 1024 * 1024;
+
+/// Upper bound of one decoded manifest block: one entry must fit (a file's chunk list costs
+/// 37 B per chunk, so 16 MiB holds a file of ~450 000 chunks, ~450 TB at the average size).
+pub const MANIFEST_BLOCK_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// Most entries in one manifest block (an entry takes at least 16 postcard bytes, so a
+/// block the writer closes at `MANIFEST_BLOCK_BYTES` holds fewer).
+pub const MANIFEST_BLOCK_ENTRIES_MAX: usize = 65_536;
+
+/// Entries a backup holds between the scan and the manifest writer: those after the oldest
+/// file still being read. The scan waits beyond this, which bounds the backup's memory
+/// whatever the tree's size.
+pub const BACKUP_PENDING_ENTRIES_MAX: usize = 65_536;
+
 /// Longest path and link target accepted from a manifest (Linux PATH_MAX).
 pub const PATH_BYTES_MAX: usize = 4096;
 
+const _: () = assert!(MANIFEST_BLOCK_BYTES * 4 <= MANIFEST_BLOCK_BYTES_MAX);
+const _: () = assert!(MANIFEST_BLOCK_BYTES_MAX <= MANIFEST_BYTES_MAX);
+const _: () = assert!(MANIFEST_BLOCK_ENTRIES_MAX * 16 >= MANIFEST_BLOCK_BYTES);
 const _: () = assert!(CHUNK_BYTES_MIN < CHUNK_BYTES_AVG && CHUNK_BYTES_AVG < CHUNK_BYTES_MAX);
 const _: () = assert!(EXTENT_BYTES as usize >= 4 * CHUNK_BYTES_MAX);
 const _: () = assert!(EXTENT_BYTES as usize % IO_ALIGNMENT == 0);

@@ -1,4 +1,7 @@
 //! Snapshot manifests: the file tree of one backup, stored as a content-addressed object.
+//! This module holds the entry types and version 1 (one postcard value, written by builds
+//! before streaming manifests; still read). New backups write version 2, the same entries in
+//! bounded blocks (`manifest_blocks`).
 //!
 //! ```text
 //! object  = "MVMANI01" codec:u8 reserved:[3]=0 raw_len:u32 stored_len:u32 reserved:u32=0
@@ -109,7 +112,11 @@ pub struct EncodedManifest {
     pub bytes: Vec<u8>,
 }
 
+/// Encodes `manifest` in the format its `version` names (2: `manifest_blocks`).
 pub fn encode(manifest: &Manifest) -> Result<EncodedManifest, Error> {
+    if manifest.version == super::manifest_blocks::MANIFEST_V2_VERSION {
+        return super::manifest_blocks::encode(manifest);
+    }
     let raw = postcard::to_stdvec(manifest)
         .map_err(|e| Error::corrupt("manifest", format!("encoding failed: {e}")))?;
     if raw.len() > MANIFEST_BYTES_MAX {
@@ -137,8 +144,12 @@ pub fn encode(manifest: &Manifest) -> Result<EncodedManifest, Error> {
     Ok(EncodedManifest { id, bytes })
 }
 
-/// Decodes and checks a manifest object. `expected_id`, when given, must match its content.
+/// Decodes and checks a whole manifest object of either version. `expected_id`, when given,
+/// must match its content.
 pub fn decode(bytes: &[u8], expected_id: Option<&[u8; 32]>) -> Result<Manifest, Error> {
+    if bytes.starts_with(super::manifest_blocks::MANIFEST_V2_MAGIC) {
+        return super::manifest_blocks::ManifestStream::open(bytes, expected_id)?.collect();
+    }
     let bad = |detail: String| Error::corrupt("manifest", detail);
     if bytes.len() < MANIFEST_HEADER_BYTES || &bytes[..8] != MANIFEST_MAGIC {
         return Err(bad("expected magic MVMANI01".into()));

@@ -3,6 +3,7 @@
 //! untrusted: lengths are checked against `constants` before anything is allocated.
 
 pub mod manifest;
+pub mod manifest_blocks;
 pub mod pack;
 
 /// A chunk's identity: BLAKE3 of its plaintext.
