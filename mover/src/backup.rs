@@ -10,9 +10,10 @@
 //! A crash before 4 leaves unreferenced packs and index rows (reused by the next backup's
 //! dedup, which is how a re-run resumes) and never a visible partial snapshot.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashSet, VecDeque};
+use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -20,16 +21,18 @@ use std::time::Instant;
 use crossbeam_channel::bounded;
 
 use crate::buffers::{memlock_limit_bytes, ReadPlan};
-use crate::constants::{RESULT_QUEUE_DEPTH, WORK_QUEUE_DEPTH};
+use crate::constants::{BACKUP_PENDING_ENTRIES_MAX, RESULT_QUEUE_DEPTH, WORK_QUEUE_DEPTH};
 use crate::error::{Error, Result};
-use crate::format::manifest::{Entry, EntryKind, Manifest, MANIFEST_VERSION};
+use crate::format::manifest::{Entry, EntryKind};
+use crate::format::manifest_blocks::{Head, ManifestStream, ManifestWriter, MANIFEST_V2_VERSION};
 use crate::format::{hex, ChunkId};
 use crate::job::{Job, JobControl, JobKind, JobState, Progress, Warning};
 use crate::remote::client::Control;
 use crate::remote::net::Net;
-use crate::scan::{self, ReuseMap};
+use crate::scan;
 use crate::site::Site;
-use crate::store::SnapshotInfo;
+use crate::store::backend::sync_dir;
+use crate::store::{manifest_key, SnapshotInfo};
 use crate::worker::{self, JobShared, RemoteTarget, Report, WorkerStats};
 
 pub struct BackupOptions<'a> {
@@ -157,9 +160,9 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
         Vec::new()
     };
     let mut totals = WorkerStats::default();
-    let mut skipped: HashMap<usize, String> = HashMap::new();
-    let mut changed: HashMap<usize, String> = HashMap::new();
     let mut fatal: Option<Error> = None;
+    let hostname = hostname();
+    let mut written = Written::default();
 
     let prepared = std::thread::scope(|scope| {
         let (work_tx, work_rx) = bounded(WORK_QUEUE_DEPTH);
@@ -183,9 +186,8 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
             shared.cancelled.store(true, Ordering::Relaxed);
             Err(e)
         };
-        let mut prepared = match prepare(
+        let prepared = match prepare(
             site,
-            &source,
             &source_bytes,
             shared.remote.as_ref(),
             net.as_deref(),
@@ -194,7 +196,123 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
             Ok(prepared) => prepared,
             Err(e) => return stopped(Stop::Before(e)),
         };
-        let scanned = &mut prepared.scanned;
+        let head = Head {
+            version: MANIFEST_V2_VERSION,
+            source: source_bytes.clone(),
+            hostname: hostname.clone(),
+            site: site.name().to_string(),
+            tier: tier.clone(),
+            parent: prepared.parent.as_ref().map(|(id, _)| *id),
+        };
+        let mut out = match IncomingManifest::create(site, &job.id, &head) {
+            Ok(out) => out,
+            Err(e) => return stopped(Stop::Before(e)),
+        };
+        let Prepared {
+            parent,
+            damaged,
+            control: held_control,
+        } = prepared;
+        let parent_id = parent.as_ref().map(|(id, _)| *id);
+        let (entry_tx, entry_rx) = bounded::<(Entry, usize)>(ENTRY_QUEUE_DEPTH);
+        let source = &source;
+        let scanner = scope.spawn(move || {
+            let mut sink = QueueSink {
+                entries: entry_tx,
+                work: work_tx,
+                cancelled: &shared.cancelled,
+            };
+            match parent {
+                Some((_, stream)) => {
+                    let mut cursor = scan::ParentCursor::new(stream, damaged);
+                    scan::scan(source, &mut cursor, &mut sink)
+                }
+                None => scan::scan(source, &mut scan::NoReuse, &mut sink),
+            }
+        });
+        // Entries wait here from the scan until their extents are read, then go to the
+        // manifest in scan order. At most BACKUP_PENDING_ENTRIES_MAX wait: beyond that the
+        // scan waits (its queue fills), whatever the tree's size.
+        let mut pending = Pending::default();
+        let mut scanning = true;
+        let mut workers_running = true;
+        while scanning || workers_running {
+            let cancelled = shared.cancelled.load(Ordering::Relaxed);
+            let take_entries = scanning
+                && (cancelled
+                    || pending.waiting.len() < BACKUP_PENDING_ENTRIES_MAX
+                    || pending.head_waits_on_other_jobs());
+            let entries = if take_entries {
+                &entry_rx
+            } else {
+                &never_entries()
+            };
+            let reports = if workers_running {
+                &report_rx
+            } else {
+                &never_reports()
+            };
+            crossbeam_channel::select! {
+                recv(entries) -> scanned => match scanned {
+                    Ok((entry, work)) => {
+                        if !cancelled {
+                            pending.push(entry, work);
+                        }
+                    }
+                    Err(_) => scanning = false,
+                },
+                recv(reports) -> report => {
+                    let Ok(report) = report else {
+                        workers_running = false;
+                        continue;
+                    };
+                    if control.check().is_err() {
+                        // Workers stop at their next extent and seal what they hold; sealed
+                        // packs are still committed below, so a re-run does not store them
+                        // again.
+                        shared.cancelled.store(true, Ordering::Relaxed);
+                    }
+                    match report {
+                        Report::Extent(done) => {
+                            job.bytes_done += done.bytes_read;
+                            control.done(done.bytes_read);
+                            pending.extent_done(done);
+                        }
+                        Report::Settled { entry, extent } => pending.settled(entry, extent),
+                        Report::Skipped { entry, extent, reason } => pending.skipped(entry, extent, reason),
+                        Report::PackSealed(pack) => {
+                            job.bytes_sent += pack.bytes;
+                            control.sent(pack.bytes);
+                            let committing = Instant::now();
+                            let committed = site.index.commit_pack(&pack);
+                            worker::stage("index_commit", committing);
+                            if committed.is_ok() {
+                                shared.claims.release(pack.entries.iter().map(|e| &e.id));
+                            }
+                            if let Err(e) = committed {
+                                shared.cancelled.store(true, Ordering::Relaxed);
+                                fatal.get_or_insert(e);
+                            }
+                        }
+                        Report::Finished(stats) => add_stats(&mut totals, &stats),
+                        Report::Fatal(e) => {
+                            shared.cancelled.store(true, Ordering::Relaxed);
+                            fatal.get_or_insert(e);
+                        }
+                    }
+                }
+            }
+            if fatal.is_none() && !shared.cancelled.load(Ordering::Relaxed) {
+                if let Err(e) = pending.flush(&mut out, &mut written, &mut job.warnings) {
+                    shared.cancelled.store(true, Ordering::Relaxed);
+                    fatal.get_or_insert(e);
+                }
+            }
+        }
+        let mut scanned = match scanner.join().expect("scan thread does not panic") {
+            Ok(scanned) => scanned,
+            Err(e) => return stopped(Stop::Failed(Error::io("scan", source, e))),
+        };
         job.bytes_total = scanned.bytes_total;
         job.bytes_reused = scanned.bytes_reused;
         job.files = scanned.files;
@@ -203,65 +321,17 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
         job.warnings.append(&mut scanned.warnings);
         control.total(job.bytes_total);
         control.done(job.bytes_reused);
-        if let Err(e) = control.check() {
-            return stopped(Stop::Failed(e));
-        }
-        let work = std::mem::take(&mut scanned.work);
-        scope.spawn(move || {
-            for item in work {
-                if shared.cancelled.load(Ordering::Relaxed) || work_tx.send(item).is_err() {
-                    break;
-                }
-            }
-        });
-        for report in report_rx {
-            if control.check().is_err() {
-                // Workers stop at their next extent and seal what they hold; sealed packs
-                // are still committed below, so a re-run does not store them again.
-                shared.cancelled.store(true, Ordering::Relaxed);
-            }
-            match report {
-                Report::Extent(done) => {
-                    job.bytes_done += done.bytes_read;
-                    control.done(done.bytes_read);
-                    if let Some(reason) = done.changed {
-                        changed.entry(done.entry).or_insert(reason);
-                    }
-                    if let EntryKind::File { extents, .. } = &mut scanned.entries[done.entry].kind {
-                        extents[done.extent].chunks = done.chunks;
-                    }
-                }
-                Report::Skipped { entry, reason } => {
-                    skipped.entry(entry).or_insert(reason);
-                }
-                Report::PackSealed(pack) => {
-                    job.bytes_sent += pack.bytes;
-                    control.sent(pack.bytes);
-                    let committing = Instant::now();
-                    let committed = site.index.commit_pack(&pack);
-                    worker::stage("index_commit", committing);
-                    if committed.is_ok() {
-                        shared.claims.release(pack.entries.iter().map(|e| &e.id));
-                    }
-                    if let Err(e) = committed {
-                        shared.cancelled.store(true, Ordering::Relaxed);
-                        fatal.get_or_insert(e);
-                    }
-                }
-                Report::Finished(stats) => add_stats(&mut totals, &stats),
-                Report::Fatal(e) => {
-                    shared.cancelled.store(true, Ordering::Relaxed);
-                    fatal.get_or_insert(e);
-                }
+        if fatal.is_none() && !shared.cancelled.load(Ordering::Relaxed) {
+            if !pending.waiting.is_empty() {
+                fatal = Some(Error::Resource(format!(
+                    "{} manifest entries still waited for their extents after every worker ended",
+                    pending.waiting.len()
+                )));
             }
         }
-        Ok(prepared)
+        Ok((held_control, out, parent_id))
     });
-    let Prepared {
-        parent,
-        control: mut held_control,
-        scanned,
-    } = match prepared {
+    let (mut held_control, out, parent) = match prepared {
         Ok(prepared) => prepared,
         Err(Stop::Before(e)) => return Err(e),
         Err(Stop::Failed(e)) => return Err(fail_job(site, &mut job, started, e)),
@@ -292,54 +362,24 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
     if let Err(e) = control.check() {
         return Err(fail_job(site, &mut job, started, e));
     }
-
-    for (entry, reason) in &changed {
-        if !skipped.contains_key(entry) {
-            job.warnings.push(Warning {
-                path: path_text(&scanned.entries[*entry].path),
-                reason: reason.clone(),
-            });
-        }
-    }
-    let mut entries = scanned.entries;
-    if !skipped.is_empty() {
-        let mut dropped_paths = HashSet::new();
-        for (entry, reason) in &skipped {
-            job.warnings.push(Warning {
-                path: path_text(&entries[*entry].path),
-                reason: format!("left out of the snapshot: {reason}"),
-            });
-            dropped_paths.insert(entries[*entry].path.clone());
-        }
-        let mut index = 0;
-        entries.retain(|e| {
-            let keep = !skipped.contains_key(&index)
-                && !matches!(&e.kind, EntryKind::Hardlink { target } if dropped_paths.contains(target));
-            index += 1;
-            keep
-        });
-        job.files -= skipped.len() as u64;
-    }
+    job.files -= written.files_left_out;
     job.bytes_done = job.bytes_total;
 
     let now_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos() as i64;
-    let manifest = Manifest {
-        version: MANIFEST_VERSION,
-        source: source_bytes,
-        hostname: hostname(),
-        site: site.name().to_string(),
-        tier: tier.clone(),
-        created_unix_ns: now_ns,
-        parent: parent.as_ref().map(|(id, _)| *id),
-        entries,
+    let finished = match out.finish(now_ns) {
+        Ok(finished) => finished,
+        Err(e) => return Err(fail_job(site, &mut job, started, e)),
     };
     if let (Some(remote), Some(net)) = (&shared.remote, &net) {
         // The destination checks that it holds every chunk, stores the manifest durably, and
         // only then adds the catalog row.
-        let encoded = crate::format::manifest::encode(&manifest)?;
+        let (id, bytes) = match finished.read() {
+            Ok(object) => object,
+            Err(e) => return Err(fail_job(site, &mut job, started, e)),
+        };
         let mut wire = (0, 0);
         let committed = net.block_on(async {
             let mut control = match held_control.control.take() {
@@ -351,7 +391,7 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
                     Control::open(net, &remote.link, &remote.credentials, &job.id).await?
                 }
             };
-            control.commit(encoded.id, &encoded.bytes).await?;
+            control.commit(id, &bytes).await?;
             let (sent, received) = control.close().await;
             wire = (wire.0 + sent, wire.1 + received);
             Ok::<_, Error>(())
@@ -361,13 +401,16 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
         if let Err(e) = committed {
             return Err(fail_job(site, &mut job, started, e));
         }
-        job.snapshot = Some(hex(&encoded.id));
+        job.snapshot = Some(hex(&id));
         job.state = JobState::Done;
         job.elapsed_s = started.elapsed().as_secs_f64();
         record_job(site, &job);
         return Ok(job);
     }
-    let id = site.store_manifest(&manifest)?;
+    let id = match finished.persist(site) {
+        Ok(id) => id,
+        Err(e) => return Err(fail_job(site, &mut job, started, e)),
+    };
     let id_hex = hex(&id);
     site.index.put_snapshot(&SnapshotInfo {
         id: id_hex.clone(),
@@ -376,19 +419,12 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
         site: site.name().to_string(),
         tier: tier.clone(),
         source: job.path.clone(),
-        hostname: manifest.hostname.clone(),
-        parent: parent.as_ref().map(|(id, _)| hex(id)),
+        hostname,
+        parent: parent.as_ref().map(|id| hex(id)),
         job: job.id.clone(),
         files: job.files,
         directories: job.directories,
-        bytes: manifest
-            .entries
-            .iter()
-            .map(|e| match &e.kind {
-                EntryKind::File { size, .. } => *size,
-                _ => 0,
-            })
-            .sum(),
+        bytes: written.file_bytes,
         warnings: job.warnings.len() as u64,
         held_since_unix_ns: now_ns,
     })?;
@@ -403,28 +439,43 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
     Ok(job)
 }
 
-/// Why a job stopped before its workers were given work: an error of the lookup or scan
+/// Why a job stopped before its workers were given work: an error of the lookup
 /// (returned as it is), or a stop the job records as failed or cancelled.
 enum Stop {
     Before(Error),
     Failed(Error),
 }
 
-/// What the control thread learns before the workers get work.
+/// Entries between the scan and the control thread: enough to keep the scan ahead of the
+/// workers without holding much.
+const ENTRY_QUEUE_DEPTH: usize = 1024;
+
+fn never_entries() -> crossbeam_channel::Receiver<(Entry, usize)> {
+    crossbeam_channel::never()
+}
+
+fn never_reports() -> crossbeam_channel::Receiver<Report> {
+    crossbeam_channel::never()
+}
+
+/// A parent snapshot's entries, read from the start (its id was checked by a first pass).
+type ParentStream = ManifestStream<Box<dyn Read + Send>>;
+
+/// What the control thread learns before the scan starts.
 struct Prepared<'a> {
-    /// The parent snapshot (at the destination, for a cross-site job) and its manifest.
-    parent: Option<([u8; 32], Manifest)>,
+    /// The parent snapshot (at the destination, for a cross-site job) and its entries.
+    parent: Option<([u8; 32], ParentStream)>,
+    /// Chunks found damaged here: a file holding one is read again, even if unchanged.
+    damaged: HashSet<ChunkId>,
     /// A cross-site job's Control connection, kept open for the commit (closed on the
     /// process's network runtime if the job stops first).
     control: HeldControl<'a>,
-    scanned: scan::ScanResult,
 }
 
-/// Finds the parent snapshot of the same source (at the destination for a cross-site job)
-/// and scans the source against it: its unchanged files are reused without being read.
+/// Finds the parent snapshot of the same source (at the destination for a cross-site job):
+/// its unchanged files are reused without being read.
 fn prepare<'a>(
     site: &Site,
-    source: &Path,
     source_bytes: &[u8],
     remote: Option<&RemoteTarget>,
     net: Option<&'a Net>,
@@ -441,13 +492,10 @@ fn prepare<'a>(
     // Closed on the network runtime if anything below fails.
     let held = HeldControl { control, net };
     let parent = if let Some((id, object)) = remote_parent {
-        match crate::format::manifest::decode(&object, Some(&id)) {
-            Ok(manifest) => Some((id, manifest)),
-            Err(e) => {
-                tracing::warn!(snapshot = %hex(&id), error = %e, "parent snapshot from the peer unreadable; reading every file");
-                None
-            }
-        }
+        checked_parent(&id, &mut || {
+            Ok(Box::new(std::io::Cursor::new(object.clone())) as Box<dyn Read + Send>)
+        })
+        .map(|stream| (id, stream))
     } else if remote.is_none() {
         local_parent(site, source_bytes)?
     } else {
@@ -455,43 +503,45 @@ fn prepare<'a>(
     };
     // A file with a chunk found damaged here is read again, even if unchanged: its good
     // bytes replace the bad record.
-    let damaged: HashSet<ChunkId> = match remote {
-        None => site
+    let damaged: HashSet<ChunkId> = match (remote, &parent) {
+        (None, Some(_)) => site
             .index
             .damaged()?
             .into_iter()
             .map(|(id, _)| id)
             .collect(),
-        Some(_) => Default::default(),
+        _ => Default::default(),
     };
-    let intact = |e: &Entry| match &e.kind {
-        EntryKind::File { extents, .. } => !extents
-            .iter()
-            .flat_map(|x| &x.chunks)
-            .any(|c| damaged.contains(&c.id)),
-        _ => true,
-    };
-    let reuse: ReuseMap = parent
-        .as_ref()
-        .map(|(_, m)| {
-            m.entries
-                .iter()
-                .filter(|e| damaged.is_empty() || intact(e))
-                .map(|e| (e.path.as_slice(), e))
-                .collect()
-        })
-        .unwrap_or_default();
-    let scanned = scan::scan(source, &reuse).map_err(|e| Error::io("scan", source, e))?;
-    drop(reuse);
     Ok(Prepared {
         parent,
+        damaged,
         control: held,
-        scanned,
     })
 }
 
-/// The newest local snapshot of the same source, with its manifest.
-fn local_parent(site: &Site, source_bytes: &[u8]) -> Result<Option<([u8; 32], Manifest)>> {
+/// The parent's entries, once a first pass read the object whole and found it matches its
+/// id (a version-2 object is checked only at its end, and a reused entry must be sound).
+/// `None`, with a warning, when it does not: every file is then read.
+fn checked_parent(
+    id: &[u8; 32],
+    open: &mut dyn FnMut() -> Result<Box<dyn Read + Send>>,
+) -> Option<ParentStream> {
+    let mut check = || -> Result<ParentStream> {
+        let mut stream = ManifestStream::open(open()?, Some(id))?;
+        while stream.next_entry()?.is_some() {}
+        ManifestStream::open(open()?, Some(id))
+    };
+    match check() {
+        Ok(stream) => Some(stream),
+        Err(e) => {
+            tracing::warn!(snapshot = %hex(id), error = %e, "parent snapshot unreadable; reading every file");
+            None
+        }
+    }
+}
+
+/// The newest local snapshot of the same source, with its entries.
+fn local_parent(site: &Site, source_bytes: &[u8]) -> Result<Option<([u8; 32], ParentStream)>> {
     let Some(info) = site
         .index
         .snapshots()?
@@ -507,12 +557,264 @@ fn local_parent(site: &Site, source_bytes: &[u8]) -> Result<Option<([u8; 32], Ma
             "id is not 64 hex digits",
         )
     })?;
-    match site.load_manifest(&id) {
-        Ok(manifest) => Ok(Some((id, manifest))),
-        Err(e) => {
-            tracing::warn!(snapshot = %info.id, error = %e, "parent snapshot unreadable; reading every file");
-            Ok(None)
+    let stream = checked_parent(&id, &mut || site.manifest_reader(&id));
+    Ok(stream.map(|stream| (id, stream)))
+}
+
+/// The scan's side of its queues: entries to the control thread, extents to the workers.
+struct QueueSink<'a> {
+    entries: crossbeam_channel::Sender<(Entry, usize)>,
+    work: crossbeam_channel::Sender<scan::WorkItem>,
+    cancelled: &'a AtomicBool,
+}
+
+impl scan::ScanSink for QueueSink<'_> {
+    fn entry(&mut self, entry: Entry, work: usize) -> bool {
+        !self.cancelled.load(Ordering::Relaxed) && self.entries.send((entry, work)).is_ok()
+    }
+
+    fn work(&mut self, item: scan::WorkItem) -> bool {
+        !self.cancelled.load(Ordering::Relaxed) && self.work.send(item).is_ok()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ExtentState {
+    Reading,
+    /// Read, but a chunk was another job's to store: final once that job committed it (or
+    /// this job read the extent again).
+    Borrowed,
+    Done,
+}
+
+/// An entry waiting for its extents.
+struct Waiting {
+    entry: Entry,
+    extents: Vec<ExtentState>,
+    left: usize,
+    borrowed: usize,
+    skipped: Option<String>,
+    changed: Option<String>,
+}
+
+/// The entries the scan gave and the manifest has not yet taken, in scan order.
+#[derive(Default)]
+struct Pending {
+    /// The scan's number of `waiting[0]`.
+    base: usize,
+    waiting: VecDeque<Waiting>,
+    /// Files left out of the snapshot: the hardlinks to them are left out too (they come
+    /// later in scan order). Grows with the files left out, not with the tree.
+    dropped: HashSet<Vec<u8>>,
+}
+
+/// What went into the manifest.
+#[derive(Default)]
+struct Written {
+    file_bytes: u64,
+    files_left_out: u64,
+}
+
+impl Pending {
+    fn push(&mut self, entry: Entry, work: usize) {
+        self.waiting.push_back(Waiting {
+            entry,
+            extents: vec![ExtentState::Reading; work],
+            left: work,
+            borrowed: 0,
+            skipped: None,
+            changed: None,
+        });
+    }
+
+    fn get(&mut self, entry: usize) -> Option<&mut Waiting> {
+        entry
+            .checked_sub(self.base)
+            .and_then(|i| self.waiting.get_mut(i))
+    }
+
+    /// True when the oldest entry waits only on chunks another job is storing: its wait ends
+    /// when this job's workers finish, which needs the scan to finish, so the scan may run on.
+    fn head_waits_on_other_jobs(&self) -> bool {
+        self.waiting
+            .front()
+            .is_some_and(|w| w.left > 0 && w.left == w.borrowed)
+    }
+
+    fn mark(waiting: &mut Waiting, extent: usize, to: ExtentState) {
+        let Some(state) = waiting.extents.get_mut(extent) else {
+            return;
+        };
+        match (*state, to) {
+            (ExtentState::Done, _) => return,
+            (ExtentState::Reading, ExtentState::Borrowed) => waiting.borrowed += 1,
+            (ExtentState::Borrowed, ExtentState::Done) => {
+                waiting.borrowed -= 1;
+                waiting.left -= 1;
+            }
+            (ExtentState::Borrowed, _) => return,
+            (ExtentState::Reading, _) => waiting.left -= 1,
         }
+        *state = to;
+    }
+
+    fn extent_done(&mut self, done: worker::ExtentDone) {
+        let Some(waiting) = self.get(done.entry) else {
+            return;
+        };
+        if waiting.extents.get(done.extent) == Some(&ExtentState::Done) {
+            return;
+        }
+        if let Some(reason) = done.changed {
+            waiting.changed.get_or_insert(reason);
+        }
+        if let EntryKind::File { extents, .. } = &mut waiting.entry.kind {
+            if let Some(extent) = extents.get_mut(done.extent) {
+                extent.chunks = done.chunks;
+            }
+        }
+        let to = match done.borrowed {
+            true => ExtentState::Borrowed,
+            false => ExtentState::Done,
+        };
+        Self::mark(waiting, done.extent, to);
+    }
+
+    fn settled(&mut self, entry: usize, extent: usize) {
+        if let Some(waiting) = self.get(entry) {
+            Self::mark(waiting, extent, ExtentState::Done);
+        }
+    }
+
+    fn skipped(&mut self, entry: usize, extent: usize, reason: String) {
+        if let Some(waiting) = self.get(entry) {
+            waiting.skipped.get_or_insert(reason);
+            Self::mark(waiting, extent, ExtentState::Borrowed);
+            Self::mark(waiting, extent, ExtentState::Done);
+        }
+    }
+
+    /// Hands every finished entry at the front to the manifest, in scan order.
+    fn flush(
+        &mut self,
+        out: &mut IncomingManifest,
+        written: &mut Written,
+        warnings: &mut Vec<Warning>,
+    ) -> Result<()> {
+        while self.waiting.front().is_some_and(|w| w.left == 0) {
+            let waiting = self.waiting.pop_front().expect("checked above");
+            self.base += 1;
+            let entry = waiting.entry;
+            if let Some(reason) = waiting.skipped {
+                warnings.push(Warning {
+                    path: path_text(&entry.path),
+                    reason: format!("left out of the snapshot: {reason}"),
+                });
+                written.files_left_out += 1;
+                self.dropped.insert(entry.path);
+                continue;
+            }
+            if matches!(&entry.kind, EntryKind::Hardlink { target } if self.dropped.contains(target))
+            {
+                continue;
+            }
+            if let Some(reason) = waiting.changed {
+                warnings.push(Warning {
+                    path: path_text(&entry.path),
+                    reason,
+                });
+            }
+            if let EntryKind::File { size, .. } = &entry.kind {
+                written.file_bytes += size;
+            }
+            out.writer.push(&entry)?;
+        }
+        Ok(())
+    }
+}
+
+/// The manifest being written, in a temporary file of the site until the snapshot commits.
+struct IncomingManifest {
+    writer: ManifestWriter<std::io::BufWriter<std::fs::File>>,
+    temp: TempFile,
+}
+
+/// Removed when dropped unless taken.
+struct TempFile(Option<PathBuf>);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Where manifests are written before their id is known (a sibling of `manifests/`, so a
+/// rename puts them in place and `repair-index` never reads a partial one).
+const INCOMING_MANIFESTS: &str = "manifests-incoming";
+
+impl IncomingManifest {
+    fn create(site: &Site, job: &str, head: &Head) -> Result<IncomingManifest> {
+        let dir = site.metadata.path_of(INCOMING_MANIFESTS);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
+        let path = dir.join(format!("{job}.{}.tmp", std::process::id()));
+        let file = std::fs::File::create(&path).map_err(|e| Error::io("create", &path, e))?;
+        let temp = TempFile(Some(path));
+        let writer = ManifestWriter::new(std::io::BufWriter::with_capacity(1 << 20, file), head)?;
+        Ok(IncomingManifest { writer, temp })
+    }
+
+    fn finish(self, created_unix_ns: i64) -> Result<FinishedManifest> {
+        let (id, out) = self.writer.finish(created_unix_ns)?;
+        let file = out
+            .into_inner()
+            .map_err(|e| Error::Resource(format!("writing the manifest: {}", e.error())))?;
+        Ok(FinishedManifest {
+            id,
+            file,
+            temp: self.temp,
+        })
+    }
+}
+
+struct FinishedManifest {
+    id: [u8; 32],
+    file: std::fs::File,
+    temp: TempFile,
+}
+
+impl FinishedManifest {
+    /// Makes the manifest durable under its id (the snapshot is not yet visible: the catalog
+    /// row comes after).
+    fn persist(mut self, site: &Site) -> Result<[u8; 32]> {
+        let path = self.temp.0.clone().expect("not taken");
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io("fsync", &path, e))?;
+        let key = manifest_key(&self.id);
+        let dest = site.metadata.path_of(&key);
+        let parent = dest.parent().expect("keys have a parent");
+        if !parent.exists() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| Error::io("create directory", parent, e))?;
+            if let Some(grandparent) = parent.parent() {
+                sync_dir(grandparent)?;
+            }
+        }
+        if !dest.exists() {
+            std::fs::rename(&path, &dest).map_err(|e| Error::io("rename", &path, e))?;
+            self.temp.0 = None;
+            sync_dir(parent)?;
+        }
+        Ok(self.id)
+    }
+
+    /// The object's bytes, to send to a peer.
+    fn read(self) -> Result<([u8; 32], Vec<u8>)> {
+        let path = self.temp.0.clone().expect("not taken");
+        let bytes = std::fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+        Ok((self.id, bytes))
     }
 }
 

@@ -17,6 +17,7 @@ use crate::job::{Job, JobControl, JobKind, JobState, Progress};
 use crate::remote::client::Control;
 use crate::remote::ship::Shipper;
 use crate::site::Site;
+use crate::store::Backend;
 
 pub struct ReplicateOptions<'a> {
     /// Snapshot id, unique prefix or `latest` (a `:SUBPATH` is refused: a copy is whole).
@@ -42,7 +43,8 @@ pub fn run(site: &Site, options: &ReplicateOptions) -> Result<Job> {
             "id is not 64 hex digits",
         )
     })?;
-    let manifest = site.load_manifest(&id)?;
+    let object = site.metadata.read_all(&crate::store::manifest_key(&id))?;
+    let manifest = crate::format::manifest::decode(&object, Some(&id))?;
     let (peer, tier) = parse_destination(options.to);
     let link = site.links.link(peer)?;
     let credentials = crate::peers::credentials(site)?;
@@ -77,13 +79,9 @@ pub fn run(site: &Site, options: &ReplicateOptions) -> Result<Job> {
     }
     drop(seen);
     control.total(job.bytes_total);
-    let encoded = crate::format::manifest::encode(&manifest)?;
-    if encoded.id != id {
-        return Err(Error::corrupt(
-            format!("snapshot {}", info.id),
-            "its manifest does not re-encode to its id",
-        ));
-    }
+    // The object goes to the peer as stored (either version); it was checked against its
+    // id when it was read above.
+    let encoded = crate::format::manifest::EncodedManifest { id, bytes: object };
 
     // The process's endpoint and runtime carry both connections; the shipper's tasks are
     // local to this thread (it reads the packs between sends).

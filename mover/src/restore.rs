@@ -6,12 +6,14 @@
 //! half restored. Every chunk is checked (xxh3, length, BLAKE3) before its bytes are written.
 
 use std::collections::{HashMap, HashSet};
+use std::io::Read;
 use std::path::Path;
 use std::time::Instant;
 
 use crate::backup::path_text;
 use crate::error::{Error, Result};
-use crate::format::manifest::{check_relative_path, Entry, EntryKind, Manifest};
+use crate::format::manifest::{check_relative_path, is_ancestor, path_order, Entry, EntryKind};
+use crate::format::manifest_blocks::ManifestStream;
 use crate::format::ChunkId;
 use crate::job::{Job, JobControl, JobKind, JobState, Progress};
 use crate::remote::client::{Control, Plaintext, RemoteChunks};
@@ -73,7 +75,7 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
         Some(from) => Some((site.links.link(from)?, crate::peers::credentials(site)?)),
         None => None,
     };
-    let (id, manifest) = match &peer {
+    let (id, object) = match &peer {
         None => {
             let info = site.index.find_snapshot(snapshot)?;
             let id = crate::format::parse_hex32(&info.id).ok_or_else(|| {
@@ -82,7 +84,7 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
                     "id is not 64 hex digits",
                 )
             })?;
-            (id, site.load_manifest(&id)?)
+            (id, None)
         }
         Some((link, credentials)) => {
             let net = site.net()?;
@@ -96,16 +98,25 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
             let (id, object) = found.ok_or_else(|| {
                 Error::NotFound(format!("snapshot {snapshot:?} at {}", link.site))
             })?;
-            (id, crate::format::manifest::decode(&object, Some(&id))?)
+            (id, Some(std::sync::Arc::new(object)))
         }
+    };
+    // The manifest is read twice, one entry at a time: to check it whole (and its id), then
+    // to restore. A snapshot of any size is restored in bounded memory.
+    let open = || -> Result<Entries> {
+        let input: Box<dyn Read + Send> = match &object {
+            None => site.manifest_reader(&id)?,
+            Some(object) => Box::new(std::io::Cursor::new(SharedBytes(object.clone()))),
+        };
+        ManifestStream::open(input, Some(&id))
     };
     job.destination = peer.as_ref().map(|(link, _)| link.site.clone());
     job.snapshot = Some(crate::format::hex(&id));
     job.workers = 1;
     job.direct_io = false;
 
-    let selected = select(&manifest, subpath)?;
-    check_entries(&manifest, &selected)?;
+    let selection = Selection::new(subpath);
+    let plan = check_entries(open()?, &selection)?;
     create_target(options.target)?;
     let target_path = options
         .target
@@ -119,11 +130,7 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
     };
     // Held (and so locked) until the restore ends.
     let (resume, _marker) = claim_target(&target, &job.id, &restore_of, options.resume)?;
-    for &i in &selected {
-        if let EntryKind::File { size, .. } = &manifest.entries[i].kind {
-            job.bytes_total += size;
-        }
-    }
+    job.bytes_total = plan.bytes_total;
     control.total(job.bytes_total);
 
     let mut chunks = match peer {
@@ -133,14 +140,15 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
             link,
             credentials,
             job.id.clone(),
-            read_order(&manifest, &selected),
+            read_order(open()?, &selection, &plan)?,
         )?),
     };
     let mut restorer = Restorer {
         target: &mut target,
-        manifest: &manifest,
-        directories: HashSet::new(),
+        link_targets: &plan.link_targets,
+        open_directories: Vec::new(),
         restored_files: HashMap::new(),
+        outside: HashMap::new(),
         chunk: Vec::new(),
         direct: true,
         is_root: unsafe { libc::geteuid() } == 0,
@@ -150,7 +158,7 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
         control,
         job: &mut job,
     };
-    let outcome = restorer.restore(&selected, &mut chunks);
+    let outcome = open().and_then(|entries| restorer.restore(entries, &selection, &mut chunks));
     if let ChunkSource::Remote(remote) = &mut chunks {
         remote.finish();
         job.wire_bytes_sent += remote.wire_bytes.0;
@@ -168,105 +176,136 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
     }
 }
 
+/// A manifest's entries as a restore reads them (from this site's disk or a peer's object).
+type Entries = ManifestStream<Box<dyn Read + Send>>;
+
+/// A peer's manifest object, read by each pass without copying it.
+struct SharedBytes(std::sync::Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for SharedBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Which entries the restore writes: all, or the subtree at a path.
+struct Selection {
+    subpath: Option<Vec<u8>>,
+}
+
+impl Selection {
+    fn new(subpath: Option<&str>) -> Selection {
+        Selection {
+            subpath: subpath.map(|s| s.as_bytes().to_vec()),
+        }
+    }
+
+    fn contains(&self, path: &[u8]) -> bool {
+        match &self.subpath {
+            None => true,
+            Some(sub) => path == &sub[..] || is_ancestor(sub, path),
+        }
+    }
+}
+
+/// What the check pass learned for the restore pass.
+struct Plan {
+    bytes_total: u64,
+    /// Paths hardlinks of the selection point to: the only files whose restored path is kept
+    /// (it grows with the hardlinks, not with the tree).
+    link_targets: HashSet<Vec<u8>>,
+}
+
 /// The chunks `Restorer::restore` reads, in the order it reads them (a file's chunks when it
 /// is written; a hardlink whose first path is outside the selection carries the content).
-fn read_order(manifest: &Manifest, selected: &[usize]) -> Vec<ChunkId> {
-    let mut written: HashSet<&[u8]> = HashSet::new();
+fn read_order(mut entries: Entries, selection: &Selection, plan: &Plan) -> Result<Vec<ChunkId>> {
+    let mut written: HashSet<Vec<u8>> = HashSet::new();
+    let mut outside: HashMap<Vec<u8>, Entry> = HashMap::new();
     let mut order = Vec::new();
     let push = |entry: &Entry, order: &mut Vec<ChunkId>| {
         if let EntryKind::File { extents, .. } = &entry.kind {
             order.extend(extents.iter().flat_map(|e| e.chunks.iter().map(|c| c.id)));
         }
     };
-    for &i in selected {
-        let entry = &manifest.entries[i];
+    while let Some(entry) = entries.next_entry()? {
+        if !selection.contains(&entry.path) {
+            if plan.link_targets.contains(&entry.path) {
+                outside.insert(entry.path.clone(), entry);
+            }
+            continue;
+        }
         match &entry.kind {
             EntryKind::File { .. } => {
-                push(entry, &mut order);
-                written.insert(&entry.path);
+                push(&entry, &mut order);
+                if plan.link_targets.contains(&entry.path) {
+                    written.insert(entry.path.clone());
+                }
             }
-            EntryKind::Hardlink { target } if !written.contains(target.as_slice()) => {
-                if let Some(source) = manifest
-                    .entries
-                    .iter()
-                    .find(|e| &e.path == target && matches!(e.kind, EntryKind::File { .. }))
+            EntryKind::Hardlink { target } if !written.contains(target) => {
+                if let Some(source) = outside
+                    .get(target)
+                    .filter(|e| matches!(e.kind, EntryKind::File { .. }))
                 {
                     push(source, &mut order);
-                    written.insert(target);
+                    written.insert(target.clone());
                 }
             }
             _ => {}
         }
     }
-    order
+    Ok(order)
 }
 
-/// Indices of the entries to restore: all, or the subtree at `subpath`.
-fn select(manifest: &Manifest, subpath: Option<&str>) -> Result<Vec<usize>> {
-    let Some(sub) = subpath else {
-        return Ok((0..manifest.entries.len()).collect());
-    };
-    let sub = sub.as_bytes();
-    let selected: Vec<usize> = manifest
-        .entries
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| {
-            e.path == sub || (e.path.starts_with(sub) && e.path.get(sub.len()) == Some(&b'/'))
-        })
-        .map(|(i, _)| i)
-        .collect();
-    if selected.is_empty() {
-        return Err(Error::NotFound(format!(
-            "path {:?} is not in the snapshot",
-            String::from_utf8_lossy(sub)
-        )));
-    }
-    Ok(selected)
-}
-
-/// Refuses the restore if any selected entry is unsafe or inconsistent.
-fn check_entries(manifest: &Manifest, selected: &[usize]) -> Result<()> {
+/// Reads the whole manifest (checking its id) and refuses the restore if any selected entry
+/// is unsafe or inconsistent. Entries must come in manifest order (depth first, siblings
+/// sorted), strictly: that makes a path appearing twice an order error, and puts whatever
+/// lies beneath a path right after it, so "nothing is restored beneath a symlink or file" is
+/// a check against the previous entry. Memory stays bounded whatever the snapshot's size.
+fn check_entries(mut entries: Entries, selection: &Selection) -> Result<Plan> {
     let refuse = |entry: &Entry, why: String| {
         Error::Refused(format!(
             "snapshot entry {:?}: {why}; nothing was restored",
             path_text(&entry.path)
         ))
     };
-    let mut seen: HashSet<&[u8]> = HashSet::new();
-    // Paths that will not be directories: nothing may be restored beneath them, or a crafted
-    // manifest could plant a symlink to /etc and then write "through" it.
-    let not_directories: HashMap<&[u8], &'static str> = selected
-        .iter()
-        .map(|&i| &manifest.entries[i])
-        .filter_map(|e| match e.kind {
-            EntryKind::Directory => None,
-            EntryKind::Symlink { .. } => Some((e.path.as_slice(), "symlink")),
-            EntryKind::File { .. } | EntryKind::Hardlink { .. } => {
-                Some((e.path.as_slice(), "file"))
-            }
-        })
-        .collect();
-    for &i in selected {
-        let entry = &manifest.entries[i];
-        check_relative_path(&entry.path)
-            .map_err(|why| refuse(entry, format!("{why} would escape the target")))?;
-        let mut at = 0;
-        while let Some(slash) = entry.path[at..].iter().position(|&b| b == b'/') {
-            let ancestor = &entry.path[..at + slash];
-            if let Some(kind) = not_directories.get(ancestor) {
-                return Err(refuse(
-                    entry,
-                    format!(
-                        "would be written through the {kind} {:?}",
-                        path_text(ancestor)
-                    ),
-                ));
-            }
-            at += slash + 1;
+    let mut plan = Plan {
+        bytes_total: 0,
+        link_targets: HashSet::new(),
+    };
+    let mut selected = 0u64;
+    // The previous selected entry's path, and what it is when not a directory.
+    let mut previous: Option<(Vec<u8>, Option<&'static str>)> = None;
+    while let Some(entry) = entries.next_entry()? {
+        if !selection.contains(&entry.path) {
+            continue;
         }
-        if !seen.insert(&entry.path) {
-            return Err(refuse(entry, "appears twice".into()));
+        selected += 1;
+        check_relative_path(&entry.path)
+            .map_err(|why| refuse(&entry, format!("{why} would escape the target")))?;
+        if let Some((before, kind)) = &previous {
+            match path_order(before, &entry.path) {
+                std::cmp::Ordering::Less => {}
+                std::cmp::Ordering::Equal => {
+                    return Err(refuse(&entry, "appears twice".into()));
+                }
+                std::cmp::Ordering::Greater => {
+                    return Err(refuse(
+                        &entry,
+                        format!("comes after {:?}, out of order", path_text(before)),
+                    ));
+                }
+            }
+            if let Some(kind) = kind {
+                if is_ancestor(before, &entry.path) {
+                    return Err(refuse(
+                        &entry,
+                        format!(
+                            "would be written through the {kind} {:?}",
+                            path_text(before)
+                        ),
+                    ));
+                }
+            }
         }
         match &entry.kind {
             EntryKind::File { size, extents } => {
@@ -274,30 +313,44 @@ fn check_entries(manifest: &Manifest, selected: &[usize]) -> Result<()> {
                     let end = extent.offset.checked_add(extent.len());
                     if end.is_none_or(|end| end > *size) {
                         return Err(refuse(
-                            entry,
+                            &entry,
                             format!("extent at {} runs past the file size {size}", extent.offset),
                         ));
                     }
                 }
+                plan.bytes_total += size;
             }
             EntryKind::Hardlink { target } => {
                 check_relative_path(target).map_err(|why| {
                     refuse(
-                        entry,
+                        &entry,
                         format!("hardlink target: {why} would escape the target"),
                     )
                 })?;
+                plan.link_targets.insert(target.clone());
             }
             EntryKind::Symlink { target } if target.contains(&0) => {
-                return Err(refuse(entry, "symlink target contains a NUL byte".into()));
+                return Err(refuse(&entry, "symlink target contains a NUL byte".into()));
             }
             _ => {}
         }
         if entry.path.is_empty() && !matches!(entry.kind, EntryKind::Directory) {
-            return Err(refuse(entry, "root entry is not a directory".into()));
+            return Err(refuse(&entry, "root entry is not a directory".into()));
         }
+        let kind = match entry.kind {
+            EntryKind::Directory => None,
+            EntryKind::Symlink { .. } => Some("symlink"),
+            EntryKind::File { .. } | EntryKind::Hardlink { .. } => Some("file"),
+        };
+        previous = Some((entry.path, kind));
     }
-    Ok(())
+    if let (0, Some(sub)) = (selected, &selection.subpath) {
+        return Err(Error::NotFound(format!(
+            "path {:?} is not in the snapshot",
+            String::from_utf8_lossy(sub)
+        )));
+    }
+    Ok(plan)
 }
 
 /// Name of the file a restore keeps in its target while it writes: it says whose partial tree
@@ -400,10 +453,16 @@ enum Existing {
 struct Restorer<'a> {
     /// Every entry is created and changed through this, never by full path.
     target: &'a mut TargetDir,
-    manifest: &'a Manifest,
-    directories: HashSet<Vec<u8>>,
-    /// Restored regular files (manifest path -> where it was restored), for hardlinks to them.
+    /// The files hardlinks point to (from the check pass).
+    link_targets: &'a HashSet<Vec<u8>>,
+    /// The directories the current entry is in, outermost first, with the entry whose
+    /// metadata a directory gets once the restore leaves it (none for the root and for
+    /// ancestors of a restored subtree). Depth-first order makes this a stack.
+    open_directories: Vec<(Vec<u8>, Option<Entry>)>,
+    /// Restored link targets (manifest path -> where it was restored).
     restored_files: HashMap<Vec<u8>, Vec<u8>>,
+    /// Link targets outside the restored subtree: the first link restored gets the content.
+    outside: HashMap<Vec<u8>, Entry>,
     chunk: Vec<u8>,
     /// Large files may be written with O_DIRECT (cleared if the target refuses it).
     direct: bool,
@@ -415,14 +474,25 @@ struct Restorer<'a> {
 }
 
 impl Restorer<'_> {
-    fn restore(&mut self, selected: &[usize], reader: &mut ChunkSource) -> Result<()> {
-        let mut directories = Vec::new();
-        for &i in selected {
+    fn restore(
+        &mut self,
+        mut entries: Entries,
+        selection: &Selection,
+        reader: &mut ChunkSource,
+    ) -> Result<()> {
+        let mut root = None;
+        while let Some(entry) = entries.next_entry()? {
+            if !selection.contains(&entry.path) {
+                if self.link_targets.contains(&entry.path) {
+                    self.outside.insert(entry.path.clone(), entry);
+                }
+                continue;
+            }
             self.control.check()?;
-            let entry = &self.manifest.entries[i];
-            self.prepare_parent(entry)?;
+            self.leave_directories(&entry.path)?;
+            self.prepare_parent(&entry)?;
             let exists = match self.resume {
-                true => self.clear_for_resume(entry)?,
+                true => self.clear_for_resume(&entry)?,
                 false => Existing::None,
             };
             if exists == Existing::Finished {
@@ -431,8 +501,7 @@ impl Restorer<'_> {
                     self.control.done(*size);
                     self.job.files += 1;
                 }
-                self.restored_files
-                    .insert(entry.path.clone(), entry.path.clone());
+                self.restored(&entry.path, &entry.path);
                 continue;
             }
             match &entry.kind {
@@ -440,20 +509,24 @@ impl Restorer<'_> {
                     if !entry.path.is_empty() && exists != Existing::Directory {
                         self.target.mkdir(&entry.path)?;
                     }
-                    self.directories.insert(entry.path.clone());
-                    directories.push(i);
                     self.job.directories += 1;
+                    if entry.path.is_empty() {
+                        self.open_directories.push((Vec::new(), None));
+                        root = Some(entry);
+                    } else {
+                        self.open_directories
+                            .push((entry.path.clone(), Some(entry)));
+                    }
                 }
                 EntryKind::File { .. } => {
                     let started = std::time::Instant::now();
-                    self.write_file(reader, entry, &entry.path)?;
+                    self.write_file(reader, &entry, &entry.path)?;
                     crate::worker::stage("restore_file", started);
-                    self.restored_files
-                        .insert(entry.path.clone(), entry.path.clone());
+                    self.restored(&entry.path, &entry.path);
                 }
                 EntryKind::Symlink { target } => {
                     self.target.symlink(target, &entry.path)?;
-                    let meta = self.metadata(entry);
+                    let meta = self.metadata(&entry);
                     self.target.set_symlink_metadata(&entry.path, &meta)?;
                 }
                 EntryKind::Hardlink { target } => {
@@ -463,11 +536,10 @@ impl Restorer<'_> {
                     } else {
                         // The inode's first path is outside the restored subtree: this path
                         // gets the content itself and becomes the one later links point to.
-                        let manifest = self.manifest;
-                        let source = manifest
-                            .entries
-                            .iter()
-                            .find(|e| &e.path == target && matches!(e.kind, EntryKind::File { .. }))
+                        let source = self
+                            .outside
+                            .remove(target)
+                            .filter(|e| matches!(e.kind, EntryKind::File { .. }))
                             .ok_or_else(|| {
                                 Error::corrupt(
                                     "manifest",
@@ -477,36 +549,52 @@ impl Restorer<'_> {
                                     ),
                                 )
                             })?;
-                        self.write_file(reader, source, &entry.path)?;
+                        self.write_file(reader, &source, &entry.path)?;
                         self.restored_files
                             .insert(target.clone(), entry.path.clone());
                     }
                 }
             }
         }
-        // Every entry is written. Directories get their metadata deepest first (writing into
-        // a directory changes its mtime, and a read-only mode would stop us writing into it),
-        // all but the target itself; then everything is made durable before the marker goes,
-        // so a crash never leaves a partial tree without it. Removing the marker changes the
-        // target's mtime, so the target's own metadata comes last, with a second (cheap) sync.
-        let mut root = None;
-        for &i in directories.iter().rev() {
-            let entry = &self.manifest.entries[i];
-            if entry.path.is_empty() {
-                root = Some(entry);
-                continue;
-            }
-            let meta = self.metadata(entry);
-            self.target.set_dir_metadata(&entry.path, &meta)?;
-        }
+        // Every entry is written. Directories got their metadata as the restore left them,
+        // deepest first (writing into a directory changes its mtime, and a read-only mode
+        // would stop us writing into it); the rest now, all but the target itself; then
+        // everything is made durable before the marker goes, so a crash never leaves a
+        // partial tree without it. Removing the marker changes the target's mtime, so the
+        // target's own metadata comes last, with a second (cheap) sync.
+        self.leave_directories(b"")?;
         self.target.sync()?;
         self.target.remove_top_file(RESTORE_MARKER)?;
         if let Some(entry) = root {
-            let meta = self.metadata(entry);
+            let meta = self.metadata(&entry);
             self.target.set_dir_metadata(b"", &meta)?;
         }
         // The job reports done only once every restored byte is on disk.
         self.target.sync()
+    }
+
+    /// Keeps where a link target was restored.
+    fn restored(&mut self, path: &[u8], at: &[u8]) {
+        if self.link_targets.contains(path) {
+            self.restored_files.insert(path.to_vec(), at.to_vec());
+        }
+    }
+
+    /// Gives the directories `path` is not in their metadata and closes them (with `""`,
+    /// every directory but the root). Nothing is written into them afterwards: the entries
+    /// beneath a directory come right after it.
+    fn leave_directories(&mut self, path: &[u8]) -> Result<()> {
+        while let Some((dir, _)) = self.open_directories.last() {
+            if dir.is_empty() || is_ancestor(dir, path) {
+                break;
+            }
+            let (dir, entry) = self.open_directories.pop().expect("checked above");
+            if let Some(entry) = entry {
+                let meta = self.metadata(&entry);
+                self.target.set_dir_metadata(&dir, &meta)?;
+            }
+        }
+        Ok(())
     }
 
     fn metadata(&self, entry: &Entry) -> Metadata {
@@ -604,26 +692,32 @@ impl Restorer<'_> {
     /// Makes sure every ancestor of the entry is a real directory, creating missing ones (a
     /// subtree restore). `check_entries` already refused entries beneath symlinks, and every
     /// later step walks without following symlinks, so a swapped ancestor stops the restore.
+    /// The open directories are its ancestors already seen (`leave_directories` ran).
     fn prepare_parent(&mut self, entry: &Entry) -> Result<()> {
         let rel = &entry.path;
         let mut at = 0;
         while let Some(slash) = rel[at..].iter().position(|&b| b == b'/') {
             let ancestor = &rel[..at + slash];
-            if !self.directories.contains(ancestor) {
-                match self.target.lstat(ancestor)? {
-                    Some(existing) if existing.is_dir => {}
-                    Some(_) => {
-                        return Err(Error::Refused(format!(
-                            "snapshot entry {:?}: its parent {:?} is not a directory",
-                            path_text(rel),
-                            path_text(ancestor)
-                        )))
-                    }
-                    None => self.target.mkdir_ancestor(ancestor)?,
-                }
-                self.directories.insert(ancestor.to_vec());
-            }
             at += slash + 1;
+            if self
+                .open_directories
+                .iter()
+                .any(|(dir, _)| dir.as_slice() == ancestor)
+            {
+                continue;
+            }
+            match self.target.lstat(ancestor)? {
+                Some(existing) if existing.is_dir => {}
+                Some(_) => {
+                    return Err(Error::Refused(format!(
+                        "snapshot entry {:?}: its parent {:?} is not a directory",
+                        path_text(rel),
+                        path_text(ancestor)
+                    )))
+                }
+                None => self.target.mkdir_ancestor(ancestor)?,
+            }
+            self.open_directories.push((ancestor.to_vec(), None));
         }
         Ok(())
     }

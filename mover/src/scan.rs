@@ -1,8 +1,9 @@
-//! Walks the source tree (metadata only) and plans the work: manifest entries in final order,
-//! and the file extents that must be read. Unchanged files are taken from the parent snapshot
-//! without being opened.
+//! Walks the source tree (metadata only) and hands the work on as it goes: each manifest
+//! entry in final order, then the file extents that must be read for it. Unchanged files are
+//! taken from the parent snapshot without being opened. Nothing here grows with the tree but
+//! the hardlink map (files with more than one link) and one directory listing per level.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::Metadata;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -11,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::constants::EXTENT_BYTES;
-use crate::format::manifest::{Entry, EntryKind, Extent};
+use crate::format::manifest::{path_order, Entry, EntryKind, Extent};
+use crate::format::manifest_blocks::ManifestStream;
+use crate::format::ChunkId;
 use crate::job::Warning;
 
 /// One extent to read: `len` bytes at `offset` of entry `entry`.
@@ -26,10 +29,8 @@ pub struct WorkItem {
     pub stamp: (u64, i64, i64),
 }
 
-#[derive(Default)]
-pub struct ScanResult {
-    pub entries: Vec<Entry>,
-    pub work: Vec<WorkItem>,
+#[derive(Default, Debug)]
+pub struct ScanTotals {
     pub warnings: Vec<Warning>,
     pub bytes_total: u64,
     pub bytes_reused: u64,
@@ -38,13 +39,129 @@ pub struct ScanResult {
     pub directories: u64,
 }
 
-/// Parent snapshot's files by path, for reuse.
-pub type ReuseMap<'a> = HashMap<&'a [u8], &'a Entry>;
+/// Where the scan's results go, in order: an entry (entry `n` is the n-th given), then the
+/// `work` items to read for it. A `false` answer stops the scan.
+pub trait ScanSink {
+    fn entry(&mut self, entry: Entry, work: usize) -> bool;
+    fn work(&mut self, item: WorkItem) -> bool;
+}
 
-pub fn scan(source: &Path, reuse: &ReuseMap) -> std::io::Result<ScanResult> {
+/// The parent snapshot's entries, asked for in scan order (so a cursor over a manifest can
+/// answer): the entry at `path`, if the parent has one.
+pub trait Reuse {
+    fn find(&mut self, path: &[u8]) -> Option<Entry>;
+}
+
+/// No parent: every file is read.
+pub struct NoReuse;
+
+impl Reuse for NoReuse {
+    fn find(&mut self, _: &[u8]) -> Option<Entry> {
+        None
+    }
+}
+
+/// The parent snapshot as a cursor: entries come in manifest order, which is the scan's, so
+/// one pass over the parent answers every question. A file whose chunks the site found
+/// damaged is not reused (it is read again and its good bytes replace the bad record).
+pub struct ParentCursor<R: std::io::Read> {
+    stream: Option<ManifestStream<R>>,
+    next: Option<Entry>,
+    damaged: HashSet<ChunkId>,
+}
+
+impl<R: std::io::Read> ParentCursor<R> {
+    pub fn new(stream: ManifestStream<R>, damaged: HashSet<ChunkId>) -> Self {
+        ParentCursor {
+            stream: Some(stream),
+            next: None,
+            damaged,
+        }
+    }
+
+    fn advance(&mut self) {
+        let Some(stream) = &mut self.stream else {
+            self.next = None;
+            return;
+        };
+        match stream.next_entry() {
+            Ok(next) => {
+                self.next = next;
+                if self.next.is_none() {
+                    self.stream = None;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "parent snapshot unreadable from here on; reading the remaining files");
+                self.stream = None;
+                self.next = None;
+            }
+        }
+    }
+
+    fn intact(&self, entry: &Entry) -> bool {
+        match &entry.kind {
+            EntryKind::File { extents, .. } if !self.damaged.is_empty() => !extents
+                .iter()
+                .flat_map(|x| &x.chunks)
+                .any(|c| self.damaged.contains(&c.id)),
+            _ => true,
+        }
+    }
+}
+
+impl<R: std::io::Read> Reuse for ParentCursor<R> {
+    fn find(&mut self, path: &[u8]) -> Option<Entry> {
+        loop {
+            if self.next.is_none() {
+                if self.stream.is_none() {
+                    return None;
+                }
+                self.advance();
+                self.next.as_ref()?;
+            }
+            let next = self.next.as_ref().expect("checked above");
+            match path_order(&next.path, path) {
+                std::cmp::Ordering::Less => self.next = None,
+                std::cmp::Ordering::Greater => return None,
+                std::cmp::Ordering::Equal => {
+                    let entry = self.next.take().expect("checked above");
+                    return self.intact(&entry).then_some(entry);
+                }
+            }
+        }
+    }
+}
+
+/// Every entry and work item, collected (tests).
+#[derive(Default)]
+pub struct Collected {
+    pub entries: Vec<Entry>,
+    pub work: Vec<WorkItem>,
+}
+
+impl ScanSink for Collected {
+    fn entry(&mut self, entry: Entry, _: usize) -> bool {
+        self.entries.push(entry);
+        true
+    }
+    fn work(&mut self, item: WorkItem) -> bool {
+        self.work.push(item);
+        true
+    }
+}
+
+pub fn scan(
+    source: &Path,
+    reuse: &mut dyn Reuse,
+    sink: &mut dyn ScanSink,
+) -> std::io::Result<ScanTotals> {
     let mut scan = Scanner {
-        out: ScanResult::default(),
+        out: ScanTotals::default(),
         reuse,
+        sink,
+        entries: 0,
+        stopped: false,
         hardlinks: HashMap::new(),
     };
     let meta = std::fs::symlink_metadata(source)?;
@@ -62,8 +179,12 @@ pub fn scan(source: &Path, reuse: &ReuseMap) -> std::io::Result<ScanResult> {
 }
 
 struct Scanner<'a> {
-    out: ScanResult,
-    reuse: &'a ReuseMap<'a>,
+    out: ScanTotals,
+    reuse: &'a mut dyn Reuse,
+    sink: &'a mut dyn ScanSink,
+    /// Entries given to the sink so far.
+    entries: usize,
+    stopped: bool,
     hardlinks: HashMap<(u64, u64), Vec<u8>>,
 }
 
@@ -82,6 +203,9 @@ impl Scanner<'_> {
             names: self.list(root, b"").into_iter(),
         }];
         while let Some(level) = stack.last_mut() {
+            if self.stopped {
+                break;
+            }
             let Some(name) = level.names.next() else {
                 stack.pop();
                 continue;
@@ -192,23 +316,32 @@ impl Scanner<'_> {
     }
 
     fn push(&mut self, path: Vec<u8>, kind: EntryKind, meta: &Metadata) {
-        self.out.entries.push(Entry {
-            path,
-            kind,
-            mode: meta.mode(),
-            uid: meta.uid(),
-            gid: meta.gid(),
-            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
-            inode: meta.ino(),
-            device: meta.dev(),
-        });
+        let entry = entry_of(path, kind, meta);
+        self.emit(entry, Vec::new());
+    }
+
+    /// Gives the sink the entry, then its work items.
+    fn emit(&mut self, entry: Entry, work: Vec<WorkItem>) {
+        if self.stopped {
+            return;
+        }
+        self.entries += 1;
+        if !self.sink.entry(entry, work.len()) {
+            self.stopped = true;
+            return;
+        }
+        for item in work {
+            if !self.sink.work(item) {
+                self.stopped = true;
+                return;
+            }
+        }
     }
 
     fn add_file(&mut self, path: &Path, rel: Vec<u8>, meta: &Metadata) -> bool {
         let size = meta.len();
         self.out.bytes_total += size;
-        self.push(
+        let mut entry = entry_of(
             rel,
             EntryKind::File {
                 size,
@@ -216,24 +349,22 @@ impl Scanner<'_> {
             },
             meta,
         );
-        let index = self.out.entries.len() - 1;
-        let entry = &self.out.entries[index];
-        if let Some(previous) = self.reuse.get(entry.path.as_slice()) {
+        if let Some(previous) = self.reuse.find(&entry.path) {
             if let EntryKind::File {
                 size: old_size,
                 extents,
-            } = &previous.kind
+            } = previous.kind
             {
-                let unchanged = *old_size == size
+                let unchanged = old_size == size
                     && previous.mtime_ns == entry.mtime_ns
                     && previous.ctime_ns == entry.ctime_ns
                     && previous.inode == entry.inode
                     && previous.device == entry.device;
                 if unchanged {
-                    let extents = extents.clone();
                     self.out.bytes_reused += size;
                     self.out.files_reused += 1;
-                    self.out.entries[index].kind = EntryKind::File { size, extents };
+                    entry.kind = EntryKind::File { size, extents };
+                    self.emit(entry, Vec::new());
                     return true;
                 }
             }
@@ -242,7 +373,7 @@ impl Scanner<'_> {
         let regions = match data_regions(path, meta) {
             Ok(regions) => regions,
             Err(e) => {
-                let rel = self.out.entries[index].path.clone();
+                let rel = entry.path.clone();
                 self.warn(
                     &rel,
                     format!("could not map data regions, reading it whole: {e}"),
@@ -251,7 +382,9 @@ impl Scanner<'_> {
             }
         };
         let shared_path = Arc::new(path.to_path_buf());
+        let index = self.entries;
         let mut extents = Vec::new();
+        let mut work = Vec::new();
         for (start, end) in regions {
             let mut at = start;
             while at < end {
@@ -259,7 +392,7 @@ impl Scanner<'_> {
                 // beyond the holes themselves.
                 let grid_end = (at / EXTENT_BYTES + 1) * EXTENT_BYTES;
                 let stop = grid_end.min(end);
-                self.out.work.push(WorkItem {
+                work.push(WorkItem {
                     entry: index,
                     extent: extents.len(),
                     path: shared_path.clone(),
@@ -274,8 +407,23 @@ impl Scanner<'_> {
                 at = stop;
             }
         }
-        self.out.entries[index].kind = EntryKind::File { size, extents };
+        entry.kind = EntryKind::File { size, extents };
+        self.emit(entry, work);
         true
+    }
+}
+
+fn entry_of(path: Vec<u8>, kind: EntryKind, meta: &Metadata) -> Entry {
+    Entry {
+        path,
+        kind,
+        mode: meta.mode(),
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+        inode: meta.ino(),
+        device: meta.dev(),
     }
 }
 

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use crate::config::{self, Config, CONFIG_FILE_NAME};
 use crate::error::{Error, Result};
 use crate::format::manifest::{self, Manifest};
+use crate::format::manifest_blocks::ManifestStream;
 use crate::store::inflight::InFlight;
 use crate::store::pack_reader::ChunkReader;
 use crate::store::reclaim::{self, Reclaimed};
@@ -264,6 +265,21 @@ impl Site {
             self.metadata.put_durable(&key, &encoded.bytes)?;
         }
         Ok(encoded.id)
+    }
+
+    /// A snapshot's manifest object as a byte stream (buffered).
+    pub fn manifest_reader(&self, id: &[u8; 32]) -> Result<Box<dyn std::io::Read + Send>> {
+        let path = self.metadata.path_of(&manifest_key(id));
+        let file = std::fs::File::open(&path).map_err(|e| Error::io("open", &path, e))?;
+        Ok(Box::new(std::io::BufReader::with_capacity(1 << 16, file)))
+    }
+
+    /// A snapshot's entries, read one at a time (checked against `id` at the end).
+    pub fn open_manifest(
+        &self,
+        id: &[u8; 32],
+    ) -> Result<ManifestStream<Box<dyn std::io::Read + Send>>> {
+        ManifestStream::open(self.manifest_reader(id)?, Some(id))
     }
 
     pub fn load_manifest(&self, id: &[u8; 32]) -> Result<Manifest> {

@@ -62,14 +62,14 @@ pub fn run_with(
     for info in infos {
         report.snapshots.push(info.id.clone());
         let damage_before = report.damage.len();
-        let manifest = match crate::format::parse_hex32(&info.id)
+        let mut manifest = match crate::format::parse_hex32(&info.id)
             .ok_or_else(|| {
                 Error::corrupt(
                     "catalog",
                     format!("snapshot id {} is not 64 hex digits", info.id),
                 )
             })
-            .and_then(|id| site.load_manifest(&id))
+            .and_then(|id| site.open_manifest(&id))
         {
             Ok(m) => m,
             Err(e) => {
@@ -83,7 +83,22 @@ pub fn run_with(
                 continue;
             }
         };
-        for entry in &manifest.entries {
+        // One entry at a time: a snapshot of any size is verified in bounded memory (but for
+        // the outcome of each distinct chunk).
+        loop {
+            let entry = match manifest.next_entry() {
+                Ok(Some(entry)) => entry,
+                Ok(None) => break,
+                Err(e) => {
+                    report.damage.push(Damage {
+                        snapshot: info.id.clone(),
+                        path: ".".into(),
+                        chunk: None,
+                        reason: format!("manifest: {e}"),
+                    });
+                    break;
+                }
+            };
             let file_damage_before = report.damage.len();
             if let Err(why) = check_relative_path(&entry.path) {
                 report.damage.push(Damage {

@@ -39,7 +39,14 @@ pub enum Report {
     /// The item could not be read; the file is left out of the snapshot with this reason.
     Skipped {
         entry: usize,
+        extent: usize,
         reason: String,
+    },
+    /// An extent reported with `borrowed` set is final as it was: the chunks another job
+    /// held were committed by it.
+    Settled {
+        entry: usize,
+        extent: usize,
     },
     PackSealed(SealedPack),
     Finished(WorkerStats),
@@ -53,6 +60,9 @@ pub struct ExtentDone {
     pub bytes_read: u64,
     /// Set when the file changed while it was read.
     pub changed: Option<String>,
+    /// Some chunk was held by another job's writer: the extent is final only after a
+    /// `Report::Settled` for it, or a second `Extent` report (read again) without this flag.
+    pub borrowed: bool,
 }
 
 #[derive(Default, Debug, Clone)]
@@ -236,6 +246,7 @@ impl<'a> Worker<'a> {
     async fn settle_borrowed(&mut self, reports: &Sender<Report>) -> Result<()> {
         while !self.borrowed.is_empty() {
             let mut again: Vec<WorkItem> = Vec::new();
+            let mut settled: Vec<(usize, usize)> = Vec::new();
             for (id, item) in std::mem::take(&mut self.borrowed) {
                 // A stop asked of the daemon's job is seen here too: the control thread
                 // only looks at it when a report arrives, and waiting workers send none.
@@ -256,7 +267,15 @@ impl<'a> Worker<'a> {
                     .iter()
                     .any(|i| i.entry == item.entry && i.extent == item.extent);
                 if !stored && !queued {
+                    settled.retain(|&x| x != (item.entry, item.extent));
                     again.push(item);
+                } else if !queued && !settled.contains(&(item.entry, item.extent)) {
+                    settled.push((item.entry, item.extent));
+                }
+            }
+            for (entry, extent) in settled {
+                if reports.send(Report::Settled { entry, extent }).is_err() {
+                    return Ok(());
                 }
             }
             for item in again {
@@ -337,6 +356,7 @@ impl<'a> Worker<'a> {
     async fn extent(&mut self, item: &WorkItem) -> Result<ExtentDone, ExtentError> {
         let path = item.path.as_path();
         let mut direct = is_aligned(item.offset);
+        let borrowed_before = self.borrowed.len();
         let result = loop {
             let std_file = match open(path, direct) {
                 Ok(file) => file,
@@ -359,6 +379,7 @@ impl<'a> Worker<'a> {
         };
         let mut done = result?;
         done.changed = changed_since_scan(item);
+        done.borrowed = self.borrowed.len() > borrowed_before;
         Ok(done)
     }
 
@@ -479,6 +500,7 @@ impl<'a> Worker<'a> {
             chunks,
             bytes_read: received - item.offset,
             changed: None,
+            borrowed: false,
         })
     }
 
@@ -634,6 +656,7 @@ fn report_of(item: &WorkItem, outcome: Result<ExtentDone, ExtentError>) -> Resul
         Err(ExtentError::DirectRefused) => unreachable!("extent() retries buffered"),
         Err(ExtentError::Skip(reason)) => Ok(Report::Skipped {
             entry: item.entry,
+            extent: item.extent,
             reason,
         }),
         Err(ExtentError::Fatal(e)) => Err(e),

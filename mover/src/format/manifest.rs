@@ -205,6 +205,22 @@ pub fn decode(bytes: &[u8], expected_id: Option<&[u8; 32]>) -> Result<Manifest, 
     Ok(manifest)
 }
 
+/// The order of entries in a manifest: depth first with siblings sorted by name bytes, which
+/// is comparing paths component by component (so `a/b` comes before `a-c`, and a directory
+/// before its contents).
+pub fn path_order(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    if a.is_empty() || b.is_empty() {
+        return a.len().cmp(&b.len());
+    }
+    a.split(|&c| c == b'/').cmp(b.split(|&c| c == b'/'))
+}
+
+/// Whether `ancestor` is a proper ancestor directory of `path` (the root, `""`, is of all).
+pub fn is_ancestor(ancestor: &[u8], path: &[u8]) -> bool {
+    ancestor.is_empty() && !path.is_empty()
+        || path.len() > ancestor.len() && path.starts_with(ancestor) && path[ancestor.len()] == b'/'
+}
+
 /// Why a manifest path may not be restored, if it may not. Restore calls this for every entry:
 /// a manifest is data from disk (or a peer) and may have been crafted.
 pub fn check_relative_path(path: &[u8]) -> Result<(), String> {
@@ -299,6 +315,18 @@ mod tests {
         let last = damaged.len() - 1;
         damaged[last] ^= 1;
         assert!(decode(&damaged, None).is_err());
+    }
+
+    #[test]
+    fn path_order_is_depth_first_by_component() {
+        use std::cmp::Ordering::*;
+        assert_eq!(path_order(b"", b"a"), Less);
+        assert_eq!(path_order(b"a/b", b"a-c"), Less);
+        assert_eq!(path_order(b"a", b"a/b"), Less);
+        assert_eq!(path_order(b"a/z", b"b"), Less);
+        assert_eq!(path_order(b"a/b", b"a/b"), Equal);
+        assert!(is_ancestor(b"", b"a") && is_ancestor(b"a", b"a/b"));
+        assert!(!is_ancestor(b"a", b"ab") && !is_ancestor(b"a", b"a") && !is_ancestor(b"", b""));
     }
 
     #[test]

@@ -216,7 +216,9 @@ impl<R: Read> ManifestReader<R> {
             .read_block()?
             .ok_or_else(|| bad("ends before its head block"))?;
         if kind != KIND_HEAD {
-            return Err(bad(format!("first block is of kind {kind}, expected a head")));
+            return Err(bad(format!(
+                "first block is of kind {kind}, expected a head"
+            )));
         }
         let head: Head =
             postcard::from_bytes(&reader.raw).map_err(|e| bad(format!("head: {e}")))?;
