@@ -180,6 +180,22 @@ fn restore_refuses_entries_that_escape_the_target() {
             ],
             "link/planted",
         ),
+        // Out of manifest order: what lies beneath a path must follow it directly, so a
+        // symlink could otherwise be planted after the entries it would redirect.
+        (
+            vec![
+                entry(b"b", empty_file.clone()),
+                entry(b"a", empty_file.clone()),
+            ],
+            "\"a\"",
+        ),
+        (
+            vec![
+                entry(b"a", empty_file.clone()),
+                entry(b"a", empty_file.clone()),
+            ],
+            "appears twice",
+        ),
         (
             vec![entry(
                 b"a",

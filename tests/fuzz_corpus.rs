@@ -44,8 +44,10 @@ fn manifest_corpus_decodes_or_fails_cleanly() {
     let files = corpus("manifest_decode");
     assert!(!files.is_empty());
     let mut decoded = 0;
+    let mut versions = std::collections::BTreeSet::new();
     for (name, bytes) in files {
         if let Ok(m) = manifest::decode(&bytes, None) {
+            versions.insert(m.version);
             let encoded = manifest::encode(&m).unwrap();
             assert_eq!(
                 manifest::decode(&encoded.bytes, Some(&encoded.id)).unwrap(),
@@ -66,6 +68,11 @@ fn manifest_corpus_decodes_or_fails_cleanly() {
     assert!(
         decoded > 0,
         "the seed manifest no longer decodes: format changed without a new seed"
+    );
+    assert_eq!(
+        versions.into_iter().collect::<Vec<_>>(),
+        [1, 2],
+        "a seed of each manifest version"
     );
 }
 
@@ -190,7 +197,17 @@ fn generated_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     let sessions = session_ops::seed_programs()
         .into_iter()
         .map(|(name, bytes)| ("session", format!("seed-{name}"), bytes));
-    frames.chain(sessions).collect()
+    // The version-2 manifest seed holds the version-1 seed's entries in blocks.
+    let v1 = std::fs::read(corpus_dir("manifest_decode").join("seed-small-tree")).unwrap();
+    let mut tree = manifest::decode(&v1, None).unwrap();
+    tree.version = mover::format::manifest_blocks::MANIFEST_V2_VERSION;
+    let v2 = manifest::encode(&tree).unwrap().bytes;
+    let manifests = std::iter::once((
+        "manifest_decode",
+        "seed-v2-small-tree".to_string(),
+        v2,
+    ));
+    frames.chain(sessions).chain(manifests).collect()
 }
 
 #[test]

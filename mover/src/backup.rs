@@ -879,6 +879,106 @@ fn hostname() -> String {
 mod tests {
     use super::*;
 
+    fn file(path: &str, extents: usize) -> Entry {
+        Entry {
+            path: path.as_bytes().to_vec(),
+            kind: EntryKind::File {
+                size: extents as u64,
+                extents: (0..extents)
+                    .map(|i| crate::format::manifest::Extent {
+                        offset: i as u64,
+                        chunks: Vec::new(),
+                    })
+                    .collect(),
+            },
+            mode: 0,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 0,
+            ctime_ns: 0,
+            inode: 0,
+            device: 0,
+        }
+    }
+
+    fn done(entry: usize, extent: usize, borrowed: bool, id: u8) -> worker::ExtentDone {
+        worker::ExtentDone {
+            entry,
+            extent,
+            chunks: vec![crate::format::manifest::ChunkRef {
+                id: ChunkId([id; 32]),
+                len: 1,
+            }],
+            bytes_read: 1,
+            changed: None,
+            borrowed,
+        }
+    }
+
+    /// Entries leave in scan order once all their extents are final; an extent whose chunk
+    /// another job was storing is final only when settled or read again (its second chunk
+    /// list is the one written).
+    #[test]
+    fn pending_entries_leave_in_order_once_their_extents_are_final() {
+        let dir = tempfile::tempdir().unwrap();
+        let site_dir = dir.path().join("site");
+        crate::site::init(&crate::site::InitOptions {
+            name: "a",
+            dir: &site_dir,
+            listen: None,
+            socket: None,
+        })
+        .unwrap();
+        let site = Site::open(&site_dir).unwrap();
+        let head = Head {
+            version: MANIFEST_V2_VERSION,
+            source: b"/s".to_vec(),
+            hostname: String::new(),
+            site: "a".into(),
+            tier: "hot".into(),
+            parent: None,
+        };
+        let mut out = IncomingManifest::create(&site, "job", &head).unwrap();
+        let (mut written, mut warnings) = (Written::default(), Vec::new());
+        let mut pending = Pending::default();
+        pending.push(file("a", 2), 2);
+        pending.push(file("b", 1), 1);
+        pending.push(file("c", 1), 1);
+        pending.extent_done(done(1, 0, false, 1));
+        pending.extent_done(done(0, 1, true, 2));
+        pending.flush(&mut out, &mut written, &mut warnings).unwrap();
+        assert_eq!(out.writer.entries(), 0, "b must wait for a");
+        pending.extent_done(done(0, 0, false, 3));
+        assert!(pending.head_waits_on_other_jobs());
+        pending.flush(&mut out, &mut written, &mut warnings).unwrap();
+        assert_eq!(out.writer.entries(), 0, "a's borrowed extent is not final");
+        // Read again: the new chunk list replaces the first.
+        pending.extent_done(done(0, 1, false, 4));
+        pending.skipped(2, 0, "gone".into());
+        pending.flush(&mut out, &mut written, &mut warnings).unwrap();
+        assert_eq!(out.writer.entries(), 2);
+        assert_eq!(written.files_left_out, 1);
+        assert!(pending.waiting.is_empty());
+        // Late reports for entries already written are ignored.
+        pending.settled(0, 1);
+        pending.extent_done(done(1, 0, false, 9));
+        let finished = out.finish(1).unwrap();
+        let (id, bytes) = finished.read().unwrap();
+        let manifest = crate::format::manifest::decode(&bytes, Some(&id)).unwrap();
+        let chunks = |e: &Entry| match &e.kind {
+            EntryKind::File { extents, .. } => extents
+                .iter()
+                .flat_map(|x| &x.chunks)
+                .map(|c| c.id.0[0])
+                .collect::<Vec<_>>(),
+            _ => vec![],
+        };
+        let paths: Vec<_> = manifest.entries.iter().map(|e| e.path.clone()).collect();
+        assert_eq!(paths, [b"a".to_vec(), b"b".to_vec()]);
+        assert_eq!(chunks(&manifest.entries[0]), [3, 4]);
+        assert_eq!(warnings.len(), 1);
+    }
+
     /// Incompressible, distinct bytes: every chunk of the tree is new to the site.
     fn random_tree(dir: &Path, files: usize, bytes: usize) {
         let mut state = 0x9e37_79b9_7f4a_7c15u64;

@@ -464,3 +464,76 @@ pub fn data_regions(path: &Path, meta: &Metadata) -> std::io::Result<Vec<(u64, u
     }
     Ok(regions)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::manifest::{ChunkRef, Manifest, MANIFEST_VERSION};
+    use crate::format::manifest_blocks::MANIFEST_V2_VERSION;
+
+    fn tree(root: &Path) {
+        for d in ["a", "a-b", "a/c", "b"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        for (i, f) in ["a/c/x", "a/y", "a-b/z", "b/w", "top", "a/c/x2"]
+            .iter()
+            .enumerate()
+        {
+            std::fs::write(root.join(f), vec![i as u8; i + 1]).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_parent_of_either_version_is_merged_with_the_scan_in_one_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        tree(dir.path());
+        let mut first = Collected::default();
+        let totals = scan(dir.path(), &mut NoReuse, &mut first).unwrap();
+        assert_eq!(totals.files, 6);
+        assert_eq!(first.work.len(), 6);
+        // Scan order is manifest order.
+        for pair in first.entries.windows(2) {
+            assert_eq!(
+                path_order(&pair[0].path, &pair[1].path),
+                std::cmp::Ordering::Less
+            );
+        }
+        let mut entries = first.entries.clone();
+        for entry in &mut entries {
+            if let EntryKind::File { extents, .. } = &mut entry.kind {
+                for extent in extents {
+                    extent.chunks = vec![ChunkRef {
+                        id: ChunkId([7; 32]),
+                        len: 1,
+                    }];
+                }
+            }
+        }
+        for version in [MANIFEST_VERSION, MANIFEST_V2_VERSION] {
+            let parent = Manifest {
+                version,
+                source: b"/x".to_vec(),
+                hostname: String::new(),
+                site: String::new(),
+                tier: String::new(),
+                created_unix_ns: 0,
+                parent: None,
+                entries: entries.clone(),
+            };
+            let encoded = crate::format::manifest::encode(&parent).unwrap();
+            let stream = ManifestStream::open(&encoded.bytes[..], Some(&encoded.id)).unwrap();
+            let mut cursor = ParentCursor::new(stream, HashSet::new());
+            let mut again = Collected::default();
+            let totals = scan(dir.path(), &mut cursor, &mut again).unwrap();
+            assert_eq!(totals.files_reused, 6, "version {version}");
+            assert!(again.work.is_empty(), "version {version}");
+            assert_eq!(again.entries, entries, "version {version}");
+
+            // A damaged chunk makes its files read again.
+            let stream = ManifestStream::open(&encoded.bytes[..], Some(&encoded.id)).unwrap();
+            let mut cursor = ParentCursor::new(stream, HashSet::from([ChunkId([7; 32])]));
+            let totals = scan(dir.path(), &mut cursor, &mut Collected::default()).unwrap();
+            assert_eq!(totals.files_reused, 0, "version {version}");
+        }
+    }
+}
