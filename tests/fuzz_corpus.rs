@@ -202,11 +202,7 @@ fn generated_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     let mut tree = manifest::decode(&v1, None).unwrap();
     tree.version = mover::format::manifest_blocks::MANIFEST_V2_VERSION;
     let v2 = manifest::encode(&tree).unwrap().bytes;
-    let manifests = std::iter::once((
-        "manifest_decode",
-        "seed-v2-small-tree".to_string(),
-        v2,
-    ));
+    let manifests = std::iter::once(("manifest_decode", "seed-v2-small-tree".to_string(), v2));
     frames.chain(sessions).chain(manifests).collect()
 }
 

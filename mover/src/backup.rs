@@ -254,11 +254,7 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
             };
             crossbeam_channel::select! {
                 recv(entries) -> scanned => match scanned {
-                    Ok((entry, work)) => {
-                        if !cancelled {
-                            pending.push(entry, work);
-                        }
-                    }
+                    Ok((entry, work)) => pending.push(entry, work),
                     Err(_) => scanning = false,
                 },
                 recv(reports) -> report => {
@@ -271,6 +267,18 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
                         // packs are still committed below, so a re-run does not store them
                         // again.
                         shared.cancelled.store(true, Ordering::Relaxed);
+                    }
+                    // A worker may report on an entry the scan queued before the control
+                    // thread took it (its extents are queued right after it): take the
+                    // entries up to it first. They are already queued, so this never waits
+                    // on the scan, and it exceeds the bound by at most the entry queue.
+                    if let Some(entry) = report.entry() {
+                        while scanning && pending.next_entry() <= entry {
+                            match entry_rx.recv() {
+                                Ok((entry, work)) => pending.push(entry, work),
+                                Err(_) => scanning = false,
+                            }
+                        }
                     }
                     match report {
                         Report::Extent(done) => {
@@ -627,6 +635,11 @@ impl Pending {
         });
     }
 
+    /// The scan's number of the next entry pushed.
+    fn next_entry(&self) -> usize {
+        self.base + self.waiting.len()
+    }
+
     fn get(&mut self, entry: usize) -> Option<&mut Waiting> {
         entry
             .checked_sub(self.base)
@@ -758,6 +771,7 @@ impl IncomingManifest {
     fn create(site: &Site, job: &str, head: &Head) -> Result<IncomingManifest> {
         let dir = site.metadata.path_of(INCOMING_MANIFESTS);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
+        remove_orphans(&dir);
         let path = dir.join(format!("{job}.{}.tmp", std::process::id()));
         let file = std::fs::File::create(&path).map_err(|e| Error::io("create", &path, e))?;
         let temp = TempFile(Some(path));
@@ -775,6 +789,27 @@ impl IncomingManifest {
             file,
             temp: self.temp,
         })
+    }
+}
+
+/// Removes what killed processes left in `dir`: a file is `<job>.<pid>.tmp`, and a process
+/// that no longer exists writes nothing (a reused pid only keeps a file longer).
+fn remove_orphans(dir: &Path) {
+    let Ok(listing) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in listing.flatten() {
+        let name = entry.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".tmp"))
+            .and_then(|n| n.rsplit_once('.'))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 }
 
@@ -915,6 +950,20 @@ mod tests {
         }
     }
 
+    #[test]
+    fn manifests_left_by_dead_processes_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let dead = dir.path().join("job-1.4294967295.tmp");
+        let alive = dir.path().join(format!("job-2.{}.tmp", std::process::id()));
+        let other = dir.path().join("notes");
+        for path in [&dead, &alive, &other] {
+            std::fs::write(path, b"x").unwrap();
+        }
+        remove_orphans(dir.path());
+        assert!(!dead.exists());
+        assert!(alive.exists() && other.exists());
+    }
+
     /// Entries leave in scan order once all their extents are final; an extent whose chunk
     /// another job was storing is final only when settled or read again (its second chunk
     /// list is the one written).
@@ -946,16 +995,22 @@ mod tests {
         pending.push(file("c", 1), 1);
         pending.extent_done(done(1, 0, false, 1));
         pending.extent_done(done(0, 1, true, 2));
-        pending.flush(&mut out, &mut written, &mut warnings).unwrap();
+        pending
+            .flush(&mut out, &mut written, &mut warnings)
+            .unwrap();
         assert_eq!(out.writer.entries(), 0, "b must wait for a");
         pending.extent_done(done(0, 0, false, 3));
         assert!(pending.head_waits_on_other_jobs());
-        pending.flush(&mut out, &mut written, &mut warnings).unwrap();
+        pending
+            .flush(&mut out, &mut written, &mut warnings)
+            .unwrap();
         assert_eq!(out.writer.entries(), 0, "a's borrowed extent is not final");
         // Read again: the new chunk list replaces the first.
         pending.extent_done(done(0, 1, false, 4));
         pending.skipped(2, 0, "gone".into());
-        pending.flush(&mut out, &mut written, &mut warnings).unwrap();
+        pending
+            .flush(&mut out, &mut written, &mut warnings)
+            .unwrap();
         assert_eq!(out.writer.entries(), 2);
         assert_eq!(written.files_left_out, 1);
         assert!(pending.waiting.is_empty());

@@ -43,6 +43,13 @@ pub const PACK_BYTES_TARGET_DEFAULT: u64 = 128 * 1024 * 1024;
 pub const PACK_BYTES_TARGET_MIN: u64 = 2 * CHUNK_BYTES_MAX as u64;
 pub const PACK_BYTES_TARGET_MAX: u64 = 1024 * 1024 * 1024;
 
+/// A worker also seals its pack at this many records. Everything a pack costs until its
+/// commit grows with its records, not its bytes: the footer entries (52 B each), the site's
+/// in-flight claims and the index transaction that commits it. Small files make tiny records
+/// (1 M files of 0-96 bytes fit one 128 MiB pack), so without this a backup of many small
+/// files held a claim and a footer entry per file until its end.
+pub const PACK_RECORDS_TARGET: usize = 65_536;
+
 /// Small packs: a pack under 1/4 of the pack target is small. A small incremental backup
 /// seals one per worker that stored anything; once a tier holds this many small packs, the
 /// next local backup merges them (`store::repack`), so a tier holds at most about this many

@@ -44,7 +44,9 @@ pub fn run(site: &Site, options: &ReplicateOptions) -> Result<Job> {
         )
     })?;
     let object = site.metadata.read_all(&crate::store::manifest_key(&id))?;
-    let manifest = crate::format::manifest::decode(&object, Some(&id))?;
+    // Read entry by entry (the id is checked at the end, before anything is shipped).
+    let mut manifest =
+        crate::format::manifest_blocks::ManifestStream::open(&object[..], Some(&id))?;
     let (peer, tier) = parse_destination(options.to);
     let link = site.links.link(peer)?;
     let credentials = crate::peers::credentials(site)?;
@@ -63,7 +65,7 @@ pub fn run(site: &Site, options: &ReplicateOptions) -> Result<Job> {
     // Each chunk once, in manifest order (the order the peer's restore will read them).
     let mut seen = HashSet::new();
     let mut chunks = Vec::new();
-    for entry in &manifest.entries {
+    while let Some(entry) = manifest.next_entry()? {
         if let EntryKind::File { size, extents } = &entry.kind {
             job.files += 1;
             job.bytes_total += size;

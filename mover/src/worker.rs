@@ -21,6 +21,7 @@ use tokio_uring::buf::BoundedBuf;
 use crate::buffers::{align_up, is_aligned, ReadPlan};
 use crate::chunker::{cut_is_final, next_chunk_len};
 use crate::compress::Compressor;
+use crate::constants::PACK_RECORDS_TARGET;
 use crate::error::{Error, Result};
 use crate::format::manifest::ChunkRef;
 use crate::format::pack::RecordHeader;
@@ -51,6 +52,17 @@ pub enum Report {
     PackSealed(SealedPack),
     Finished(WorkerStats),
     Fatal(Error),
+}
+
+impl Report {
+    /// The scan's number of the entry the report is about, if it is about one.
+    pub fn entry(&self) -> Option<usize> {
+        match self {
+            Report::Extent(done) => Some(done.entry),
+            Report::Skipped { entry, .. } | Report::Settled { entry, .. } => Some(*entry),
+            Report::PackSealed(_) | Report::Finished(_) | Report::Fatal(_) => None,
+        }
+    }
 }
 
 pub struct ExtentDone {
@@ -333,7 +345,9 @@ impl<'a> Worker<'a> {
                 break;
             }
             if let Some(pack) = &self.pack {
-                if pack.bytes() >= self.shared.pack_target_bytes {
+                if pack.bytes() >= self.shared.pack_target_bytes
+                    || pack.records() >= PACK_RECORDS_TARGET
+                {
                     self.seal_pack(reports)?;
                 }
             }

@@ -72,6 +72,11 @@ impl PackWriter {
         self.appender.len()
     }
 
+    /// Records appended so far.
+    pub fn records(&self) -> usize {
+        self.entries.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
