@@ -83,6 +83,8 @@ measure mover-backup "mover backup" "$MOVER" backup "$TREE" --site-dir "$SITE" -
 SNAPSHOT=$(python3 -c "import json,sys; print(json.load(open('$RUN/mover-backup.out'))['snapshot'])")
 measure mover-restore "mover restore" "$MOVER" restore "$SNAPSHOT" --to "$RUN/mover-restored" --site-dir "$SITE" --json
 rm -rf "$RUN/mover-restored"
+MANIFEST_BYTES=$(find "$SITE/manifests" -type f -printf '%s\n' | awk '{s += $1} END {print s}')
+PACKS=$(find "$SITE" -name '*.pack' | wc -l)
 measure mover-again "mover backup, unchanged" "$MOVER" backup "$TREE" --site-dir "$SITE" --json
 
 if command -v restic > /dev/null; then
@@ -111,6 +113,8 @@ fi
     echo "| run | elapsed s | files/s | peak RSS MiB |"
     echo "|---|---|---|---|"
     printf '%s\n' "${ROWS[@]}"
+    echo
+    echo "mover's manifest object: $MANIFEST_BYTES bytes; packs after the first backup: $PACKS"
 } | tee "$DATA_ROOT/results.md"
 rm -rf "$RUN/site" "$RUN/restic" "$RUN/borg"
 [ "${KEEP:-1}" = 1 ] || rm -rf "$TREE"

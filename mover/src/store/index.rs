@@ -196,13 +196,16 @@ impl Index {
     /// read-only commands (`snapshots`, `verify`) still work on a full disk; one written by a
     /// newer mover is refused.
     pub fn open(path: &std::path::Path) -> Result<Index> {
-        let db = redb::Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => Error::Refused(format!(
-                "{} is in use by another mover process (a running daemon or backup)",
-                path.display()
-            )),
-            other => Error::index(path, other),
-        })?;
+        let db = redb::Builder::new()
+            .set_cache_size(crate::constants::INDEX_CACHE_BYTES)
+            .create(path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => Error::Refused(format!(
+                    "{} is in use by another mover process (a running daemon or backup)",
+                    path.display()
+                )),
+                other => Error::index(path, other),
+            })?;
         match schema::stored_version(&db)? {
             Some(SCHEMA_VERSION) => {}
             Some(newer) if newer > SCHEMA_VERSION => {

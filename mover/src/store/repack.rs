@@ -25,7 +25,7 @@ use super::index::{Index, Move, OldPack, PackState, Repoint};
 use super::pack_key;
 use super::pack_reader::read_footer;
 use super::pack_writer::PackWriter;
-use crate::constants::{SMALL_PACKS_MERGE_AT, SMALL_PACK_SHARE_OF_TARGET};
+use crate::constants::{PACK_RECORDS_TARGET, SMALL_PACKS_MERGE_AT, SMALL_PACK_SHARE_OF_TARGET};
 use crate::error::{Error, Result};
 use crate::format::pack::{FooterEntry, RecordHeader, RECORD_HEADER_BYTES};
 
@@ -173,6 +173,14 @@ fn merge_and_commit(
         let Some(live) = read_live(index, pack_id, &key, &*pack)? else {
             continue;
         };
+        // A merged pack keeps the record bound a worker's pack has (PACK_RECORDS_TARGET):
+        // packs of tiny records are small in bytes but not in what a commit holds.
+        if writer
+            .as_ref()
+            .is_some_and(|w: &PackWriter| w.records() + live.records.len() > PACK_RECORDS_TARGET)
+        {
+            break;
+        }
         let writer = match &mut writer {
             Some(writer) => writer,
             None => writer.insert(PackWriter::create(backend, tier, expected_bytes)?),
