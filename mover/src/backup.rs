@@ -329,13 +329,14 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
         job.warnings.append(&mut scanned.warnings);
         control.total(job.bytes_total);
         control.done(job.bytes_reused);
-        if fatal.is_none() && !shared.cancelled.load(Ordering::Relaxed) {
-            if !pending.waiting.is_empty() {
-                fatal = Some(Error::Resource(format!(
-                    "{} manifest entries still waited for their extents after every worker ended",
-                    pending.waiting.len()
-                )));
-            }
+        if fatal.is_none()
+            && !shared.cancelled.load(Ordering::Relaxed)
+            && !pending.waiting.is_empty()
+        {
+            fatal = Some(Error::Resource(format!(
+                "{} manifest entries still waited for their extents after every worker ended",
+                pending.waiting.len()
+            )));
         }
         Ok((held_control, out, parent_id))
     });

@@ -114,9 +114,7 @@ impl<R: std::io::Read> Reuse for ParentCursor<R> {
     fn find(&mut self, path: &[u8]) -> Option<Entry> {
         loop {
             if self.next.is_none() {
-                if self.stream.is_none() {
-                    return None;
-                }
+                self.stream.as_ref()?;
                 self.advance();
                 self.next.as_ref()?;
             }

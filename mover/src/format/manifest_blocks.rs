@@ -373,7 +373,8 @@ pub enum ManifestStream<R: Read> {
         created_unix_ns: i64,
         entries: std::vec::IntoIter<Entry>,
     },
-    V2(ManifestReader<R>),
+    /// Boxed: the reader's BLAKE3 state is ~2 KiB.
+    V2(Box<ManifestReader<R>>),
 }
 
 impl<R: Read> ManifestStream<R> {
@@ -383,7 +384,9 @@ impl<R: Read> ManifestStream<R> {
             return Err(bad("expected magic MVMANI01 or MVMANI02"));
         }
         if &magic == MANIFEST_V2_MAGIC {
-            return Ok(ManifestStream::V2(ManifestReader::open(input, expected)?));
+            return Ok(ManifestStream::V2(Box::new(ManifestReader::open(
+                input, expected,
+            )?)));
         }
         if &magic != MANIFEST_MAGIC {
             return Err(bad("expected magic MVMANI01 or MVMANI02"));
