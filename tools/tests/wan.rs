@@ -251,7 +251,7 @@ fn bad_arguments_exit_2_with_one_line() {
 /// WAN_BLAST_BOTH=1 makes the server send as much back at the same time, so both directions
 /// carry the load.
 #[test]
-#[ignore]
+#[ignore = "a benchmark of the relay's forwarding rate, asserting nothing: run by hand (see above)"]
 fn blast() {
     let env = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
     let size: usize = env("WAN_BLAST_SIZE", "1400").parse().unwrap();
