@@ -128,23 +128,28 @@ pub fn run_foreground(config_path: &Path, ready: impl FnOnce(&Ready)) -> Result<
         config_path,
         ApiMode::Always,
         |r| ready(&r),
-        |reload: Reload| async move {
-            let (mut term, mut int, mut hup) = match (
+        |reload: Reload| {
+            // Installed now, when `serve` makes the stop future (before the ready line),
+            // not when it is first polled: an early SIGTERM must drain, not kill.
+            let signals = (
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()),
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()),
-            ) {
-                (Ok(t), Ok(i), Ok(h)) => (t, i, h),
-                _ => {
-                    tracing::error!("could not install signal handlers; stopping");
-                    return;
-                }
-            };
-            loop {
-                tokio::select! {
-                    _ = term.recv() => { tracing::info!("SIGTERM: draining and stopping"); return; }
-                    _ = int.recv() => { tracing::info!("SIGINT: draining and stopping"); return; }
-                    _ = hup.recv() => reload.apply(),
+            );
+            async move {
+                let (mut term, mut int, mut hup) = match signals {
+                    (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+                    _ => {
+                        tracing::error!("could not install signal handlers; stopping");
+                        return;
+                    }
+                };
+                loop {
+                    tokio::select! {
+                        _ = term.recv() => { tracing::info!("SIGTERM: draining and stopping"); return; }
+                        _ = int.recv() => { tracing::info!("SIGINT: draining and stopping"); return; }
+                        _ = hup.recv() => reload.apply(),
+                    }
                 }
             }
         },
@@ -317,18 +322,20 @@ where
                 stopped(stop_rx.clone()),
             )));
         }
-        ready(Ready {
-            peers: address,
-            socket: socket.clone(),
-        });
-        shutdown(Reload {
+        // The stop future is made before anyone is told the daemon is ready: a caller that
+        // signals as soon as it reads the ready line must find the handlers installed.
+        let stop = shutdown(Reload {
             config_path: config_path.to_path_buf(),
             site: site.clone(),
             trust: trust.clone(),
             api: api.clone(),
             board: board.clone(),
-        })
-        .await;
+        });
+        ready(Ready {
+            peers: address,
+            socket: socket.clone(),
+        });
+        stop.await;
         // Drain: no new callers; running jobs checkpoint (their committed work stays) and
         // go back to the queue; then peers are closed.
         let _ = stop_tx.send(true);
