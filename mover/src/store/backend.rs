@@ -103,6 +103,30 @@ pub struct LocalDir {
 }
 
 impl LocalDir {
+    /// Opens the object `key` (never following, nor blocking on, something swapped in for it)
+    /// and takes its exclusive lock without waiting. `None`: it is gone, someone holds it (an
+    /// appender, a repack), or it was removed between our open and our lock.
+    fn open_locked(&self, key: &str) -> Result<Option<(PathBuf, File, std::fs::Metadata)>> {
+        let path = self.path_of(key);
+        let file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+        {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("open", &path, e)),
+        };
+        if !lock_exclusive(&file, false).map_err(|e| Error::io("lock", &path, e))? {
+            return Ok(None);
+        }
+        let meta = file.metadata().map_err(|e| Error::io("stat", &path, e))?;
+        if !meta.is_file() || meta.nlink() == 0 {
+            return Ok(None);
+        }
+        Ok(Some((path, file, meta)))
+    }
+
     pub fn new(root: impl Into<PathBuf>) -> LocalDir {
         LocalDir { root: root.into() }
     }
@@ -244,26 +268,11 @@ impl Backend for LocalDir {
         tail_bytes: usize,
         abandoned: &dyn Fn(u64, &[u8]) -> bool,
     ) -> Result<Option<u64>> {
-        let path = self.path_of(key);
-        let file = match OpenOptions::new()
-            .read(true)
-            // Never blocks on, nor follows, something swapped in for the listed file.
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&path)
-        {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io("open", &path, e)),
-        };
         // Held by its appender (see `create_owned`); the lock is ours until `file` closes,
         // after the removal, so no appender can take the object over meanwhile.
-        if !lock_exclusive(&file, false).map_err(|e| Error::io("lock", &path, e))? {
+        let Some((path, file, meta)) = self.open_locked(key)? else {
             return Ok(None);
-        }
-        let meta = file.metadata().map_err(|e| Error::io("stat", &path, e))?;
-        if !meta.is_file() || meta.nlink() == 0 {
-            return Ok(None);
-        }
+        };
         let take = (tail_bytes as u64).min(meta.len());
         let mut tail = vec![0u8; take as usize];
         file.read_exact_at(&mut tail, meta.len() - take)
@@ -284,24 +293,9 @@ impl Backend for LocalDir {
     }
 
     fn hold(&self, key: &str) -> Result<Option<Box<dyn Held>>> {
-        let path = self.path_of(key);
-        let file = match OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&path)
-        {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io("open", &path, e)),
+        let Some((path, file, meta)) = self.open_locked(key)? else {
+            return Ok(None);
         };
-        if !lock_exclusive(&file, false).map_err(|e| Error::io("lock", &path, e))? {
-            return Ok(None);
-        }
-        let meta = file.metadata().map_err(|e| Error::io("stat", &path, e))?;
-        // Removed between our open and our lock (by whoever held it): not ours to take.
-        if !meta.is_file() || meta.nlink() == 0 {
-            return Ok(None);
-        }
         Ok(Some(Box::new(HeldFile {
             file,
             path,
