@@ -163,7 +163,7 @@ fn a_pack_being_written_by_another_process_survives_a_reclaim_and_a_sealed_one_t
     let backend: Arc<dyn Backend> = Arc::new(LocalDir::new(site.join("tiers/hot")));
     let mut pack = PackWriter::create(&backend, "hot", 64 << 20).unwrap();
     let payload = random_bytes(100_000, 3);
-    let id = ChunkId(*blake3::hash(&payload).as_bytes());
+    let id = ChunkId::of(&payload);
     let header = RecordHeader::new(id, Codec::Raw, payload.len(), &payload);
     pack.append(&header, &payload).unwrap();
     let ours = unsealed(&site);

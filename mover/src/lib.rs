@@ -1,44 +1,28 @@
-//! mover's engine: one site's store and the thread-per-core backup, restore and verify paths.
+//! mover as one library: the layers under `mover/`, re-exported under the names the binary,
+//! the integration tests, `bench/`, `tools/` and `fuzz/` use. Nothing is defined here; each
+//! module below lives in the crate named beside it (ARCHITECTURE.md, "Crates"), bottom first:
 //!
-//! - [`site`] opens a site directory: [`config`], the [`store`] (tier backends, pack files,
-//!   redb index and catalog) and the identity.
-//! - [`backup`] runs a job: [`scan`] plans extents on the control thread, pinned [`worker`]s
-//!   read them with io_uring into registered [`buffers`], cut them with the [`chunker`], hash,
-//!   compress and append new chunks to packs; the control thread assembles the manifest
-//!   ([`format::manifest`]) and commits it last.
-//! - [`restore`] and [`verify`] read snapshots back, checking every chunk; [`repair`] rebuilds
-//!   a lost index.
-//! - [`constants`] holds every limit; [`format`] every on-disk encoding.
+//! - `mover-format`: [`constants`] (every limit), [`error`], [`format`] (ids, pack and manifest
+//!   codecs), [`time`].
+//! - `mover-metrics`: [`metrics`]. `mover-config`: [`config`].
+//! - `mover-store`: [`store`] (backends, packs, index, catalog), [`buffers`], [`repair`].
+//! - `mover-peer`: [`peers`], [`remote`].
+//! - `mover-engine`: [`site`], [`backup`], [`restore`], [`verify`], [`replicate`], [`scan`],
+//!   [`worker`], [`job`], [`node_bench`] and the stages they use.
+//! - `mover-daemon`: [`jobs`], [`api`], [`audit`], [`daemon`], [`quickstart`].
 
-pub mod api;
-pub mod audit;
-pub mod backup;
-pub mod buffers;
-pub mod chunker;
-pub mod compress;
-pub mod config;
-pub mod constants;
-pub mod daemon;
-pub mod error;
-pub mod format;
-pub mod job;
-pub mod jobs;
-pub mod metrics;
-pub mod node_bench;
-pub mod peers;
-pub mod quickstart;
-pub mod remote;
-pub mod repair;
-pub mod replicate;
-pub mod restore;
-pub mod restore_sink;
-pub mod restore_target;
-pub mod sample;
-pub mod scan;
-pub mod site;
-pub mod store;
-pub mod verify;
-pub mod window;
-pub mod worker;
+pub use mover_config as config;
+pub use mover_format as format;
+pub use mover_format::{constants, error, time, Error, Result};
+pub use mover_metrics as metrics;
+pub use mover_store as store;
+pub use mover_store::{buffers, repair};
 
-pub use error::{Error, Result};
+pub use mover_peer::{peers, remote};
+
+pub use mover_engine::{
+    backup, chunker, compress, job, node_bench, replicate, restore, restore_sink, restore_target,
+    scan, site, verify, window, worker,
+};
+
+pub use mover_daemon::{api, audit, daemon, jobs, quickstart};

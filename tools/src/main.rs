@@ -1,6 +1,6 @@
 //! `mover-datagen`: builds and changes the sample data sets that mover's benchmarks back up.
 //!
-//! - `generate` writes a deterministic tree with `mover::sample::generate`, so a benchmark run
+//! - `generate` writes a deterministic tree with `mover_sample::generate`, so a benchmark run
 //!   on one machine can be reproduced byte for byte on another from (kind, size, seed).
 //! - `mutate` overwrites a contiguous `fraction` of one file in place, which models the common
 //!   incremental case "a few percent of one checkpoint changed since the last backup".
@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use mover::sample::{self, SampleSpec};
+use mover_sample::{self as sample, SampleSpec};
 use rand::{Rng, RngCore, SeedableRng};
 
 #[derive(Parser)]
