@@ -493,6 +493,8 @@ impl Board {
                     .values()
                     .filter(|r| r.state == JobState::Queued)
                     .filter(|r| !waiting(r))
+                    // Queued again but its thread still finishing (saving, auditing).
+                    .filter(|r| !state.running.contains_key(&r.id))
                     .min_by_key(|r| (-(r.priority as i64), r.seq))
                     .map(|r| r.id.clone())
                 else {
@@ -575,8 +577,8 @@ impl Board {
         let mut report = None;
         let final_record = {
             let mut state = lock(&self.state);
-            state.running.remove(&record.id);
             let Some(r) = state.records.get_mut(&record.id) else {
+                state.running.remove(&record.id);
                 return;
             };
             fill_progress(r, &control);
@@ -665,6 +667,9 @@ impl Board {
                 serde_json::json!({"error": final_record.error, "snapshot": final_record.snapshot}),
             );
         }
+        // Running until its end is saved and audited: a drain waits for exactly this, so a
+        // daemon that stops never exits while a job's last row or audit line is half written.
+        lock(&self.state).running.remove(&record.id);
         self.bump();
         self.schedule();
         self.retire(now_unix_ms());
