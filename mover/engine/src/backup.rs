@@ -291,13 +291,11 @@ pub fn run(site: &Site, options: &BackupOptions) -> Result<Job> {
                         Report::PackSealed(pack) => {
                             job.bytes_sent += pack.bytes;
                             control.sent(pack.bytes);
-                            let committing = Instant::now();
-                            let committed = site.index.commit_pack(&pack);
-                            mover_metrics::stage("index_commit", committing);
-                            if committed.is_ok() {
-                                shared.claims.release(pack.entries.iter().map(|e| &e.id));
-                            }
-                            if let Err(e) = committed {
+                            // The job's one committer: packs become findable in the order
+                            // they arrive, all before the snapshot.
+                            if let Err(e) =
+                                mover_store::sink::commit(&site.index, &shared.claims, &pack)
+                            {
                                 shared.cancelled.store(true, Ordering::Relaxed);
                                 fatal.get_or_insert(e);
                             }

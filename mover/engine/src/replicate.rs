@@ -91,7 +91,7 @@ pub fn run(site: &Site, options: &ReplicateOptions) -> Result<Job> {
     let job_id = job.id.clone();
     let attempt = JobControl::attempt_of(control);
     let outcome = net.block_on(local.run_until(async {
-        let mut reader = site.chunk_reader();
+        let mut reader = site.chunk_reader().preferring(&info.tier);
         let dialed = net.dial(&link, &credentials).await?;
         let mut shipper = Shipper::on(
             dialed,

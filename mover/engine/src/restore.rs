@@ -15,12 +15,14 @@ use crate::job::{Job, JobControl, JobKind, JobState, Progress};
 use crate::restore_sink::FileSink;
 use crate::restore_target::{Metadata, TargetDir};
 use crate::site::Site;
+use mover_format::constants::FETCH_ORDER_BATCHES_QUEUED;
 use mover_format::error::{Error, Result};
 use mover_format::manifest::{check_relative_path, is_ancestor, path_order, Entry, EntryKind};
 use mover_format::manifest_blocks::ManifestStream;
 use mover_format::ChunkId;
-use mover_peer::remote::client::{Control, Plaintext, RemoteChunks};
-use mover_store::pack_reader::ChunkReader;
+use mover_peer::remote::client::{Control, ReadOrder, RemoteChunks};
+use mover_store::source::{ChunkSource, Plaintext};
+use transport::frame::IDS_PER_FRAME_MAX;
 
 pub struct RestoreOptions<'a> {
     /// `SNAPSHOT[:SUBPATH]`
@@ -33,22 +35,6 @@ pub struct RestoreOptions<'a> {
     /// A resumed job (the daemon restarted mid-restore): the target holds what the previous
     /// attempt wrote, so it may be non-empty; finished files are kept, the rest rewritten.
     pub resume: bool,
-}
-
-/// Where chunks come from: this site's packs, or a peer streaming them in restore order.
-pub enum ChunkSource<'a> {
-    Local(ChunkReader<'a>),
-    Remote(RemoteChunks),
-}
-
-impl ChunkSource<'_> {
-    /// Chunk `id`'s plaintext, verified: in `out`, or in the pieces a peer sent it in.
-    fn read(&mut self, id: &ChunkId, out: &mut Vec<u8>) -> Result<Plaintext> {
-        match self {
-            ChunkSource::Local(reader) => reader.read(id, out).map(|()| Plaintext::InBuffer),
-            ChunkSource::Remote(remote) => remote.read(id, out),
-        }
-    }
 }
 
 pub fn parse_spec(spec: &str) -> (&str, Option<&str>) {
@@ -78,9 +64,13 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
         )),
         None => None,
     };
+    // A local snapshot is read from its own tier first (the catalog says which), where its
+    // chunks were written; another tier's copy is taken only for a chunk that has none there.
+    let mut snapshot_tier = None;
     let (id, object) = match &peer {
         None => {
             let info = site.index.find_snapshot(snapshot)?;
+            snapshot_tier = Some(info.tier.clone());
             let id = mover_format::parse_hex32(&info.id).ok_or_else(|| {
                 Error::corrupt(
                     format!("catalog row {}", info.id),
@@ -136,14 +126,18 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
     job.bytes_total = plan.bytes_total;
     control.total(job.bytes_total);
 
-    let mut chunks = match peer {
-        None => ChunkSource::Local(site.chunk_reader()),
-        Some((link, credentials)) => ChunkSource::Remote(RemoteChunks::start(
+    // This site's tiers, or a peer streaming the chunks in restore order.
+    let mut chunks: Box<dyn ChunkSource + '_> = match peer {
+        None => Box::new(match &snapshot_tier {
+            Some(tier) => site.chunk_reader().preferring(tier),
+            None => site.chunk_reader(),
+        }),
+        Some((link, credentials)) => Box::new(RemoteChunks::start(
             site.net()?,
             link,
             credentials,
             job.id.clone(),
-            read_order(open()?, &selection, &plan)?,
+            feed_read_order(open()?, selection.clone(), plan.link_targets.clone())?,
         )?),
     };
     let mut restorer = Restorer {
@@ -161,12 +155,10 @@ pub fn run(site: &Site, options: &RestoreOptions) -> Result<Job> {
         control,
         job: &mut job,
     };
-    let outcome = open().and_then(|entries| restorer.restore(entries, &selection, &mut chunks));
-    if let ChunkSource::Remote(remote) = &mut chunks {
-        remote.finish();
-        job.wire_bytes_sent += remote.wire_bytes.0;
-        job.wire_bytes_received += remote.wire_bytes.1;
-    }
+    let outcome = open().and_then(|entries| restorer.restore(entries, &selection, &mut *chunks));
+    let wire = chunks.finish();
+    job.wire_bytes_sent += wire.0;
+    job.wire_bytes_received += wire.1;
     job.elapsed_s = started.elapsed().as_secs_f64();
     match outcome {
         Ok(()) => {
@@ -192,6 +184,7 @@ impl AsRef<[u8]> for SharedBytes {
 }
 
 /// Which entries the restore writes: all, or the subtree at a path.
+#[derive(Clone)]
 struct Selection {
     subpath: Option<Vec<u8>>,
 }
@@ -220,43 +213,87 @@ struct Plan {
 }
 
 /// The chunks `Restorer::restore` reads, in the order it reads them (a file's chunks when it
-/// is written; a hardlink whose first path is outside the selection carries the content).
-fn read_order(mut entries: Entries, selection: &Selection, plan: &Plan) -> Result<Vec<ChunkId>> {
+/// is written; a hardlink whose first path is outside the selection carries the content),
+/// handed to `each` in batches of at most `IDS_PER_FRAME_MAX` as the manifest is read, so
+/// the order is never held whole. Stops early, without error, when `each` returns false.
+fn read_order(
+    mut entries: Entries,
+    selection: &Selection,
+    link_targets: &HashSet<Vec<u8>>,
+    each: &mut dyn FnMut(Vec<ChunkId>) -> bool,
+) -> Result<()> {
     let mut written: HashSet<Vec<u8>> = HashSet::new();
     let mut outside: HashMap<Vec<u8>, Entry> = HashMap::new();
-    let mut order = Vec::new();
-    let push = |entry: &Entry, order: &mut Vec<ChunkId>| {
+    let mut batch = Vec::with_capacity(IDS_PER_FRAME_MAX);
+    let mut push = |entry: &Entry, batch: &mut Vec<ChunkId>| -> bool {
         if let EntryKind::File { extents, .. } = &entry.kind {
-            order.extend(extents.iter().flat_map(|e| e.chunks.iter().map(|c| c.id)));
+            for id in extents.iter().flat_map(|e| e.chunks.iter().map(|c| c.id)) {
+                batch.push(id);
+                if batch.len() == IDS_PER_FRAME_MAX && !each(std::mem::take(batch)) {
+                    return false;
+                }
+            }
         }
+        true
     };
     while let Some(entry) = entries.next_entry()? {
         if !selection.contains(&entry.path) {
-            if plan.link_targets.contains(&entry.path) {
+            if link_targets.contains(&entry.path) {
                 outside.insert(entry.path.clone(), entry);
             }
             continue;
         }
-        match &entry.kind {
+        let more = match &entry.kind {
             EntryKind::File { .. } => {
-                push(&entry, &mut order);
-                if plan.link_targets.contains(&entry.path) {
+                if link_targets.contains(&entry.path) {
                     written.insert(entry.path.clone());
                 }
+                push(&entry, &mut batch)
             }
             EntryKind::Hardlink { target } if !written.contains(target) => {
-                if let Some(source) = outside
+                match outside
                     .get(target)
                     .filter(|e| matches!(e.kind, EntryKind::File { .. }))
                 {
-                    push(source, &mut order);
-                    written.insert(target.clone());
+                    Some(source) => {
+                        written.insert(target.clone());
+                        push(source, &mut batch)
+                    }
+                    None => true,
                 }
             }
-            _ => {}
+            _ => true,
+        };
+        if !more {
+            return Ok(());
         }
     }
-    Ok(order)
+    if !batch.is_empty() {
+        each(batch);
+    }
+    Ok(())
+}
+
+/// Feeds a remote restore's chunk order to its fetch task from a thread of its own, batch by
+/// batch through a bounded channel: the manifest is read (and decompressed) off the network
+/// runtime, and no more of the order is held than the channel's few batches. The thread ends
+/// when the order does or when the fetch stops taking it.
+fn feed_read_order(
+    entries: Entries,
+    selection: Selection,
+    link_targets: HashSet<Vec<u8>>,
+) -> Result<ReadOrder> {
+    let (tx, rx) = tokio::sync::mpsc::channel(FETCH_ORDER_BATCHES_QUEUED);
+    std::thread::Builder::new()
+        .name("restore-order".into())
+        .spawn(move || {
+            let mut send = |batch: Vec<ChunkId>| tx.blocking_send(Ok(batch)).is_ok();
+            if let Err(e) = read_order(entries, &selection, &link_targets, &mut send) {
+                let _ = tx.blocking_send(Err(e));
+            }
+        })
+        .map_err(|e| Error::Resource(format!("starting the restore's order thread: {e}")))?;
+    Ok(rx)
 }
 
 /// Reads the whole manifest (checking its id) and refuses the restore if any selected entry
@@ -481,7 +518,7 @@ impl Restorer<'_> {
         &mut self,
         mut entries: Entries,
         selection: &Selection,
-        reader: &mut ChunkSource,
+        reader: &mut dyn ChunkSource,
     ) -> Result<()> {
         let mut root = None;
         while let Some(entry) = entries.next_entry()? {
@@ -609,7 +646,12 @@ impl Restorer<'_> {
     }
 
     /// Writes a regular file's data at `rel` (holes stay holes), then its metadata.
-    fn write_file(&mut self, reader: &mut ChunkSource, entry: &Entry, rel: &[u8]) -> Result<()> {
+    fn write_file(
+        &mut self,
+        reader: &mut dyn ChunkSource,
+        entry: &Entry,
+        rel: &[u8],
+    ) -> Result<()> {
         let EntryKind::File { size, extents } = &entry.kind else {
             unreachable!("write_file is called for file entries");
         };

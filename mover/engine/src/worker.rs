@@ -23,7 +23,6 @@ use crate::chunker::{cut_is_final, next_chunk_len};
 use crate::compress::Compressor;
 use crate::scan::WorkItem;
 use crate::window::{Span, Window};
-use mover_format::constants::PACK_RECORDS_TARGET;
 use mover_format::error::{Error, Result};
 use mover_format::manifest::ChunkRef;
 use mover_format::pack::RecordHeader;
@@ -31,8 +30,8 @@ use mover_format::ChunkId;
 use mover_peer::remote::ship::Shipper;
 use mover_store::buffers::{align_up, is_aligned, ReadPlan};
 use mover_store::index::{Index, SealedPack};
-use mover_store::inflight::{Claim, Owner};
-use mover_store::pack_writer::PackWriter;
+use mover_store::inflight::Owner;
+use mover_store::sink::{Admit, PackSink};
 use mover_store::Backend;
 
 /// What a worker tells the control thread.
@@ -176,8 +175,8 @@ struct Worker<'a> {
     /// accepted them.
     registered: Option<FixedBufRegistry<Span>>,
     compressor: Compressor,
-    pack: Option<PackWriter>,
-    shipper: Option<Shipper>,
+    /// Where new chunks go: this site's packs or a peer.
+    sink: ChunkSink<'a>,
     /// Shipped payload bytes already added to the job's live progress.
     sent_reported: u64,
     /// Chunks referenced while another job held their claim, with the extent that met them:
@@ -216,8 +215,12 @@ impl<'a> Worker<'a> {
             window,
             registered,
             compressor: Compressor::new(),
-            pack: None,
-            shipper: None,
+            sink: ChunkSink::Local(PackSink::new(
+                shared.index,
+                &shared.tier,
+                shared.backend.clone(),
+                shared.pack_target_bytes,
+            )),
             sent_reported: 0,
             borrowed: Vec::new(),
             stats,
@@ -227,7 +230,7 @@ impl<'a> Worker<'a> {
     /// A cross-site job: connects this worker's own QUIC connection to the destination.
     async fn start_remote(&mut self) -> Result<()> {
         if let Some(remote) = &self.shared.remote {
-            self.shipper = Some(
+            self.sink = ChunkSink::Peer(Box::new(
                 Shipper::connect(
                     &remote.link,
                     &remote.credentials,
@@ -236,7 +239,7 @@ impl<'a> Worker<'a> {
                     remote.attempt,
                 )
                 .await?,
-            );
+            ));
         }
         Ok(())
     }
@@ -245,7 +248,7 @@ impl<'a> Worker<'a> {
     async fn finish(&mut self, reports: &Sender<Report>) -> Result<()> {
         self.seal_pack(reports)?;
         self.settle_borrowed(reports).await?;
-        if let Some(shipper) = self.shipper.take() {
+        if let ChunkSink::Peer(shipper) = std::mem::replace(&mut self.sink, ChunkSink::Finished) {
             self.stats.ship = shipper.finish().await?;
             self.report_sent(self.stats.ship.payload_bytes_sent);
         }
@@ -318,7 +321,7 @@ impl<'a> Worker<'a> {
     /// The next extent. A remote worker must keep its runtime turning while it waits (quinn
     /// drives the connection as a task on this thread), so it polls instead of blocking.
     async fn next_item(&self, work: &Receiver<WorkItem>) -> Option<WorkItem> {
-        if self.shipper.is_none() {
+        if !matches!(self.sink, ChunkSink::Peer(_)) {
             // Blocking is fine: this thread has nothing else to run between extents.
             return work.recv().ok();
         }
@@ -345,23 +348,17 @@ impl<'a> Worker<'a> {
             if reports.send(report).is_err() {
                 break;
             }
-            if let Some(pack) = &self.pack {
-                if pack.bytes() >= self.shared.pack_target_bytes
-                    || pack.records() >= PACK_RECORDS_TARGET
-                {
-                    self.seal_pack(reports)?;
-                }
+            if matches!(&self.sink, ChunkSink::Local(pack) if pack.is_full()) {
+                self.seal_pack(reports)?;
             }
         }
         Ok(())
     }
 
+    /// Seals the open pack and hands it to the control thread, which commits it.
     fn seal_pack(&mut self, reports: &Sender<Report>) -> Result<()> {
-        if let Some(pack) = self.pack.take() {
-            if !pack.is_empty() {
-                let started = std::time::Instant::now();
-                let sealed = pack.seal()?;
-                stage("pack_seal", started);
+        if let ChunkSink::Local(pack) = &mut self.sink {
+            if let Some(sealed) = pack.seal()? {
                 let _ = reports.send(Report::PackSealed(sealed));
             }
         }
@@ -534,71 +531,69 @@ impl<'a> Worker<'a> {
             id,
             len: len as u32,
         };
-        if self.shipper.is_none() {
-            if index.contains(&id)? {
-                return Ok(chunk_ref);
-            }
-            match self.shared.claims.claim(&id) {
-                Claim::Held => return Ok(chunk_ref),
-                Claim::Other => {
+        let admitted = match &self.sink {
+            // `index` is as of the extent's start; `admit` looks again before it says New.
+            ChunkSink::Local(pack) => match pack.admit(&self.shared.claims, &id, Some(index))? {
+                Admit::New => true,
+                Admit::Known | Admit::Held => false,
+                Admit::Other => {
                     self.borrowed.push((id, item.clone()));
-                    return Ok(chunk_ref);
+                    false
                 }
-                Claim::New => {
-                    // `index` is as of the extent's start; a claim that ended since was
-                    // committed before it ended, and a fresh look finds it.
-                    if self
-                        .shared
-                        .index
-                        .reader_in(&self.shared.tier)?
-                        .contains(&id)?
-                    {
-                        self.shared.claims.release([&id]);
-                        return Ok(chunk_ref);
-                    }
-                }
+            },
+            // The destination decides what is new; this only keeps the job's workers from
+            // offering one chunk twice.
+            ChunkSink::Peer(_) => self
+                .shared
+                .shipped
+                .lock()
+                .expect("shipped set lock")
+                .insert(id),
+            ChunkSink::Finished => {
+                return Err(Error::Resource(
+                    "a worker stored a chunk after it finished".into(),
+                ))
             }
-        } else if !self
-            .shared
-            .shipped
-            .lock()
-            .expect("shipped set lock")
-            .insert(id)
-        {
+        };
+        if !admitted {
             return Ok(chunk_ref);
         }
         let (codec, payload) = self.compressor.compress(data);
-        if let Some(shipper) = self.shipper.as_mut() {
-            // The destination decides what is new; this copy into the batch is the one
-            // user-space copy of a shipped byte before quinn's packet assembly.
-            self.stats.memcpy_bytes += payload.len() as u64;
-            shipper
-                .offer(id.0, codec as u8, len as u32, payload)
-                .await?;
-            // The ship task sends while this worker reads; progress catches up here.
-            let sent = shipper.payload_bytes_sent();
-            self.report_sent(sent);
-            return Ok(chunk_ref);
-        }
-        let header = RecordHeader::new(id, codec, len, payload);
-        // Into the pack's staging buffer: a local chunk's one user-space copy.
+        // Into the pack's staging buffer or the shipper's batch: a new chunk's one user-space
+        // copy (before quinn's packet assembly, for a shipped one).
         self.stats.memcpy_bytes += payload.len() as u64;
-        if self.pack.is_none() {
-            self.pack = Some(PackWriter::create(
-                &self.shared.backend,
-                &self.shared.tier,
-                self.shared.pack_target_bytes,
-            )?);
+        match &mut self.sink {
+            ChunkSink::Local(pack) => {
+                let header = RecordHeader::new(id, codec, len, payload);
+                pack.append(&header, payload)?;
+                self.stats.chunks_new += 1;
+                self.stats.bytes_new += len as u64;
+                self.stats.bytes_stored += header.record_len();
+            }
+            ChunkSink::Peer(shipper) => {
+                shipper
+                    .offer(id.0, codec as u8, len as u32, payload)
+                    .await?;
+                // The ship task sends while this worker reads; progress catches up here.
+                let sent = shipper.payload_bytes_sent();
+                self.report_sent(sent);
+            }
+            ChunkSink::Finished => unreachable!("refused above"),
         }
-        self.pack
-            .as_mut()
-            .expect("created above")
-            .append(&header, payload)?;
-        self.stats.chunks_new += 1;
-        self.stats.bytes_new += len as u64;
-        self.stats.bytes_stored += header.record_len();
         Ok(chunk_ref)
     }
+}
+
+/// Where a worker's new chunks go: one sink, two implementations. A local job appends them
+/// to this site's packs through `mover_store::sink` (the pipeline a peer's Store stream uses
+/// on the receiving side); a cross-site job offers them to the peer over this worker's Store
+/// stream. Later wrappers (encrypt, a second destination) go between the compressor and this.
+enum ChunkSink<'a> {
+    Local(PackSink<'a>),
+    /// Boxed: one per worker, and it would size every variant.
+    Peer(Box<Shipper>),
+    /// A peer sink after its stream was finished.
+    Finished,
 }
 
 enum ExtentError {

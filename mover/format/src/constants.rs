@@ -82,6 +82,13 @@ pub const MANIFEST_BLOCK_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// block the writer closes at `MANIFEST_BLOCK_BYTES` holds fewer).
 pub const MANIFEST_BLOCK_ENTRIES_MAX: usize = 65_536;
 
+/// Good chunks a verify remembers, so a chunk many files reference is read once: 1 Mi ids
+/// (about 40 MiB with the hash set's overhead) cover 1 TiB of distinct data at the average
+/// chunk size. Past it the set starts again, and a chunk referenced after that is read again
+/// (the same answer, one more read); damaged chunks are always remembered (each is in the
+/// report anyway).
+pub const VERIFY_GOOD_CHUNKS_MAX: usize = 1 << 20;
+
 /// Entries a backup holds between the scan and the manifest writer: those after the oldest
 /// file still being read. The scan waits beyond this, which bounds the backup's memory
 /// whatever the tree's size.
@@ -155,6 +162,11 @@ pub const PEER_ATTEMPTS_FORGET_AFTER: std::time::Duration = std::time::Duration:
 
 /// Chunk ids a restore asks a peer for ahead of what it has written.
 pub const FETCH_IDS_IN_FLIGHT: usize = 2048;
+
+/// Batches of a remote restore's chunk order (each at most one Fetch frame's ids, 1024) read
+/// ahead of the fetch: enough to keep `FETCH_IDS_IN_FLIGHT` asked for while the order thread
+/// decodes the next manifest block; 4 x 1024 x 32 B = 128 KiB whatever the snapshot's size.
+pub const FETCH_ORDER_BATCHES_QUEUED: usize = 4;
 
 const _: () = assert!(SHIP_BATCH_BYTES >= CHUNK_BYTES_MAX);
 const _: () = assert!(RECEIVE_UNACKED_BYTES_MAX >= 4 * (SHIP_BATCH_BYTES as u64));

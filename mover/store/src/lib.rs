@@ -11,7 +11,9 @@ pub mod pack_writer;
 pub mod reclaim;
 pub mod repack;
 pub mod repair;
+pub mod sink;
 pub mod site;
+pub mod source;
 
 pub use backend::{Appender, Backend, LocalDir};
 pub use index::{Index, Location, SealedPack, SnapshotInfo};

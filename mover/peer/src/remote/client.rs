@@ -175,19 +175,17 @@ enum Payload {
     Gathered(Vec<u8>),
 }
 
-/// A verified chunk's plaintext, as [`RemoteChunks::read`] leaves it.
-pub enum Plaintext {
-    /// In the caller's buffer.
-    InBuffer,
-    /// In these pieces, back to back (a raw chunk is written from where quinn received it).
-    Pieces(Vec<bytes::Bytes>),
-}
+pub use mover_store::source::{ChunkSource, Plaintext};
 
 /// Chunks on their way to the restore (the backpressure between the two threads).
 const FETCHED_QUEUE: usize = 8;
 /// Payload buffers handed back for reuse: every buffer in circulation fits (the queue, the
 /// restore's, the one being filled), so fresh pages are not faulted in for every chunk.
 const SPARE_BUFFERS: usize = FETCHED_QUEUE + 2;
+
+/// A restore's chunk order as its reader produces it: batches of ids, or the error that
+/// stopped the reader (see `RemoteChunks::start`).
+pub type ReadOrder = tokio::sync::mpsc::Receiver<Result<Vec<ChunkId>>>;
 
 /// Chunks from a peer, in the order a restore reads them. A task on the process's network
 /// runtime runs the connection; a bounded channel (8 chunks) between it and the restore's
@@ -203,13 +201,14 @@ pub struct RemoteChunks {
 }
 
 impl RemoteChunks {
-    /// Starts fetching `ids` (in this order) from the peer, over a connection of `net`.
+    /// Starts fetching the chunks `order` yields (batches of at most one Fetch frame's ids, in
+    /// this order; an error ends the fetch with it) from the peer, over a connection of `net`.
     pub fn start(
         net: Arc<Net>,
         link: Link,
         credentials: SiteCredentials,
         job: String,
-        ids: Vec<ChunkId>,
+        order: ReadOrder,
     ) -> Result<RemoteChunks> {
         let (tx, rx) = tokio::sync::mpsc::channel(FETCHED_QUEUE);
         let (spare, spares) = std::sync::mpsc::sync_channel(SPARE_BUFFERS);
@@ -219,7 +218,7 @@ impl RemoteChunks {
             link,
             credentials,
             job,
-            ids,
+            order,
             tx,
             spares,
         ));
@@ -296,12 +295,24 @@ impl RemoteChunks {
     }
 }
 
+/// A peer as a source: chunks come in the order given to [`RemoteChunks::start`].
+impl ChunkSource for RemoteChunks {
+    fn read(&mut self, id: &ChunkId, out: &mut Vec<u8>) -> Result<Plaintext> {
+        RemoteChunks::read(self, id, out)
+    }
+
+    fn finish(&mut self) -> (u64, u64) {
+        RemoteChunks::finish(self);
+        self.wire_bytes
+    }
+}
+
 async fn fetch_all(
     net: Arc<Net>,
     link: Link,
     credentials: SiteCredentials,
     job: String,
-    ids: Vec<ChunkId>,
+    order: ReadOrder,
     tx: tokio::sync::mpsc::Sender<Result<Fetched>>,
     spares: std::sync::mpsc::Receiver<Vec<u8>>,
 ) -> (u64, u64) {
@@ -313,7 +324,7 @@ async fn fetch_all(
         }
     };
     let connection = &dialed.connection;
-    let outcome = fetch_on(&link, connection, &credentials, &job, &ids, &tx, spares).await;
+    let outcome = fetch_on(&link, connection, &credentials, &job, order, &tx, spares).await;
     let wire = dialed.wire_bytes();
     match outcome {
         // Every chunk arrived and the stream ended; a restore that stopped reading (closed
@@ -333,7 +344,7 @@ async fn fetch_on(
     connection: &quinn::Connection,
     credentials: &SiteCredentials,
     job: &str,
-    ids: &[ChunkId],
+    mut order: ReadOrder,
     tx: &tokio::sync::mpsc::Sender<Result<Fetched>>,
     // Owned: a borrowed std Receiver (not Sync) would keep the task from moving threads.
     spares: std::sync::mpsc::Receiver<Vec<u8>>,
@@ -346,24 +357,39 @@ async fn fetch_on(
     )
     .await?;
     let mut client = FetchClient::new();
-    let ids: Vec<[u8; 32]> = ids.iter().map(|id| id.0).collect();
-    let mut asked = 0;
-    let mut received = 0;
+    let mut order_done = false;
     let fail = |detail: String| Error::peer(&link.site, detail);
-    while received < ids.len() {
-        while asked < ids.len()
-            && client.outstanding() + frame::IDS_PER_FRAME_MAX <= FETCH_IDS_IN_FLIGHT
+    loop {
+        while !order_done && client.outstanding() + frame::IDS_PER_FRAME_MAX <= FETCH_IDS_IN_FLIGHT
         {
-            let batch = &ids[asked..(asked + frame::IDS_PER_FRAME_MAX).min(ids.len())];
-            let seq = client.fetch(batch);
+            let batch: Vec<[u8; 32]> = match order.recv().await {
+                Some(batch) => batch?.iter().map(|id| id.0).collect(),
+                None => {
+                    order_done = true;
+                    break;
+                }
+            };
+            if batch.is_empty() {
+                continue;
+            }
+            if batch.len() > frame::IDS_PER_FRAME_MAX {
+                return Err(Error::Resource(format!(
+                    "a restore's order batch of {} ids: expected at most {}",
+                    batch.len(),
+                    frame::IDS_PER_FRAME_MAX
+                )));
+            }
+            let seq = client.fetch(&batch);
             writer
                 .send(&Frame::Fetch {
                     seq,
-                    ids: frame::id_list(batch),
+                    ids: frame::id_list(&batch),
                 })
                 .await
                 .map_err(|e| fail(format!("sending fetch: {e}")))?;
-            asked += batch.len();
+        }
+        if client.outstanding() == 0 {
+            break;
         }
         // The payload stays in quinn's pieces; only what must be contiguous is gathered, once.
         let piecewise = reader
@@ -412,7 +438,6 @@ async fn fetch_on(
         if tx.send(Ok(fetched)).await.is_err() {
             return Ok(());
         }
-        received += 1;
     }
     writer.finish();
     Ok(())

@@ -37,8 +37,8 @@ use mover_format::constants::{PIECE_BYTES_FOR_HASHING_IN_PLACE, RECEIVE_UNACKED_
 use mover_format::error::Error;
 use mover_format::pack::{check_received, check_received_pieces, RecordHeader};
 use mover_format::{ChunkId, Codec, PieceHasher};
-use mover_store::inflight::{Claim, Owner};
-use mover_store::pack_writer::PackWriter;
+use mover_store::inflight::Owner;
+use mover_store::sink::{self, Admit, PackSink};
 use mover_store::Backend;
 use mover_store::Store;
 
@@ -295,13 +295,11 @@ fn store_thread(
 ) -> (u64, u64) {
     let mut store = PackStore {
         site,
-        backend,
-        tier,
         attempt,
         claims: site.in_flight.owner(),
         deferred: Vec::new(),
         deferred_bytes: 0,
-        pack: None,
+        pack: PackSink::new(&site.index, tier, backend, site.config.pack_target_bytes()),
         chunks: 0,
         bytes: 0,
         flush_seq: 0,
@@ -363,8 +361,6 @@ fn store_thread(
 
 struct PackStore<'a> {
     site: &'a Store,
-    backend: Arc<dyn Backend>,
-    tier: &'a str,
     /// The sender's attempt of its job (version 2): once a newer one began, this stream
     /// commits nothing more.
     attempt: Option<AttemptStream>,
@@ -376,7 +372,8 @@ struct PackStore<'a> {
     /// the pack target (`chunk`).
     deferred: Vec<ChunkPieces>,
     deferred_bytes: u64,
-    pack: Option<PackWriter>,
+    /// The pipeline every writer of this site's packs shares (`mover_store::sink`).
+    pack: PackSink<'a>,
     /// Chunks and payload bytes appended (durable once the pack holding them is sealed).
     chunks: u64,
     bytes: u64,
@@ -397,10 +394,11 @@ impl PackStore<'_> {
         let id = ChunkId(chunk.id);
         self.chunks += 1;
         self.bytes += chunk.len as u64;
-        match self.claims.claim(&id) {
-            // Sent twice on this stream: the first copy is in this stream's pack.
-            Claim::Held => return Ok(false),
-            Claim::Other => {
+        match self.pack.admit(&self.claims, &id, None)? {
+            // Sent twice on this stream: the first copy is in this stream's pack. Or
+            // committed by another writer since the sender asked.
+            Admit::Held | Admit::Known => return Ok(false),
+            Admit::Other => {
                 self.verify(&chunk)?;
                 self.deferred_bytes += chunk.len as u64;
                 self.deferred.push(chunk);
@@ -412,27 +410,14 @@ impl PackStore<'_> {
                 }
                 return Ok(false);
             }
-            Claim::New => {
-                // Committed by another writer since the sender asked (a claim ends only
-                // after its commit).
-                if self.site.index.reader_in(self.tier)?.contains(&id)? {
-                    self.claims.release([&id]);
-                    return Ok(false);
-                }
-            }
+            Admit::New => {}
         }
         self.append(&chunk)?;
-        if self.full() {
+        if self.pack.is_full() {
             self.seal()?;
             return Ok(true);
         }
         Ok(false)
-    }
-
-    fn full(&self) -> bool {
-        self.pack
-            .as_ref()
-            .is_some_and(|pack| pack.bytes() >= self.site.config.pack_target_bytes())
     }
 
     /// Checks a chunk against its id without storing it.
@@ -465,7 +450,7 @@ impl PackStore<'_> {
             check_received_pieces(&id, &chunk.pieces, &mut self.hasher)?;
             let parts: Vec<&[u8]> = chunk.pieces.iter().map(|p| &p[..]).collect();
             let header = RecordHeader::of_parts(id, codec, chunk.raw_len as usize, &parts);
-            self.open_pack()?.append_parts(&header, &parts)?;
+            self.pack.append_parts(&header, &parts)?;
         } else {
             self.gathered.clear();
             for piece in &chunk.pieces {
@@ -480,22 +465,11 @@ impl PackStore<'_> {
             )?;
             let header = RecordHeader::new(id, codec, chunk.raw_len as usize, &self.gathered);
             let payload = std::mem::take(&mut self.gathered);
-            let appended = self.open_pack()?.append(&header, &payload);
+            let appended = self.pack.append(&header, &payload);
             self.gathered = payload;
             appended?;
         }
         Ok(())
-    }
-
-    fn open_pack(&mut self) -> Result<&mut PackWriter, Error> {
-        if self.pack.is_none() {
-            self.pack = Some(PackWriter::create(
-                &self.backend,
-                self.tier,
-                self.site.config.pack_target_bytes(),
-            )?);
-        }
-        Ok(self.pack.as_mut().expect("created above"))
     }
 
     /// Makes every chunk received so far durable and findable: seals and commits the open
@@ -523,21 +497,22 @@ impl PackStore<'_> {
                 return Err(superseded.into());
             }
             self.deferred_bytes = 0;
-            let index = self.site.index.reader_in(self.tier)?;
+            let index = self.site.index.reader_in(self.pack.tier())?;
             for chunk in std::mem::take(&mut self.deferred) {
-                let id = ChunkId(chunk.id);
-                if index.contains(&id)? {
-                    continue;
-                }
-                match self.claims.claim(&id) {
+                match self
+                    .pack
+                    .admit(&self.claims, &ChunkId(chunk.id), Some(&index))?
+                {
+                    // Committed by the writer waited for, or already in this stream's pack.
+                    Admit::Known | Admit::Held => {}
                     // Claimed again since the wait: the next round waits for it.
-                    Claim::Other => {
+                    Admit::Other => {
                         self.deferred_bytes += chunk.len as u64;
                         self.deferred.push(chunk);
                     }
-                    Claim::New | Claim::Held => {
+                    Admit::New => {
                         self.append(&chunk)?;
-                        if self.full() {
+                        if self.pack.is_full() {
                             self.seal_pack()?;
                         }
                     }
@@ -549,22 +524,15 @@ impl PackStore<'_> {
     /// Seals the open pack and commits its chunks, ending their claims. A superseded stream
     /// drops the pack instead (the newer attempt stores its chunks).
     fn seal_pack(&mut self) -> Result<(), Failure> {
-        let Some(writer) = self.pack.take() else {
-            return Ok(());
-        };
-        if writer.is_empty() {
+        if self.pack.is_empty() {
             return Ok(());
         }
         if let Some(superseded) = self.superseded() {
             return Err(superseded.into());
         }
-        let started = std::time::Instant::now();
-        let sealed = writer.seal()?;
-        mover_metrics::stage("pack_seal", started);
-        let committing = std::time::Instant::now();
-        self.site.index.commit_pack(&sealed)?;
-        mover_metrics::stage("index_commit", committing);
-        self.claims.release(sealed.entries.iter().map(|e| &e.id));
+        if let Some(sealed) = self.pack.seal()? {
+            sink::commit(&self.site.index, &self.claims, &sealed)?;
+        }
         Ok(())
     }
 }
@@ -763,8 +731,14 @@ mod tests {
         // Two writers (killed senders' streams, local jobs) hold A and B and will give up.
         let holds_a = site.in_flight.owner();
         let holds_b = site.in_flight.owner();
-        assert_eq!(holds_a.claim(&ChunkId(a.id)), Claim::New);
-        assert_eq!(holds_b.claim(&ChunkId(b.id)), Claim::New);
+        assert_eq!(
+            holds_a.claim(&ChunkId(a.id)),
+            mover_store::inflight::Claim::New
+        );
+        assert_eq!(
+            holds_b.claim(&ChunkId(b.id)),
+            mover_store::inflight::Claim::New
+        );
         // Two streams meet them in opposite orders and defer both.
         let (s1, mut s1_events, s1_thread) = stream(&site);
         let (s2, mut s2_events, s2_thread) = stream(&site);
