@@ -767,3 +767,117 @@ impl Restorer<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mover_format::manifest::{ChunkRef, Extent, Manifest};
+
+    fn entry(path: &str, kind: EntryKind) -> Entry {
+        Entry {
+            path: path.as_bytes().to_vec(),
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 0,
+            ctime_ns: 0,
+            inode: 0,
+            device: 0,
+        }
+    }
+
+    /// A file of `chunks` distinct chunks, numbered from `first`.
+    fn file(path: &str, first: u32, chunks: u32) -> Entry {
+        let chunks: Vec<ChunkRef> = (first..first + chunks)
+            .map(|n| ChunkRef {
+                id: ChunkId::of(&n.to_le_bytes()),
+                len: 4,
+            })
+            .collect();
+        let size = chunks.len() as u64 * 4;
+        entry(
+            path,
+            EntryKind::File {
+                size,
+                extents: vec![Extent { offset: 0, chunks }],
+            },
+        )
+    }
+
+    fn ids(first: u32, chunks: u32) -> Vec<ChunkId> {
+        (first..first + chunks)
+            .map(|n| ChunkId::of(&n.to_le_bytes()))
+            .collect()
+    }
+
+    fn entries(manifest: &Manifest) -> Entries {
+        let encoded = mover_format::manifest::encode(manifest).unwrap();
+        ManifestStream::open(
+            Box::new(std::io::Cursor::new(encoded.bytes)) as Box<dyn Read + Send>,
+            Some(&encoded.id),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_fetch_order_comes_in_frame_sized_batches_and_carries_outside_link_targets() {
+        // In manifest order: "a" (outside the selection, the first path of a hardlink in
+        // it), then "d/" with a big file, the link, and a small file.
+        let manifest = Manifest {
+            version: mover_format::manifest_blocks::MANIFEST_V2_VERSION,
+            source: b"/src".to_vec(),
+            hostname: "h".into(),
+            site: "s".into(),
+            tier: "default".into(),
+            created_unix_ns: 0,
+            parent: None,
+            entries: vec![
+                entry("", EntryKind::Directory),
+                file("a", 0, 3),
+                entry("d", EntryKind::Directory),
+                file("d/big", 100, 2500),
+                entry(
+                    "d/link",
+                    EntryKind::Hardlink {
+                        target: b"a".to_vec(),
+                    },
+                ),
+                file("d/small", 5000, 2),
+            ],
+        };
+        let link_targets: HashSet<Vec<u8>> = [b"a".to_vec()].into_iter().collect();
+        let mut batches: Vec<Vec<ChunkId>> = Vec::new();
+        read_order(
+            entries(&manifest),
+            &Selection::new(Some("d")),
+            &link_targets,
+            &mut |batch| {
+                batches.push(batch);
+                true
+            },
+        )
+        .unwrap();
+        assert!(batches
+            .iter()
+            .all(|b| !b.is_empty() && b.len() <= IDS_PER_FRAME_MAX));
+        let order: Vec<ChunkId> = batches.concat();
+        let expected = [ids(100, 2500), ids(0, 3), ids(5000, 2)].concat();
+        assert_eq!(order.len(), expected.len());
+        assert!(order == expected, "chunks out of restore order");
+
+        // A fetch that stops taking the order ends the reader after that batch.
+        let mut taken = 0;
+        read_order(
+            entries(&manifest),
+            &Selection::new(None),
+            &link_targets,
+            &mut |_| {
+                taken += 1;
+                false
+            },
+        )
+        .unwrap();
+        assert_eq!(taken, 1);
+    }
+}
